@@ -1,0 +1,151 @@
+"""The fitted calibration bundle: aggregation + CQR + OOD gates + triage.
+
+``Calibrator.fit`` runs once on validation (calibration) and training predictions;
+``Calibrator.apply`` is cheap per batch (no refitting: cluster lookups, kNN queries, numpy).
+Persisted as conformal_params.json, triage.json, ood_params.json and ood_train.npz.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cathode_ray import seedcard
+from cathode_ray.calibrate.aggregate import Aggregated, aggregate
+from cathode_ray.calibrate.conformal import METHODS, ConformalParams, fit_conformal
+from cathode_ray.calibrate.ood import OODConfig, OODModel
+from cathode_ray.calibrate.triage import TriageConfig, choose_thresholds, triage
+from cathode_ray.model.prediction import EnsemblePrediction
+
+CONFORMAL_FILE = "conformal_params.json"
+TRIAGE_FILE = "triage.json"
+RESULT_COLUMNS: tuple[str, ...] = (
+    "e_hull_pred", "e_hull_lo", "e_hull_hi", "q10", "q90", "epistemic_std", "aleatoric_width",
+    "p_stable", "p_metastable", "ood_score", "ood_gates", "decision", "decision_reason",
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibratorConfig:
+    """How to fit a :class:`Calibrator`.
+
+    Attributes:
+        method: default conformal method used by ``apply`` ("symmetric" or "asymmetric";
+            both are always fitted).
+        target_coverage: nominal coverage of the calibrated interval.
+        min_points: Mondrian minimum calibration points per SOAP cluster.
+        ood: OOD gate configuration.
+        triage: fixed triage thresholds, or None to choose them on validation.
+        min_keep_precision: KEEP precision target when choosing thresholds.
+        epistemic_reference: "val" or "train": which rows define the disagreement gate's
+            percentile scale (training rows are over-fitted, so their spread is too small).
+    """
+
+    method: str = "asymmetric"
+    target_coverage: float = seedcard.TARGET_COVERAGE
+    min_points: int = seedcard.MONDRIAN_MIN_POINTS
+    ood: OODConfig = field(default_factory=OODConfig)
+    triage: TriageConfig | None = None
+    min_keep_precision: float = 0.93
+    epistemic_reference: str = "val"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not 0.0 < self.target_coverage < 1.0:
+            raise ValueError(f"target_coverage must be in (0, 1), got {self.target_coverage}")
+        if not 0.0 < self.min_keep_precision <= 1.0:
+            raise ValueError("min_keep_precision must be in (0, 1]")
+        if self.epistemic_reference not in ("val", "train"):
+            raise ValueError("epistemic_reference must be 'val' or 'train'")
+
+
+class Calibrator:
+    """Aggregation + conformal params (both methods) + OOD model + triage thresholds."""
+
+    def __init__(self, *, conformal: dict[str, ConformalParams], method: str, ood: OODModel,
+                 triage_config: TriageConfig, triage_reasoning: str = "") -> None:
+        if method not in conformal:
+            raise ValueError(f"no conformal params for method {method!r}")
+        self.conformal = conformal
+        self.method = method
+        self.ood = ood
+        self.triage_config = triage_config
+        self.triage_reasoning = triage_reasoning
+
+    @property
+    def params(self) -> ConformalParams:
+        """Conformal params of the default method."""
+        return self.conformal[self.method]
+
+    @classmethod
+    def fit(cls, val_pred: EnsemblePrediction, y_val: np.ndarray, val_clusters: np.ndarray | None,
+            val_compositions: Sequence[Mapping[str, float]], train_pred: EnsemblePrediction,
+            train_compositions: Sequence[Mapping[str, float]],
+            config: CalibratorConfig | None = None) -> Calibrator:
+        """Fit on validation predictions/labels y_val [N] (eV/atom) and training predictions."""
+        cfg = config or CalibratorConfig()
+        agg = aggregate(val_pred)
+        conformal = {m: fit_conformal(agg.lo, agg.hi, y_val, val_clusters, method=m,
+                                      coverage=cfg.target_coverage, min_points=cfg.min_points)
+                     for m in METHODS}
+        ref = agg if cfg.epistemic_reference == "val" else aggregate(train_pred)
+        ood = OODModel.fit(train_pred.embedding, train_compositions, ref.epistemic_std, cfg.ood)
+        if cfg.triage is not None:
+            tri, text = cfg.triage, "Triage thresholds fixed by configuration."
+        else:
+            lo_cal, hi_cal = conformal[cfg.method].apply(agg.lo, agg.hi, val_clusters)
+            val_ood = ood.score(val_pred.embedding, val_compositions, agg.epistemic_std)
+            tri, text = choose_thresholds(agg, lo_cal, hi_cal, y_val, ood=val_ood,
+                                          min_keep_precision=cfg.min_keep_precision)
+        return cls(conformal=conformal, method=cfg.method, ood=ood, triage_config=tri,
+                   triage_reasoning=text)
+
+    def calibrated(self, agg: Aggregated, clusters: np.ndarray | None,
+                   method: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Calibrated bounds (lo [N], hi [N]) in eV/atom with the given or default method."""
+        return self.conformal[method or self.method].apply(agg.lo, agg.hi, clusters)
+
+    def apply(self, pred: EnsemblePrediction, clusters: np.ndarray | None,
+              compositions: Sequence[Mapping[str, float]]) -> dict[str, np.ndarray]:
+        """Result columns (RESULT_COLUMNS), each [N]; energies in eV/atom."""
+        agg = aggregate(pred)
+        lo_cal, hi_cal = self.calibrated(agg, clusters)
+        ood = self.ood.score(pred.embedding, compositions, agg.epistemic_std)
+        decision, reason = triage(agg, lo_cal, hi_cal, ood, self.triage_config)
+        return {
+            "e_hull_pred": agg.q50, "e_hull_lo": lo_cal, "e_hull_hi": hi_cal,
+            "q10": agg.lo, "q90": agg.hi, "epistemic_std": agg.epistemic_std,
+            "aleatoric_width": agg.aleatoric_width, "p_stable": agg.p_stable,
+            "p_metastable": agg.p_metastable, "ood_score": ood.ood_score,
+            "ood_gates": ood.ood_gates, "decision": decision, "decision_reason": reason,
+        }
+
+    def save(self, model_dir: str | Path) -> list[Path]:
+        """Write all calibration files into ``model_dir``; returns the paths written."""
+        model_dir = Path(model_dir)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        conf = {"method": self.method,
+                "params": {m: p.to_dict() for m, p in self.conformal.items()}}
+        tri = {"config": self.triage_config.to_dict(), "reasoning": self.triage_reasoning}
+        p_conf, p_tri = model_dir / CONFORMAL_FILE, model_dir / TRIAGE_FILE
+        p_conf.write_text(json.dumps(conf, indent=2, sort_keys=True))
+        p_tri.write_text(json.dumps(tri, indent=2, sort_keys=True))
+        return [p_conf, p_tri, *self.ood.save(model_dir)]
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> Calibrator:
+        """Rebuild a calibrator written by :meth:`save`."""
+        model_dir = Path(model_dir)
+        conf = json.loads((model_dir / CONFORMAL_FILE).read_text())
+        tri = json.loads((model_dir / TRIAGE_FILE).read_text())
+        return cls(
+            conformal={m: ConformalParams.from_dict(d) for m, d in conf["params"].items()},
+            method=conf["method"], ood=OODModel.load(model_dir),
+            triage_config=TriageConfig.from_dict(tri["config"]),
+            triage_reasoning=str(tri["reasoning"]),
+        )

@@ -1,0 +1,1 @@
+"""Data stage: sources (MP live, snapshots), structure libraries, validation with rejects, splits."""

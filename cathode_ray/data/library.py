@@ -1,0 +1,530 @@
+"""Structure libraries: list files, read them into raw rows, parse raw rows into Structures.
+
+A *library* is a local file, a directory (searched recursively), a glob, or an ``s3://bucket/prefix``.
+Supported files (each optionally gzipped, ``.gz``):
+
+========================  ======================================================================
+suffix                    content
+========================  ======================================================================
+``.cif``                  one CIF data block (several blocks -> one ``multiple_structures`` reject)
+``.vasp``/``POSCAR*``     one VASP POSCAR/CONTCAR (also ``CONTCAR*``, ``.poscar``)
+``.xyz``/``.extxyz``      extended XYZ, one raw row per frame
+``.json``                 a pymatgen ``Structure.as_dict()``, an item, or a list of either
+``.jsonl``/``.ndjson``    one item or Structure dict per line (e.g. Materials Project summary docs)
+``.parquet``              a ``cif`` or ``structure_json`` column (+ optional ``structure_id`` /
+                          ``material_id`` and label columns), read in record batches
+========================  ======================================================================
+
+An *item* is a dict ``{"structure_id" | "material_id": ..., "structure": {...}, <labels>}``.
+
+Readers never parse structures: they yield raw rows (see :mod:`cathode_ray.data.records`) whose
+``payload`` is text, so that a broken structure becomes a reject row in :func:`parse_raw`, never an
+exception that kills a job. A file that cannot be read at all (truncated gzip, corrupt Parquet, not
+UTF-8) yields one ``fmt="error"`` row with code ``unreadable_file``; an empty file yields one
+``empty_source`` row.
+
+Structure ids are stable: the id given in the file (``structure_id`` or ``material_id``), else
+``<file name>#<index within the file>`` (``<parent dir>/POSCAR#0`` for generic VASP names), else a
+content hash.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import gzip
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import re
+import warnings
+import zlib
+from collections.abc import Iterable, Iterator
+from pathlib import PurePosixPath
+from typing import Any
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from pymatgen.core import Structure
+
+from cathode_ray.data.records import Reject, RejectCode
+
+log = logging.getLogger(__name__)
+
+#: Label / provenance fields that ride along from a library item or Parquet column to the valid row.
+PASSTHROUGH_FIELDS: tuple[str, ...] = (
+    "energy_above_hull",  # eV/atom
+    "formation_energy_per_atom",  # eV/atom
+    "energy_per_atom",  # eV/atom
+    "uncorrected_energy_per_atom",  # eV/atom
+    "is_stable",
+    "database_snapshot",
+    "parent_id",
+    "transformation",
+)
+
+#: Raw-row ``fmt`` values.
+FORMATS: tuple[str, ...] = ("cif", "poscar", "extxyz", "pymatgen_json", "error")
+
+_ID_FIELDS: tuple[str, ...] = ("structure_id", "material_id")
+_PARQUET_BATCH_ROWS = 1024
+_GENERIC_VASP_NAMES = ("POSCAR", "CONTCAR")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_CIF_BLOCK = re.compile(r"^[ \t]*data_(\S*)", re.IGNORECASE | re.MULTILINE)
+_XYZ_ID = re.compile(r"""(?:^|\s)(?:structure_id|material_id)=("[^"]*"|'[^']*'|\S+)""")
+
+#: Errors that mean "this file cannot be read": they become one ``unreadable_file`` row.
+_READ_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    EOFError,
+    zlib.error,
+    UnicodeDecodeError,
+    pa.ArrowException,
+)
+
+
+# --------------------------------------------------------------------------- filesystems
+def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
+    """Return ``(filesystem, path inside it)`` for a local path or a URI (``s3://``, ``file://`` ...).
+
+    S3 uses the standard AWS environment (``AWS_ACCESS_KEY_ID`` ...); ``AWS_ENDPOINT_URL`` (e.g. a
+    MinIO or moto server, ``http://127.0.0.1:5000``) overrides the endpoint when set.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        return _s3_filesystem(), f"{parsed.netloc}{parsed.path}".rstrip("/")
+    if parsed.scheme and len(parsed.scheme) > 1:  # not a Windows drive letter
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def _s3_filesystem() -> pafs.S3FileSystem:
+    kwargs: dict[str, Any] = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+    if endpoint:
+        url = urlparse(endpoint)
+        if url.scheme:
+            kwargs["scheme"] = url.scheme
+            kwargs["endpoint_override"] = url.netloc
+        else:
+            kwargs["endpoint_override"] = endpoint
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)
+
+
+def _uri(spec: str, path: str) -> str:
+    """Turn a filesystem path back into the user's addressing scheme (URI or local path)."""
+    scheme = urlparse(spec).scheme
+    return f"{scheme}://{path}" if scheme and len(scheme) > 1 and scheme != "file" else path
+
+
+# --------------------------------------------------------------------------- listing
+def library_format(path: str) -> str | None:
+    """Container format of a file from its name: ``cif``, ``poscar``, ``extxyz``, ``json``,
+    ``jsonl``, ``parquet``, or ``None`` when unsupported (``.gz`` is looked through)."""
+    name = PurePosixPath(path).name
+    lower = name.lower()
+    if lower.endswith(".gz"):
+        name, lower = name[:-3], lower[:-3]
+    suffix = PurePosixPath(lower).suffix
+    if suffix == ".cif":
+        return "cif"
+    if suffix in (".vasp", ".poscar") or name.startswith(_GENERIC_VASP_NAMES):
+        return "poscar"
+    if suffix in (".xyz", ".extxyz"):
+        return "extxyz"
+    if suffix == ".json":
+        return "json"
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if suffix in (".parquet", ".pq"):
+        return "parquet"
+    return None
+
+
+def list_library_files(spec: str) -> list[str]:
+    """All supported library files under ``spec`` (file, directory, glob or ``s3://`` prefix), sorted.
+
+    A file named explicitly is returned even with an unsupported suffix (reading it then yields an
+    ``unreadable_file`` row); files found by directory or glob search with unsupported suffixes
+    (READMEs, logs) are skipped and counted in a log warning.
+
+    Raises:
+        FileNotFoundError: when ``spec`` does not exist or matches no supported file.
+    """
+    fs, path = filesystem_for(spec)
+    if _GLOB_CHARS.search(path):
+        found = _glob(fs, spec, path)
+    else:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            return [_uri(spec, path)]
+        if info.type != pafs.FileType.Directory:
+            raise FileNotFoundError(
+                f"library {spec!r} does not exist: give a file, a directory, a glob or s3://bucket/prefix"
+            )
+        selector = pafs.FileSelector(path, recursive=True)
+        found = [i.path for i in fs.get_file_info(selector) if i.type == pafs.FileType.File]
+    supported = sorted(p for p in found if library_format(p) and not _hidden(p))
+    if len(supported) < len(found):
+        log.warning("%s: skipped %d unsupported files", spec, len(found) - len(supported))
+    if not supported:
+        raise FileNotFoundError(
+            f"no structure files (.cif, POSCAR/.vasp, .xyz/.extxyz, .json/.jsonl, .parquet, + .gz) "
+            f"found in {spec!r}"
+        )
+    return [_uri(spec, p) for p in supported]
+
+
+def _hidden(path: str) -> bool:
+    return PurePosixPath(path).name.startswith(".")
+
+
+def _glob(fs: pafs.FileSystem, spec: str, path: str) -> list[str]:
+    if isinstance(fs, pafs.LocalFileSystem):
+        return [os.path.abspath(p) for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
+    base = path[: _GLOB_CHARS.search(path).start()].rsplit("/", 1)[0]
+    selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
+    infos = fs.get_file_info(selector)
+    return [i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)]
+
+
+# --------------------------------------------------------------------------- ids and rows
+def file_label(path: str) -> str:
+    """Name used in fallback ids: the file name, or ``<parent dir>/<name>`` for POSCAR/CONTCAR."""
+    p = PurePosixPath(path.replace("\\", "/"))
+    if p.name.startswith(_GENERIC_VASP_NAMES) and p.parent.name:
+        return f"{p.parent.name}/{p.name}"
+    return p.name
+
+
+def make_structure_id(given: Any, file_name: str, index: int, payload: str = "") -> str:
+    """Stable id: ``given`` when set, else ``<file_name>#<index>``, else a content hash of payload."""
+    if given is not None and str(given).strip():
+        return str(given).strip()
+    if file_name:
+        return f"{file_name}#{index}"
+    return "sha1-" + hashlib.sha1(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def raw_row(structure_id: str, source: str, fmt: str, payload: str, **labels: Any) -> dict[str, Any]:
+    """A raw row (see :mod:`cathode_ray.data.records`), with label fields riding along."""
+    return {"structure_id": structure_id, "source": source, "fmt": fmt, "payload": payload,
+            "error": "", **labels}
+
+
+def error_row(structure_id: str, source: str, code: RejectCode, message: str) -> dict[str, Any]:
+    """A raw row for something the reader could not turn into a payload."""
+    return {"structure_id": structure_id, "source": source, "fmt": "error", "payload": message,
+            "error": str(code)}
+
+
+def _labels(item: dict[str, Any]) -> dict[str, Any]:
+    """Scalar pass-through fields of an item (NaN floats are kept; validation reads them)."""
+    out: dict[str, Any] = {}
+    for key in PASSTHROUGH_FIELDS:
+        value = item.get(key)
+        if value is None or isinstance(value, bool | int | float | str):
+            if key in item:
+                out[key] = value
+    return out
+
+
+# --------------------------------------------------------------------------- reading
+def read_library_file(path: str, fs: pafs.FileSystem | None = None) -> Iterator[dict[str, Any]]:
+    """Yield raw rows for every structure in one library file; never raises on bad content.
+
+    ``path`` is a local path or URI as returned by :func:`list_library_files`; ``fs`` (optional) is
+    the filesystem it lives on, else resolved with :func:`filesystem_for`.
+    """
+    if fs is None:
+        fs, fs_path = filesystem_for(path)
+    else:
+        parsed = urlparse(path)
+        fs_path = f"{parsed.netloc}{parsed.path}" if parsed.scheme == "s3" else path
+    name = file_label(fs_path)
+    fmt = library_format(fs_path)
+    if fmt is None:
+        yield error_row(name, path, RejectCode.UNREADABLE_FILE,
+                        f"{path}: unsupported file type; use .cif, POSCAR/.vasp, .xyz/.extxyz, "
+                        ".json/.jsonl, .parquet (optionally .gz)")
+        return
+    count = 0
+    try:
+        for row in _READERS[fmt](fs, fs_path, path, name):
+            count += 1
+            yield row
+    except _READ_ERRORS as exc:
+        where = f" after {count} structures" if count else ""
+        yield error_row(name if not count else f"{name}#{count}", path, RejectCode.UNREADABLE_FILE,
+                        f"{path}: cannot read file{where} ({type(exc).__name__}: {exc}); "
+                        "re-export or re-download it (a .gz may be truncated)")
+        return
+    if count == 0:
+        yield error_row(name, path, RejectCode.EMPTY_SOURCE,
+                        f"{path}: file contains no structures; remove it or check the export")
+
+
+def _open_bytes(fs: pafs.FileSystem, fs_path: str) -> bytes:
+    with fs.open_input_stream(fs_path, compression=None) as stream:
+        data = stream.read()
+    if fs_path.lower().endswith(".gz"):
+        data = gzip.decompress(data)
+    return bytes(data)
+
+
+def _open_text(fs: pafs.FileSystem, fs_path: str) -> str:
+    return _open_bytes(fs, fs_path).decode("utf-8")
+
+
+def _iter_lines(fs: pafs.FileSystem, fs_path: str) -> Iterator[str]:
+    """Stream text lines (for JSON lines), decompressing ``.gz`` on the fly."""
+    with fs.open_input_stream(fs_path, compression=None) as stream:
+        raw: Any = gzip.GzipFile(fileobj=stream) if fs_path.lower().endswith(".gz") else stream
+        yield from io.TextIOWrapper(raw, encoding="utf-8")
+
+
+def _read_cif(fs: pafs.FileSystem, fs_path: str, source: str, name: str) -> Iterator[dict]:
+    text = _open_text(fs, fs_path)
+    if not text.strip():
+        return
+    blocks = _CIF_BLOCK.findall(text)
+    if len(blocks) > 1:
+        yield error_row(name, source, RejectCode.MULTIPLE_STRUCTURES,
+                        f"{source}: CIF has {len(blocks)} data blocks ({', '.join(blocks[:10])}); "
+                        "split it into one file per structure")
+        return
+    yield raw_row(make_structure_id(None, name, 0, text), source, "cif", text)
+
+
+def _read_poscar(fs: pafs.FileSystem, fs_path: str, source: str, name: str) -> Iterator[dict]:
+    text = _open_text(fs, fs_path)
+    if text.strip():
+        yield raw_row(make_structure_id(None, name, 0, text), source, "poscar", text)
+
+
+def split_extxyz(text: str) -> list[str]:
+    """Split extended-XYZ text into frames by their atom-count lines (no parsing of content).
+
+    A frame whose count line is not an integer, or that is cut short, is returned as is (with
+    the rest of the text) so that parsing rejects it.
+    """
+    lines = text.splitlines()
+    frames: list[str] = []
+    i = 0
+    while i < len(lines):
+        if not lines[i].strip():
+            i += 1
+            continue
+        try:
+            natoms = int(lines[i].split()[0])
+        except ValueError:
+            frames.append("\n".join(lines[i:]) + "\n")
+            break
+        frames.append("\n".join(lines[i : i + natoms + 2]) + "\n")
+        i += natoms + 2
+    return frames
+
+
+def _read_extxyz(fs: pafs.FileSystem, fs_path: str, source: str, name: str) -> Iterator[dict]:
+    for index, frame in enumerate(split_extxyz(_open_text(fs, fs_path))):
+        comment = frame.split("\n", 2)[1] if frame.count("\n") >= 2 else ""
+        match = _XYZ_ID.search(comment)
+        given = match.group(1).strip("\"'") if match else None
+        yield raw_row(make_structure_id(given, name, index, frame), source, "extxyz", frame)
+
+
+def _item_row(item: Any, source: str, name: str, index: int) -> dict[str, Any]:
+    """Raw row for one JSON item: a Structure dict, or an item with a ``structure`` field."""
+    if not isinstance(item, dict):
+        return error_row(f"{name}#{index}", source, RejectCode.UNPARSEABLE,
+                         f"{source} item {index}: expected a JSON object, got {type(item).__name__}")
+    given = next((item[k] for k in _ID_FIELDS if item.get(k) is not None), None)
+    if "lattice" in item and "sites" in item:
+        structure: Any = item
+    else:
+        structure = item.get("structure", item.get("structure_json"))
+    sid = make_structure_id(given, name, index, json.dumps(item, sort_keys=True, default=str))
+    if structure is None:
+        return error_row(sid, source, RejectCode.UNPARSEABLE,
+                         f"{source} item {index}: no 'structure' field and not a pymatgen Structure "
+                         "dict; give Structure.as_dict() under 'structure'")
+    payload = structure if isinstance(structure, str) else json.dumps(structure)
+    return raw_row(sid, source, "pymatgen_json", payload, **_labels(item))
+
+
+def _read_json(fs: pafs.FileSystem, fs_path: str, source: str, name: str) -> Iterator[dict]:
+    text = _open_text(fs, fs_path)
+    if not text.strip():
+        return
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        yield error_row(name, source, RejectCode.UNPARSEABLE,
+                        f"{source}: not valid JSON ({exc}); for one object per line use .jsonl")
+        return
+    items = obj if isinstance(obj, list) else [obj]
+    for index, item in enumerate(items):
+        yield _item_row(item, source, name, index)
+
+
+def _read_jsonl(fs: pafs.FileSystem, fs_path: str, source: str, name: str) -> Iterator[dict]:
+    index = 0
+    for line in _iter_lines(fs, fs_path):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield error_row(f"{name}#{index}", source, RejectCode.UNPARSEABLE,
+                            f"{source} line item {index}: not valid JSON ({exc})")
+        else:
+            yield _item_row(item, source, name, index)
+        index += 1
+
+
+def _read_parquet(fs: pafs.FileSystem, fs_path: str, source: str, name: str) -> Iterator[dict]:
+    if fs_path.lower().endswith(".gz"):
+        pfile = pq.ParquetFile(pa.BufferReader(_open_bytes(fs, fs_path)))
+    else:
+        pfile = pq.ParquetFile(fs.open_input_file(fs_path))
+    columns = set(pfile.schema_arrow.names)
+    payload_col, fmt = next(
+        ((c, f) for c, f in (("structure_json", "pymatgen_json"), ("cif", "cif"),
+                             ("structure", "pymatgen_json")) if c in columns),
+        (None, ""),
+    )
+    if payload_col is None:
+        yield error_row(name, source, RejectCode.UNREADABLE_FILE,
+                        f"{source}: Parquet has no 'cif' or 'structure_json' column (columns: "
+                        f"{sorted(columns)}); add one")
+        return
+    wanted = [payload_col] + [c for c in (*_ID_FIELDS, *PASSTHROUGH_FIELDS) if c in columns]
+    index = 0
+    for batch in pfile.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=wanted):
+        for record in batch.to_pylist():  # one dict per row of this batch only
+            yield _parquet_row(record, payload_col, fmt, source, name, index)
+            index += 1
+
+
+def _parquet_row(record: dict[str, Any], payload_col: str, fmt: str, source: str, name: str,
+                 index: int) -> dict[str, Any]:
+    payload = record.get(payload_col)
+    given = next((record[k] for k in _ID_FIELDS if record.get(k) is not None), None)
+    sid = make_structure_id(given, name, index, payload or "")
+    if not payload:
+        return error_row(sid, source, RejectCode.UNPARSEABLE,
+                         f"{source} row {index}: empty '{payload_col}' value; fill it or drop the row")
+    return raw_row(sid, source, fmt, payload, **_labels(record))
+
+
+_READERS = {
+    "cif": _read_cif,
+    "poscar": _read_poscar,
+    "extxyz": _read_extxyz,
+    "json": _read_json,
+    "jsonl": _read_jsonl,
+    "parquet": _read_parquet,
+}
+
+
+def iter_library(spec: str) -> Iterator[dict[str, Any]]:
+    """Raw rows of every file of a library, files in :func:`list_library_files` order."""
+    for path in list_library_files(spec):
+        yield from read_library_file(path)
+
+
+def iter_raw(specs: Iterable[str]) -> Iterator[dict[str, Any]]:
+    """Raw rows of several libraries, in the order given."""
+    for spec in specs:
+        yield from iter_library(spec)
+
+
+# --------------------------------------------------------------------------- parsing
+def parse_raw(row: dict[str, Any]) -> Structure | Reject:
+    """Parse one raw row into a pymatgen Structure, or a Reject (never raises on bad content).
+
+    Text is parsed with pymatgen (CIF, POSCAR, Structure.from_dict) or ASE (extended XYZ via
+    AseAtomsAdaptor); nothing is executed or unpickled.
+    """
+    sid, source, fmt = str(row["structure_id"]), str(row["source"]), row.get("fmt", "")
+    if fmt == "error":
+        return Reject(structure_id=sid, source=source, reason=RejectCode(row["error"]),
+                      message=str(row["payload"]))
+    parser = _PARSERS.get(fmt)
+    if parser is None:
+        return Reject(structure_id=sid, source=source, reason=RejectCode.UNPARSEABLE,
+                      message=f"unknown raw format {fmt!r}; expected one of {FORMATS}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = parser(str(row["payload"]))
+    except Exception as exc:  # noqa: BLE001 - untrusted input: every parser failure is a reject
+        return Reject(structure_id=sid, source=source, reason=RejectCode.UNPARSEABLE,
+                      message=f"cannot parse {fmt} ({type(exc).__name__}: {_short(exc)}); "
+                      "check the file with pymatgen/ASE and re-export it")
+    if isinstance(result, str):
+        code, message = result.split(":", 1)
+        return Reject(structure_id=sid, source=source, reason=RejectCode(code), message=message)
+    return result
+
+
+def _short(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc).replace("\n", " ")
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _parse_cif(text: str) -> Structure | str:
+    from pymatgen.io.cif import CifParser
+
+    structures = CifParser.from_str(text, occupancy_tolerance=1.0).parse_structures(
+        primitive=False, on_error="raise"
+    )
+    if len(structures) != 1:
+        return (f"{RejectCode.MULTIPLE_STRUCTURES}:CIF holds {len(structures)} structures; "
+                "split it into one file per structure")
+    return structures[0]
+
+
+def _parse_poscar(text: str) -> Structure:
+    from pymatgen.io.vasp import Poscar
+
+    return Poscar.from_str(text).structure
+
+
+def _parse_extxyz(text: str) -> Structure | str:
+    from ase.io import read
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    atoms = read(io.StringIO(text), format="extxyz")
+    if not all(atoms.pbc) or atoms.cell.rank < 3:
+        return (f"{RejectCode.DEGENERATE_LATTICE}:extxyz frame has no 3D periodic cell; add "
+                'Lattice="..." and pbc="T T T" to the comment line')
+    return AseAtomsAdaptor.get_structure(atoms)
+
+
+def _parse_json(text: str) -> Structure:
+    obj = json.loads(text)
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a Structure dict, got {type(obj).__name__}")
+    return Structure.from_dict(obj)
+
+
+_PARSERS = {
+    "cif": _parse_cif,
+    "poscar": _parse_poscar,
+    "extxyz": _parse_extxyz,
+    "pymatgen_json": _parse_json,
+}
+
+
+def is_missing(value: Any) -> bool:
+    """True for None and NaN (labels)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))

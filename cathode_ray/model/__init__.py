@@ -1,0 +1,1 @@
+"""Model stage: backbones (frozen trunk + trainable last block), head, ensemble, artifact IO."""

@@ -1,0 +1,118 @@
+"""The one backbone interface: a frozen trunk (cacheable per structure) and a trainable last block.
+
+Every backbone adapter (CHGNet, MACE) implements :class:`Backbone`; ``tests/model/conformance.py``
+holds the small conformance check that each of them passes.
+
+Flow for N structures::
+
+    graphs = [bb.build_graph(s) for s in structures]      # CPU, the backbone's own neighbour list
+    feats  = bb.trunk(graphs)                              # frozen, no grad; list of N TrunkFeatures
+    batch  = bb.collate(feats, device)                     # one padded/concatenated batch
+    e_pa, emb = last_block(batch)                          # [B] eV/atom, [B, D]
+
+``feats`` are plain dicts of CPU tensors, so they can be cached in memory, in Ray's object store
+or on disk with ``torch.save`` (loaded with ``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from pymatgen.core import Structure
+from torch import nn
+
+#: Per-structure frozen-trunk output: CPU tensors keyed by name (backbone-specific).
+TrunkFeatures = dict[str, torch.Tensor]
+#: A collated batch of TrunkFeatures on one device (backbone-specific keys, plus "n_atoms" [B]).
+TrunkBatch = dict[str, torch.Tensor]
+
+
+class LastBlock(nn.Module):
+    """Trainable last interaction block plus the backbone's energy readout.
+
+    ``forward(batch) -> (energy_per_atom [B] eV/atom, embedding [B, D])``. The energy is on the
+    backbone's own scale (CHGNet: MP2020-compatible; MACE-MP-0: uncorrected GGA/GGA+U).
+    """
+
+    def forward(self, batch: TrunkBatch) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+
+class Backbone(ABC):
+    """A pretrained interatomic potential split into a frozen trunk and a trainable last block.
+
+    Attributes:
+        name: identity string, e.g. ``"chgnet-0.3.0"`` or ``"mace:/path/x.model"``.
+        weights_sha256: sha256 of the weights file the backbone was loaded from.
+        cutoff: neighbour-list cutoff radius in Angstrom.
+        embedding_dim: D, channels of the structure embedding.
+        energy_is_mp2020_corrected: whether the backbone's energy already includes MP2020
+            anion/U corrections (CHGNet) or needs them added (MACE-MP-0).
+    """
+
+    name: str
+    weights_sha256: str
+    cutoff: float
+    embedding_dim: int
+    energy_is_mp2020_corrected: bool
+
+    @abstractmethod
+    def build_graph(self, structure: Structure) -> Any:
+        """Neighbour graph of one structure with the backbone's own code (CPU, picklable)."""
+
+    @abstractmethod
+    def trunk(self, graphs: Sequence[Any], *, device: str | torch.device = "cpu") -> list[TrunkFeatures]:
+        """Frozen trunk for a batch of graphs; returns one CPU TrunkFeatures per graph."""
+
+    @abstractmethod
+    def collate(self, feats: Sequence[TrunkFeatures], device: str | torch.device = "cpu") -> TrunkBatch:
+        """Concatenate per-structure trunk features into one batch on ``device``."""
+
+    @abstractmethod
+    def new_last_block(self) -> LastBlock:
+        """A fresh trainable copy of the pretrained last block (weights copied, grads on)."""
+
+    def trunk_embedding(self, batch: TrunkBatch) -> torch.Tensor:
+        """Frozen structure embedding from the trunk output, [B, D'] (for the OOD gate).
+
+        Default: mean over atoms of the ``node_feats`` scalar channels.
+        """
+        node = batch["node_scalars"]  # [n_atoms_total, D']
+        owners = batch["atom_owners"].long()  # [n_atoms_total]
+        n = batch["n_atoms"].to(node.dtype)  # [B]
+        out = torch.zeros(n.shape[0], node.shape[1], dtype=node.dtype, device=node.device)
+        out.index_add_(0, owners, node)
+        return out / n[:, None]
+
+    def identity(self) -> dict[str, Any]:
+        """Backbone identity for manifests: name, weights sha256, cutoff."""
+        return {"name": self.name, "weights_sha256": self.weights_sha256, "cutoff": self.cutoff}
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 hex digest of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def segment_mean(values: torch.Tensor, owners: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Mean of per-atom rows per structure. values [A, C], owners [A] (0..B-1), n [B] -> [B, C]."""
+    out = torch.zeros(n.shape[0], values.shape[1], dtype=values.dtype, device=values.device)
+    out.index_add_(0, owners.long(), values)
+    return out / n.to(values.dtype)[:, None]
+
+
+def segment_sum(values: torch.Tensor, owners: torch.Tensor, n_graphs: int) -> torch.Tensor:
+    """Sum of per-atom values per structure. values [A] or [A, C], owners [A] -> [B] or [B, C]."""
+    shape = (n_graphs, *values.shape[1:])
+    out = torch.zeros(shape, dtype=values.dtype, device=values.device)
+    out.index_add_(0, owners.long(), values)
+    return out

@@ -1,0 +1,172 @@
+"""CHGNet 0.3.0 adapter: trunk = embeddings + the first n_conv-1 atom/bond/angle convolutions;
+last block = the last atom convolution + readout norm + energy MLP.
+
+CHGNet predicts MP2020-compatible energies (it was trained on corrected MPtrj energies), so its
+energy per atom can be compared with the reference hull directly.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from pymatgen.core import Structure
+
+from .base import Backbone, LastBlock, TrunkBatch, TrunkFeatures, segment_mean, segment_sum, sha256_file
+
+CHGNET_VERSION = "0.3.0"
+
+
+def _chgnet_weights_path() -> str:
+    import chgnet
+
+    root = os.path.dirname(chgnet.__file__)
+    return os.path.join(root, "pretrained", "0.3.0", "chgnet_0.3.0_e29f68s314m37.pth.tar")
+
+
+class ChgnetLastBlock(LastBlock):
+    """Last AtomConv + readout LayerNorm + per-atom energy MLP of CHGNet (trainable copy)."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.atom_conv = copy.deepcopy(model.atom_conv_layers[-1])
+        self.readout_norm = copy.deepcopy(model.readout_norm)
+        self.mlp = copy.deepcopy(model.mlp)
+        for p in self.parameters():
+            p.requires_grad_(True)
+
+    def forward(self, batch: TrunkBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        atom_feas = self.atom_conv(
+            atom_feas=batch["atom_feas"],  # [A, 64]
+            bond_feas=batch["bond_feas"],  # [U, 64] (undirected bonds)
+            bond_weights=batch["bond_weights"],  # [U, 64]
+            atom_graph=batch["atom_graph"],  # [E, 2] directed, batch-global atom indices
+            directed2undirected=batch["directed2undirected"],  # [E]
+        )
+        if self.readout_norm is not None:
+            atom_feas = self.readout_norm(atom_feas)
+        owners = batch["atom_owners"]  # [A]
+        n = batch["n_atoms"]  # [B]
+        site_e = self.mlp(atom_feas).view(-1)  # [A] eV
+        e_pa = segment_sum(site_e, owners, n.shape[0]) / n.to(site_e.dtype) + batch["comp_energy"]
+        emb = segment_mean(atom_feas, owners, n)  # [B, 64]
+        return e_pa, emb
+
+
+class ChgnetBackbone(Backbone):
+    """CHGNet 0.3.0 from the weights that ship in the chgnet wheel (no download)."""
+
+    energy_is_mp2020_corrected = True
+
+    def __init__(self, *, device: str = "cpu") -> None:
+        from chgnet.model import CHGNet
+
+        self.model = CHGNet.load(model_name=CHGNET_VERSION, use_device="cpu", verbose=False)
+        # Isolated atoms are rejected by validation before screening; a labelled training material
+        # with one (e.g. mp-1213623, a slab-like Li3NiO6) keeps CHGNet's edge-free treatment.
+        self.model.graph_converter.on_isolated_atoms = "ignore"
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self.name = f"chgnet-{CHGNET_VERSION}"
+        self.weights_sha256 = sha256_file(_chgnet_weights_path())
+        self.cutoff = float(self.model.graph_converter.atom_graph_cutoff)  # Angstrom
+        self.embedding_dim = int(self.model.atom_embedding.embedding.embedding_dim)
+
+    def build_graph(self, structure: Structure) -> Any:
+        """CHGNet CrystalGraph (CHGNet's own 'fast' neighbour search)."""
+        return self.model.graph_converter(structure)
+
+    @torch.no_grad()
+    def trunk(self, graphs: Sequence[Any], *, device: str | torch.device | None = None) -> list[TrunkFeatures]:
+        from chgnet.model.model import BatchedGraph
+
+        m = self.model
+        dev = torch.device(device) if device is not None else self.device
+        graphs = [g.to(dev) for g in graphs]
+        comp_energy = m.composition_model(graphs)  # [B] eV/atom (AtomRef, intensive)
+        g = BatchedGraph.from_graphs(
+            graphs, bond_basis_expansion=m.bond_basis_expansion,
+            angle_basis_expansion=m.angle_basis_expansion, compute_stress=False,
+        )
+        atom_feas = m.atom_embedding(g.atomic_numbers - 1)
+        bond_feas = m.bond_embedding(g.bond_bases_ag)
+        bond_weights_ag = m.bond_weights_ag(g.bond_bases_ag)
+        bond_weights_bg = m.bond_weights_bg(g.bond_bases_bg)
+        angle_feas = m.angle_embedding(g.angle_bases) if len(g.angle_bases) != 0 else None
+        for atom_layer, bond_layer, angle_layer in zip(
+            m.atom_conv_layers[:-1], m.bond_conv_layers, m.angle_layers, strict=False
+        ):
+            atom_feas = atom_layer(
+                atom_feas=atom_feas, bond_feas=bond_feas, bond_weights=bond_weights_ag,
+                atom_graph=g.batched_atom_graph, directed2undirected=g.directed2undirected,
+            )
+            if angle_feas is not None and bond_layer is not None:
+                bond_feas = bond_layer(
+                    atom_feas=atom_feas, bond_feas=bond_feas, bond_weights=bond_weights_bg,
+                    angle_feas=angle_feas, bond_graph=g.batched_bond_graph,
+                )
+                if angle_layer is not None:
+                    angle_feas = angle_layer(
+                        atom_feas=atom_feas, bond_feas=bond_feas, angle_feas=angle_feas,
+                        bond_graph=g.batched_bond_graph,
+                    )
+        return self._split(graphs, atom_feas, bond_feas, bond_weights_ag, comp_energy)
+
+    @staticmethod
+    def _split(graphs: Sequence[Any], atom_feas: torch.Tensor, bond_feas: torch.Tensor,
+               bond_weights: torch.Tensor, comp_energy: torch.Tensor) -> list[TrunkFeatures]:
+        out: list[TrunkFeatures] = []
+        a0 = u0 = 0
+        for i, gr in enumerate(graphs):
+            n_atoms = int(gr.atomic_number.shape[0])
+            n_und = int(gr.undirected2directed.shape[0])
+            out.append({
+                "atom_feas": atom_feas[a0:a0 + n_atoms].cpu().clone(),
+                "bond_feas": bond_feas[u0:u0 + n_und].cpu().clone(),
+                "bond_weights": bond_weights[u0:u0 + n_und].cpu().clone(),
+                "atom_graph": gr.atom_graph.reshape(-1, 2).long().cpu(),
+                "directed2undirected": gr.directed2undirected.long().cpu(),
+                "comp_energy": comp_energy[i:i + 1].float().cpu().clone(),
+            })
+            a0 += n_atoms
+            u0 += n_und
+        return out
+
+    def collate(self, feats: Sequence[TrunkFeatures], device: str | torch.device = "cpu") -> TrunkBatch:
+        atom_graph, d2u, owners = [], [], []
+        a_off = u_off = 0
+        for i, f in enumerate(feats):
+            n_atoms = f["atom_feas"].shape[0]
+            atom_graph.append(f["atom_graph"] + a_off)
+            d2u.append(f["directed2undirected"] + u_off)
+            owners.append(torch.full((n_atoms,), i, dtype=torch.long))
+            a_off += n_atoms
+            u_off += f["bond_feas"].shape[0]
+        batch = {
+            "atom_feas": torch.cat([f["atom_feas"] for f in feats]),
+            "bond_feas": torch.cat([f["bond_feas"] for f in feats]),
+            "bond_weights": torch.cat([f["bond_weights"] for f in feats]),
+            "atom_graph": torch.cat(atom_graph),
+            "directed2undirected": torch.cat(d2u),
+            "atom_owners": torch.cat(owners),
+            "n_atoms": torch.tensor([f["atom_feas"].shape[0] for f in feats], dtype=torch.long),
+            "comp_energy": torch.cat([f["comp_energy"] for f in feats]),
+        }
+        batch["node_scalars"] = batch["atom_feas"]
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+    def new_last_block(self) -> ChgnetLastBlock:
+        return ChgnetLastBlock(self.model).to(self.device)
+
+    @torch.no_grad()
+    def reference_energy(self, structures: Sequence[Structure]) -> torch.Tensor:
+        """CHGNet's own energy per atom (eV/atom) through its public API, for conformance tests."""
+        preds = self.model.predict_structure(list(structures), task="e", batch_size=16)
+        preds = preds if isinstance(preds, list) else [preds]
+        return torch.tensor([float(p["e"]) for p in preds])

@@ -1,0 +1,501 @@
+"""MACE adapter (MACE-MP-0 and any local MACE / ScaleShiftMACE ``.model`` file).
+
+Split of the MACE forward pass (``mace/modules/models.py``, ``MACE`` and ``ScaleShiftMACE``)::
+
+    trunk (frozen, no grad)                      last block (trainable copy)
+    ----------------------------------------     -------------------------------------------
+    node embedding, edge SH + radial features    edge SH + radial features (recomputed from
+    interactions[:-1], products[:-1]             the cached edge vectors; no parameters)
+    E0 + pair repulsion + readouts[:-1]          interactions[-1], products[-1], readouts[-1]
+    (scale/shift applied) -> e_frozen [eV]       scale * readout -> + e_frozen -> eV/atom
+
+MACE's energy is ``E = sum_atoms E0(Z) + sum_atoms (scale * (pair + sum_l readout_l) + shift)``
+for ScaleShiftMACE (``scale = 1, shift = 0`` for plain MACE), which is linear in the last
+readout, so the split reproduces the full model exactly (up to float rounding).
+
+MACE-MP-0 predicts *uncorrected* GGA/GGA+U energies (it was trained on raw MPtrj energies):
+``energy_is_mp2020_corrected = False``; MP2020 corrections are added downstream.
+
+Security: a MACE ``.model`` file is a full pickle of the ``torch.nn.Module`` (that is how MACE
+ships models), so loading it runs arbitrary code. Only pass trusted model files. The file's
+sha256 is computed before unpickling, recorded as ``weights_sha256`` and, when
+``expected_sha256`` is given, verified before anything is unpickled. Note that ``import mace``
+sets ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` for the whole process (e3nn relies on it at import);
+every ``torch.load`` in this project therefore passes ``weights_only=...`` explicitly.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from pymatgen.core import Structure
+from torch import nn
+
+from .base import Backbone, LastBlock, TrunkBatch, TrunkFeatures, segment_mean, segment_sum, sha256_file
+
+#: Backbone spec name -> key of ``mace.calculators.foundations_models.mace_mp_urls``.
+#: Only models trained on MP-compatible PBE/PBE+U energies (MPtrj, sAlex) are aliased: their
+#: energies can be MP2020-corrected and compared with the MP hull. Other foundation models
+#: (OMat, MatPES r2SCAN, multi-head) are reachable as ``mace-mp:KEY`` on the caller's own risk.
+FOUNDATION_ALIASES: dict[str, str] = {
+    "mace-mp-0-small": "small",
+    "mace-mp-0-medium": "medium",
+    "mace-mp-0-large": "large",
+    "mace-mp-0b-small": "small-0b",
+    "mace-mp-0b-medium": "medium-0b",
+    "mace-mp-0b2-small": "small-0b2",
+    "mace-mp-0b2-medium": "medium-0b2",
+    "mace-mp-0b2-large": "large-0b2",
+    "mace-mp-0b3-medium": "medium-0b3",
+    "mace-mpa-0-medium": "medium-mpa-0",
+}
+
+_FALLBACK_HINT = (
+    "use '--backbone chgnet' (weights ship with the chgnet wheel) or download the model file "
+    "elsewhere and pass '--backbone mace:PATH'"
+)
+
+
+class BackboneUnavailableError(RuntimeError):
+    """The requested backbone weights cannot be obtained (offline, bad cache, ...)."""
+
+
+class WeightsMismatchError(RuntimeError):
+    """A model file's sha256 differs from the expected one (file not trusted, not loaded)."""
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _mace_modules() -> tuple[type, type]:
+    """``(MACE, ScaleShiftMACE)`` classes (imports mace lazily; see module docstring)."""
+    from mace.modules.models import MACE, ScaleShiftMACE
+
+    return MACE, ScaleShiftMACE
+
+
+def load_mace_model_file(path: str | Path, *, expected_sha256: str | None = None) -> tuple[nn.Module, str]:
+    """Unpickle a trusted MACE ``.model`` file onto the CPU.
+
+    Args:
+        path: a ``torch.save``-d MACE or ScaleShiftMACE module. It is a full pickle: only pass
+            files you trust.
+        expected_sha256: when given, the file's sha256 must match (checked before unpickling).
+
+    Returns:
+        ``(model, sha256)``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        WeightsMismatchError: sha256 differs from ``expected_sha256``.
+        TypeError: the file does not hold a plain ``MACE`` / ``ScaleShiftMACE`` module.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"MACE model file not found: {path}")
+    sha = sha256_file(path)
+    if expected_sha256 is not None and sha != expected_sha256.lower():
+        raise WeightsMismatchError(f"{path}: sha256 {sha} != expected {expected_sha256}; not loaded")
+    mace_cls, scale_shift_cls = _mace_modules()
+    # MACE's format is a whole pickled nn.Module: weights_only=True cannot load it.
+    model = torch.load(path, map_location="cpu", weights_only=False)
+    if type(model) not in (mace_cls, scale_shift_cls):
+        raise TypeError(
+            f"{path} holds a {type(model).__module__}.{type(model).__qualname__}; expected a "
+            "mace.modules.models.MACE or ScaleShiftMACE (subclasses override forward and are "
+            "not supported by this split)"
+        )
+    return model, sha
+
+
+def foundation_key(spec: str) -> str:
+    """``mace_mp_urls`` key for a backbone spec (``mace-mp-0-medium`` or ``mace-mp:KEY``)."""
+    from mace.calculators.foundations_models import mace_mp_urls
+
+    key = spec.removeprefix("mace-mp:") if spec.startswith("mace-mp:") else FOUNDATION_ALIASES.get(spec)
+    if key is None or key not in mace_mp_urls:
+        known = sorted(FOUNDATION_ALIASES) + [f"mace-mp:{k}" for k in mace_mp_urls]
+        raise ValueError(f"unknown MACE foundation model {spec!r}; known: {', '.join(known)}, or mace:PATH")
+    return key
+
+
+def download_foundation(spec: str) -> Path:
+    """Local path of a MACE foundation model, downloaded into mace's cache if needed.
+
+    Uses ``mace.calculators.foundations_models.download_mace_mp_checkpoint`` (cache:
+    ``$XDG_CACHE_HOME/mace`` or ``~/.cache/mace``).
+
+    Raises:
+        BackboneUnavailableError: the download failed (e.g. no network); the message names the
+            ``--backbone chgnet`` and ``--backbone mace:PATH`` alternatives.
+    """
+    from mace.calculators.foundations_models import download_mace_mp_checkpoint
+
+    key = foundation_key(spec)
+    try:
+        return Path(download_mace_mp_checkpoint(key))
+    except Exception as exc:  # urllib.error.URLError, OSError, TimeoutError, RuntimeError
+        raise BackboneUnavailableError(
+            f"cannot obtain MACE foundation model {spec!r} (mace_mp key {key!r}): "
+            f"{type(exc).__name__}: {exc}. Offline? {_FALLBACK_HINT}"
+        ) from exc
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _scalar_columns(irreps: Any) -> torch.Tensor:
+    """Column indices of the 0e (scalar, even) channels of a feature with e3nn ``irreps``."""
+    cols: list[int] = []
+    start = 0
+    for mul, ir in irreps:
+        width = mul * ir.dim
+        if ir.l == 0 and ir.p == 1:
+            cols.extend(range(start, start + width))
+        start += width
+    return torch.tensor(cols, dtype=torch.long)
+
+
+def _irreps_out(block: nn.Module) -> Any:
+    """Output irreps of a product block / node embedding (its final e3nn Linear)."""
+    return block.linear.irreps_out
+
+
+def _energy_scale(model: nn.Module) -> torch.Tensor:
+    """Per-head multiplier of the interaction energies, [n_heads] (1 for plain MACE)."""
+    if hasattr(model, "scale_shift"):
+        return torch.atleast_1d(model.scale_shift.scale).detach().clone()
+    return torch.ones(len(getattr(model, "heads", ["Default"])), dtype=model.r_max.dtype)
+
+
+def _scale_shift(model: nn.Module, node_es: torch.Tensor, node_heads: torch.Tensor) -> torch.Tensor:
+    """ScaleShiftMACE's ``scale[h] * e + shift[h]`` per atom (identity for plain MACE)."""
+    if hasattr(model, "scale_shift"):
+        return model.scale_shift(node_es, node_heads)
+    return node_es
+
+
+def _buffers_only(module: nn.Module) -> nn.Module:
+    """Turn every parameter of ``module`` into a buffer (frozen, device-following, not trained)."""
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is None:
+                continue
+            del sub._parameters[name]
+            sub.register_buffer(name, param.detach().clone())
+    return module
+
+
+class MaceEdgeEmbedding(nn.Module):
+    """Frozen edge features from edge vectors: spherical harmonics + radial basis (no params)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.spherical_harmonics = _buffers_only(copy.deepcopy(model.spherical_harmonics))
+        self.radial_embedding = _buffers_only(copy.deepcopy(model.radial_embedding))
+        self.register_buffer("atomic_numbers", model.atomic_numbers.detach().clone())
+
+    def forward(
+        self, vectors: torch.Tensor, node_attrs: torch.Tensor, edge_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """vectors [E, 3] Angstrom -> edge_attrs [E, (max_ell+1)^2], edge_feats [E, n_bessel], cutoff."""
+        lengths = torch.linalg.norm(vectors, dim=-1, keepdim=True)  # [E, 1]
+        edge_attrs = self.spherical_harmonics(vectors)
+        edge_feats, cutoff = self.radial_embedding(lengths, node_attrs, edge_index, self.atomic_numbers)
+        return edge_attrs, edge_feats, cutoff
+
+
+def _interact(
+    interaction: nn.Module, product: nn.Module, *, node_attrs: torch.Tensor, node_feats: torch.Tensor,
+    edge_attrs: torch.Tensor, edge_feats: torch.Tensor, edge_index: torch.Tensor,
+    cutoff: torch.Tensor | None, first_layer: bool,
+) -> torch.Tensor:
+    """One MACE layer (interaction + product), called exactly as ``MACE.forward`` does."""
+    node_feats, sc = interaction(
+        node_attrs=node_attrs, node_feats=node_feats, edge_attrs=edge_attrs, edge_feats=edge_feats,
+        edge_index=edge_index, cutoff=cutoff, first_layer=first_layer,
+        lammps_class=None, lammps_natoms=(0, 0),
+    )
+    return product(node_feats=node_feats, sc=sc, node_attrs=node_attrs)
+
+
+# --------------------------------------------------------------------------- last block
+
+
+class MaceLastBlock(LastBlock):
+    """Last MACE interaction + product + readout (trainable copies) on cached trunk features.
+
+    Parameters are only those of the copied interaction/product/readout (all trainable); the
+    edge embedding and the energy scale are buffers.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.edge_embedding = MaceEdgeEmbedding(model)
+        self.interaction = copy.deepcopy(model.interactions[-1])
+        self.product = copy.deepcopy(model.products[-1])
+        self.readout = copy.deepcopy(model.readouts[-1])
+        self.first_layer = len(model.interactions) == 1
+        self.register_buffer("energy_scale", _energy_scale(model))  # [n_heads]
+        self.register_buffer("scalar_cols", _scalar_columns(_irreps_out(model.products[-1])))
+        for p in self.parameters():
+            p.requires_grad_(True)
+
+    def forward(self, batch: TrunkBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        node_attrs = batch["node_attrs"]  # [A, n_elements] one-hot
+        edge_index = batch["edge_index"]  # [2, E] batch-global (sender, receiver)
+        node_heads = batch["node_heads"]  # [A]
+        edge_attrs, edge_feats, cutoff = self.edge_embedding(batch["edge_vectors"], node_attrs, edge_index)
+        node_feats = _interact(
+            self.interaction, self.product, node_attrs=node_attrs, node_feats=batch["node_feats"],
+            edge_attrs=edge_attrs, edge_feats=edge_feats, edge_index=edge_index, cutoff=cutoff,
+            first_layer=self.first_layer,
+        )  # [A, last hidden irreps dim]
+        arange = torch.arange(node_feats.shape[0], device=node_feats.device)
+        node_es = self.readout(node_feats, node_heads)[arange, node_heads]  # [A] eV
+        node_es = node_es * self.energy_scale[node_heads].to(node_es.dtype)
+        owners = batch["atom_owners"]  # [A]
+        n = batch["n_atoms"]  # [B]
+        e_total = segment_sum(node_es.double(), owners, n.shape[0]) + batch["e_frozen"]  # [B] eV
+        e_pa = (e_total / n.double()).to(node_feats.dtype)  # [B] eV/atom
+        emb = segment_mean(node_feats[:, self.scalar_cols], owners, n)  # [B, D]
+        return e_pa, emb
+
+
+# --------------------------------------------------------------------------- backbone
+
+
+class MaceBackbone(Backbone):
+    """A MACE / ScaleShiftMACE model split into a frozen trunk and a trainable last block.
+
+    Per-structure TrunkFeatures (CPU): ``node_feats`` [n, F] (output of the second-to-last
+    layer), ``species`` [n] (index into the model's element table), ``edge_index`` [2, E] int32
+    (local), ``edge_vectors`` [E, 3] (Angstrom, receiver - sender + shift), ``head`` [1] and
+    ``e_frozen`` [1] float64 (eV, total frozen energy: E0 + pair + scaled earlier readouts +
+    shift). Edge vectors rather than edge features are cached: ~4x less memory per edge.
+    """
+
+    energy_is_mp2020_corrected = False
+
+    def __init__(
+        self, model: nn.Module, *, name: str, weights_sha256: str, device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32, head: str | None = None,
+    ) -> None:
+        if len(model.interactions) != len(model.products):
+            raise ValueError("MACE model has mismatched interactions/products")
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.model = model.to(dtype=dtype).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.model.to(self.device)
+        self.name = name
+        self.weights_sha256 = weights_sha256
+        self.cutoff = float(self.model.r_max)  # Angstrom
+        self.heads: list[str] = list(getattr(self.model, "heads", None) or ["Default"])
+        self.head = self._pick_head(head)
+        self.z_list: list[int] = [int(z) for z in self.model.atomic_numbers]
+        trunk_out = self.model.products[-2] if len(self.model.products) > 1 else self.model.node_embedding
+        self._trunk_scalar_cols = _scalar_columns(_irreps_out(trunk_out))
+        self.embedding_dim = int(_scalar_columns(_irreps_out(self.model.products[-1])).numel())
+
+    def _pick_head(self, head: str | None) -> str:
+        """The readout head to use: ``head`` if given, else the only / the 'default' head."""
+        if head is not None:
+            if head not in self.heads:
+                raise ValueError(f"head {head!r} not in model heads {self.heads}")
+            return head
+        if len(self.heads) == 1:
+            return self.heads[0]
+        default = [h for h in self.heads if h.lower() == "default"]
+        if not default:
+            raise ValueError(f"multi-head MACE model: pass head=... (one of {self.heads})")
+        return default[0]
+
+    @classmethod
+    def from_spec(
+        cls, spec: str, device: str | torch.device = "cpu", *, expected_sha256: str | None = None,
+        dtype: torch.dtype = torch.float32, head: str | None = None,
+    ) -> MaceBackbone:
+        """Backbone from ``mace:PATH`` (trusted local ``.model``) or a foundation name.
+
+        Foundation names: :data:`FOUNDATION_ALIASES` (``mace-mp-0-medium``, ...) or
+        ``mace-mp:KEY`` for any key of mace's ``mace_mp_urls``; downloaded into mace's cache.
+
+        Raises:
+            BackboneUnavailableError: a foundation model cannot be downloaded / loaded.
+            WeightsMismatchError: ``expected_sha256`` given and the file differs.
+        """
+        if spec.startswith("mace:"):
+            path = Path(os.path.expanduser(spec.removeprefix("mace:")))
+            model, sha = load_mace_model_file(path, expected_sha256=expected_sha256)
+            return cls(model, name=f"mace:{path}", weights_sha256=sha, device=device, dtype=dtype, head=head)
+        path = download_foundation(spec)
+        try:
+            model, sha = load_mace_model_file(path, expected_sha256=expected_sha256)
+        except (OSError, RuntimeError, EOFError) as exc:
+            if isinstance(exc, WeightsMismatchError):
+                raise
+            raise BackboneUnavailableError(
+                f"cached MACE model {path} for {spec!r} cannot be loaded ({exc}); delete it to "
+                f"re-download, or {_FALLBACK_HINT}"
+            ) from exc
+        return cls(model, name=spec, weights_sha256=sha, device=device, dtype=dtype, head=head)
+
+    # ------------------------------------------------------------------ graphs
+
+    def build_graph(self, structure: Structure) -> Any:
+        """MACE ``AtomicData`` (matscipy neighbour list, cutoff ``r_max``), float64 positions."""
+        from mace.data import AtomicData, config_from_atoms
+        from mace.tools import torch_tools
+        from mace.tools.utils import AtomicNumberTable
+        from pymatgen.io.ase import AseAtomsAdaptor
+
+        missing = sorted({el.symbol for el in structure.composition.elements if el.Z not in self.z_list})
+        if missing:
+            raise ValueError(f"{self.name} does not cover elements {missing}")
+        atoms = AseAtomsAdaptor.get_atoms(structure)
+        with torch_tools.default_dtype(torch.float64):
+            config = config_from_atoms(atoms, head_name=self.head)
+            return AtomicData.from_config(
+                config, z_table=AtomicNumberTable(self.z_list), cutoff=self.cutoff, heads=self.heads
+            )
+
+    def _batch_dict(self, graphs: Sequence[Any], device: torch.device) -> dict[str, torch.Tensor]:
+        """Concatenate AtomicData graphs (mace's Batch) on ``device``, floats in model dtype."""
+        from mace.tools.torch_geometric import Batch
+
+        data = Batch.from_data_list(list(graphs)).to(device).to_dict()
+        return {
+            k: (v.to(self.dtype) if torch.is_tensor(v) and v.is_floating_point() else v)
+            for k, v in data.items()
+        }
+
+    # ------------------------------------------------------------------ trunk
+
+    @torch.no_grad()
+    def trunk(self, graphs: Sequence[Any], *, device: str | torch.device | None = None) -> list[TrunkFeatures]:
+        """Frozen layers 0..L-2 and frozen energy terms; one CPU TrunkFeatures per graph."""
+        from mace.modules.utils import get_edge_vectors_and_lengths
+
+        m = self.model
+        dev = torch.device(device) if device is not None else self.device
+        data = self._batch_dict(graphs, dev)
+        node_attrs = data["node_attrs"]  # [A, n_elements]
+        edge_index = data["edge_index"]  # [2, E]
+        node_heads = data["head"][data["batch"]]  # [A]
+        arange = torch.arange(node_attrs.shape[0], device=dev)
+        vectors, lengths = get_edge_vectors_and_lengths(data["positions"], edge_index, data["shifts"])
+        node_e0 = m.atomic_energies_fn(node_attrs)[arange, node_heads]  # [A] eV
+        node_feats = m.node_embedding(node_attrs)
+        edge_attrs = m.spherical_harmonics(vectors)
+        edge_feats, cutoff = m.radial_embedding(lengths, node_attrs, edge_index, m.atomic_numbers)
+        pair_es = self._pair_energy(lengths, node_attrs, edge_index, node_e0)  # [A] eV (unscaled)
+        node_feats, node_e0 = self._joint_embedding(data, node_feats, node_e0, node_heads, arange)
+        feats_list: list[torch.Tensor] = []
+        for i, (interaction, product) in enumerate(zip(m.interactions[:-1], m.products[:-1], strict=True)):
+            node_feats = _interact(
+                interaction, product, node_attrs=node_attrs, node_feats=node_feats, edge_attrs=edge_attrs,
+                edge_feats=edge_feats, edge_index=edge_index, cutoff=cutoff, first_layer=(i == 0),
+            )
+            feats_list.append(node_feats)
+        node_inter = pair_es
+        if len(m.readouts) > 1:  # readout i <-> layer i; the last one belongs to the last block
+            for i, readout in enumerate(m.readouts[:-1]):
+                node_inter = node_inter + readout(feats_list[i], node_heads)[arange, node_heads]
+        node_frozen = node_e0.double() + _scale_shift(m, node_inter, node_heads).double()  # [A] eV
+        e_frozen = segment_sum(node_frozen, data["batch"], len(graphs))  # [B] eV
+        return self._split(graphs, node_feats, vectors, e_frozen)
+
+    def _pair_energy(
+        self, lengths: torch.Tensor, node_attrs: torch.Tensor, edge_index: torch.Tensor, like: torch.Tensor
+    ) -> torch.Tensor:
+        """ZBL pair repulsion per atom [A] eV when the model has it, else zeros."""
+        m = self.model
+        if hasattr(m, "pair_repulsion"):
+            return m.pair_repulsion_fn(lengths, node_attrs, edge_index, m.atomic_numbers)
+        return torch.zeros_like(like)
+
+    def _joint_embedding(
+        self, data: dict[str, torch.Tensor], node_feats: torch.Tensor, node_e0: torch.Tensor,
+        node_heads: torch.Tensor, arange: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Extra (charge/spin) embeddings of newer MACE models; returns (node_feats, node_e0)."""
+        m = self.model
+        if not hasattr(m, "joint_embedding"):
+            return node_feats, node_e0
+        feats = {name: data[name] for name in m.embedding_specs}
+        node_feats = node_feats + m.joint_embedding(data["batch"], feats)
+        if hasattr(m, "embedding_readout"):
+            node_e0 = node_e0 + m.embedding_readout(node_feats, node_heads)[arange, node_heads]
+        return node_feats, node_e0
+
+    @staticmethod
+    def _split(
+        graphs: Sequence[Any], node_feats: torch.Tensor, vectors: torch.Tensor, e_frozen: torch.Tensor
+    ) -> list[TrunkFeatures]:
+        """Cut batch tensors back into per-structure CPU TrunkFeatures (local edge indices)."""
+        out: list[TrunkFeatures] = []
+        a0 = e0 = 0
+        for i, g in enumerate(graphs):
+            n_atoms = int(g.node_attrs.shape[0])
+            n_edges = int(g.edge_index.shape[1])
+            out.append({
+                "node_feats": node_feats[a0:a0 + n_atoms].cpu(),  # [n, F]
+                "species": g.node_attrs.argmax(dim=-1).cpu(),  # [n] element-table index
+                "edge_index": g.edge_index.to(torch.int32).cpu(),  # [2, E] local
+                "edge_vectors": vectors[e0:e0 + n_edges].cpu(),  # [E, 3] Angstrom
+                "head": g.head.reshape(1).long().cpu(),  # [1]
+                "e_frozen": e_frozen[i:i + 1].cpu(),  # [1] eV, float64
+            })
+            a0 += n_atoms
+            e0 += n_edges
+        return out
+
+    # ------------------------------------------------------------------ batch / last block
+
+    def collate(self, feats: Sequence[TrunkFeatures], device: str | torch.device = "cpu") -> TrunkBatch:
+        """Concatenate TrunkFeatures; edge indices offset to batch-global atom indices."""
+        edge_index, owners, heads = [], [], []
+        a_off = 0
+        for i, f in enumerate(feats):
+            n_atoms = int(f["species"].shape[0])
+            edge_index.append(f["edge_index"].long() + a_off)
+            owners.append(torch.full((n_atoms,), i, dtype=torch.long))
+            heads.append(f["head"].expand(n_atoms))
+            a_off += n_atoms
+        node_feats = torch.cat([f["node_feats"] for f in feats])  # [A, F]
+        species = torch.cat([f["species"] for f in feats])  # [A]
+        batch = {
+            "node_feats": node_feats,
+            "node_attrs": nn.functional.one_hot(species, len(self.z_list)).to(node_feats.dtype),
+            "edge_index": torch.cat(edge_index, dim=1),  # [2, E]
+            "edge_vectors": torch.cat([f["edge_vectors"] for f in feats]),  # [E, 3]
+            "node_heads": torch.cat(heads),  # [A]
+            "atom_owners": torch.cat(owners),  # [A]
+            "n_atoms": torch.tensor([f["species"].shape[0] for f in feats], dtype=torch.long),
+            "e_frozen": torch.cat([f["e_frozen"] for f in feats]),  # [B] eV
+            "node_scalars": node_feats[:, self._trunk_scalar_cols],  # [A, D']
+        }
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+    def new_last_block(self) -> MaceLastBlock:
+        return MaceLastBlock(self.model).to(self.device)
+
+    def trunk_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the frozen model (all requires_grad False)."""
+        return list(self.model.parameters())
+
+    @torch.no_grad()
+    def reference_energy(self, structures: Sequence[Structure]) -> torch.Tensor:
+        """Full MACE forward (the model's own ``forward``), energy per atom [N] eV/atom."""
+        graphs = [self.build_graph(s) for s in structures]
+        data = self._batch_dict(graphs, self.device)
+        out = self.model(data, training=False, compute_force=False)
+        n = torch.tensor([len(s) for s in structures], dtype=torch.float64)
+        return out["energy"].detach().double().cpu() / n

@@ -1,0 +1,105 @@
+"""The ensemble: one backbone, its frozen trunk run once per structure, M members on top.
+
+``Ensemble.load(model_dir)`` verifies every file's sha256 against the manifest before any tensor
+is read, checks that the installed backbone is the one the members were trained on, and builds
+the members. ``predict_feats`` runs all members on one collated trunk batch (shared trunk).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .artifact import ArtifactIntegrityError, ModelDir
+from .backbones import Backbone, TrunkFeatures, load_backbone
+from .head import HeadConfig
+from .member import Member, Normalizer, ThermoInputs
+from .prediction import EnsemblePrediction
+
+
+@dataclass
+class Ensemble:
+    """A loaded, verified ensemble ready for inference (eval mode, no grad)."""
+
+    backbone: Backbone
+    members: list[Member]
+    normalizer: Normalizer
+    manifest: dict[str, Any]
+    uri: str
+    files: dict[str, bytes]
+
+    @property
+    def model_id(self) -> str:
+        return str(self.manifest["model_id"])
+
+    @classmethod
+    def load(cls, uri: str, *, device: str = "cpu", backbone: Backbone | None = None) -> Ensemble:
+        md = ModelDir(uri=uri)
+        manifest = md.read_manifest(verify=False)
+        files = md.verify(manifest)  # raises before anything is deserialised
+        bb = backbone or load_backbone(manifest["backbone"]["spec"], device=device)
+        want = manifest["backbone"]
+        if bb.weights_sha256 != want["weights_sha256"] or abs(bb.cutoff - float(want["cutoff"])) > 1e-9:
+            raise ArtifactIntegrityError(
+                f"{uri}: members were trained on backbone {want['name']} (sha256 "
+                f"{want['weights_sha256'][:12]}, cutoff {want['cutoff']} A) but the installed one is "
+                f"{bb.name} (sha256 {bb.weights_sha256[:12]}, cutoff {bb.cutoff} A)"
+            )
+        normalizer = Normalizer.from_json(files["normalizer.json"].decode())
+        head = HeadConfig(**manifest["config"]["head"])
+        members = []
+        for m in manifest["members"]:
+            member = Member.create(bb, head, normalizer)
+            member.load_state_dict(ModelDir.load_tensors(files[m["file"]]))
+            members.append(member.to(device).eval())
+        if not members:
+            raise ArtifactIntegrityError(f"{uri}: manifest lists no members")
+        return cls(backbone=bb, members=members, normalizer=normalizer, manifest=manifest, uri=uri,
+                   files=files)
+
+    @torch.inference_mode()
+    def predict_feats(self, feats: Sequence[TrunkFeatures], thermo: ThermoInputs, *,
+                      device: str = "cpu") -> EnsemblePrediction:
+        """All members on one batch of cached trunk features (the trunk is shared)."""
+        batch = self.backbone.collate(feats, device)
+        th = thermo.to(device)
+        outs = [m(batch, th) for m in self.members]
+        stack = lambda k: torch.stack([o[k] for o in outs]).float().cpu().numpy()  # noqa: E731  [M, B]
+        zero_shot = outs[0]["zero_shot"].float().cpu().numpy()  # [B] (member 0's last block)
+        return EnsemblePrediction(
+            q10=stack("q10"), q50=stack("q50"), q90=stack("q90"), p_stable=stack("p_stable"),
+            p_metastable=stack("p_metastable"),
+            embedding=self.backbone.trunk_embedding(batch).float().cpu().numpy(),  # [B, D]
+            zero_shot_ehull=zero_shot, has_reference=thermo.has_ref.cpu().numpy().astype(bool),
+        )
+
+    def predict_feats_batched(self, feats: Sequence[TrunkFeatures], thermo: ThermoInputs, *,
+                              device: str = "cpu", batch_size: int = 64) -> EnsemblePrediction:
+        """:meth:`predict_feats` over cached features in chunks of ``batch_size``."""
+        parts = []
+        for s in range(0, len(feats), batch_size):
+            sl = slice(s, s + batch_size)
+            th = ThermoInputs(hull_pa=thermo.hull_pa[sl], corr_pa=thermo.corr_pa[sl], has_ref=thermo.has_ref[sl])
+            parts.append(self.predict_feats(feats[sl], th, device=device))
+        return EnsemblePrediction.concat(parts)
+
+    def predict_graphs(self, graphs: Sequence[Any], thermo: ThermoInputs, *, device: str = "cpu",
+                       batch_size: int = 32) -> EnsemblePrediction:
+        """Trunk then members, in chunks of ``batch_size`` structures."""
+        parts = []
+        for s in range(0, len(graphs), batch_size):
+            sl = slice(s, s + batch_size)
+            feats = self.backbone.trunk(graphs[sl], device=device)
+            th = ThermoInputs(hull_pa=thermo.hull_pa[sl], corr_pa=thermo.corr_pa[sl], has_ref=thermo.has_ref[sl])
+            parts.append(self.predict_feats(feats, th, device=device))
+        return EnsemblePrediction.concat(parts)
+
+
+def as_numpy_prediction(pred: EnsemblePrediction) -> dict[str, np.ndarray]:
+    """Flatten an EnsemblePrediction into named arrays (for debugging and reports)."""
+    return {k: getattr(pred, k) for k in ("q10", "q50", "q90", "p_stable", "p_metastable",
+                                          "embedding", "zero_shot_ehull", "has_reference")}

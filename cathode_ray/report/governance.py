@@ -1,0 +1,259 @@
+"""Governance report: seed-card checks, metrics per split, conformal comparison, baselines.
+
+``report_from_predictions`` is pure (arrays in, dict out); ``write_report`` writes
+governance.json, report.md and PNG plots. Energies in eV/atom. The dict's ``plot_data`` entry
+holds the arrays behind the plots and is not written to governance.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cathode_ray import seedcard
+from cathode_ray.calibrate.aggregate import aggregate
+from cathode_ray.calibrate.calibrator import Calibrator
+from cathode_ray.calibrate.conformal import METHODS, fit_conformal
+from cathode_ray.calibrate.metrics import all_metrics, coverage, median_width, point_metrics
+from cathode_ray.calibrate.ood import GATE_NAMES
+from cathode_ray.calibrate.triage import DECISIONS
+from cathode_ray.model.prediction import EnsemblePrediction
+from cathode_ray.report import plots
+
+COVERAGE_LEVELS: tuple[float, ...] = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
+GOVERNANCE_FILE = "governance.json"
+REPORT_FILE = "report.md"
+_MD_METRICS: tuple[str, ...] = (
+    "n", "spearman", "mae", "coverage", "median_width", "ef10", "frac_stable_top100", "f1",
+    "daf", "keep_precision", "keep_recall", "kill_precision", "false_kill_rate", "frac_keep",
+    "frac_kill",
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SplitData:
+    """One labelled split: y [N] true E_hull (eV/atom), ensemble prediction, SOAP clusters [N]
+    (or None) and compositions (element symbol -> amount, len N)."""
+
+    y: np.ndarray
+    pred: EnsemblePrediction
+    clusters: np.ndarray | None
+    compositions: Sequence[Mapping[str, float]]
+
+    def __post_init__(self) -> None:
+        n = len(self.pred)
+        if self.y.shape != (n,) or len(self.compositions) != n:
+            raise ValueError(f"y / compositions must have {n} rows")
+        if self.clusters is not None and self.clusters.shape != (n,):
+            raise ValueError(f"clusters must have shape {(n,)}")
+
+
+# name, split, metric, operator, threshold
+_CHECKS: tuple[tuple[str, str, str, str, float], ...] = (
+    ("spearman_val", "val", "spearman", ">", 0.5),
+    ("spearman_test", "test", "spearman", ">", 0.5),
+    ("coverage_test", "test", "coverage", ">=", seedcard.TARGET_COVERAGE),
+    ("false_kill_rate_test", "test", "false_kill_rate", "<", 0.02),
+    ("keep_precision_test", "test", "keep_precision", ">", 0.85),
+    ("makes_decisions_test", "test", "min_frac_keep_kill", ">", 0.0),
+)
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    ">": lambda a, b: a > b, ">=": lambda a, b: a >= b, "<": lambda a, b: a < b,
+}
+
+
+def _checks(metrics: Mapping[str, Mapping[str, float]]) -> list[dict[str, Any]]:
+    """The six seed-card checks; a missing split or NaN value fails."""
+    out = []
+    for name, split, metric, op, threshold in _CHECKS:
+        m = metrics.get(split, {})
+        if metric == "min_frac_keep_kill":
+            value = min(m.get("frac_keep", math.nan), m.get("frac_kill", math.nan))
+        else:
+            value = m.get(metric, math.nan)
+        ok = not math.isnan(value) and _OPS[op](value, threshold)
+        out.append({"name": name, "split": split, "metric": metric, "value": value, "op": op,
+                    "threshold": threshold, "pass": bool(ok)})
+    return out
+
+
+def _coverage_curve(splits: Mapping[str, SplitData], method: str, min_points: int,
+                    aggs: Mapping[str, Any]) -> dict[str, list[float]]:
+    """Refit conformal on val at each nominal level; measured coverage on the other splits."""
+    val = splits["val"]
+    curve: dict[str, list[float]] = {"levels": list(COVERAGE_LEVELS)}
+    for name in (s for s in splits if s != "val"):
+        curve[name] = []
+        for level in COVERAGE_LEVELS:
+            params = fit_conformal(aggs["val"].lo, aggs["val"].hi, val.y, val.clusters,
+                                   method=method, coverage=level, min_points=min_points)
+            lo, hi = params.apply(aggs[name].lo, aggs[name].hi, splits[name].clusters)
+            curve[name].append(coverage(splits[name].y, lo, hi))
+    return curve
+
+
+def _cluster_coverage(y: np.ndarray, clusters: np.ndarray | None, lo: np.ndarray,
+                      hi: np.ndarray) -> dict[str, dict[str, float]]:
+    if clusters is None:
+        return {}
+    return {str(c): {"n": float((clusters == c).sum()),
+                     "coverage": coverage(y[clusters == c], lo[clusters == c], hi[clusters == c])}
+            for c in np.unique(clusters).tolist()}
+
+
+def _baselines(splits: Mapping[str, SplitData],
+               extra: Mapping[str, Mapping[str, np.ndarray]] | None,
+               aggs: Mapping[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    rows: dict[str, dict[str, dict[str, float]]] = {
+        "ensemble_q50": {s: point_metrics(d.y, aggs[s].q50) for s, d in splits.items()},
+        "zero_shot_backbone": {s: point_metrics(d.y, d.pred.zero_shot_ehull)
+                               for s, d in splits.items()},
+    }
+    for name, per_split in (extra or {}).items():
+        rows[name] = {s: point_metrics(splits[s].y, p) for s, p in per_split.items() if s in splits}
+    return rows
+
+
+def report_from_predictions(splits: dict[str, SplitData], calibrator: Calibrator, *,
+                            baselines: dict[str, dict[str, np.ndarray]] | None = None
+                            ) -> dict[str, Any]:
+    """Build the governance report for labelled splits (expects "val" and "test"; "loco" and
+    others optional). ``baselines``: name -> split -> point predictions [N] (eV/atom)."""
+    if "val" not in splits:
+        raise ValueError("splits must include 'val' (the calibration split)")
+    aggs = {s: aggregate(d.pred) for s, d in splits.items()}
+    results = {s: calibrator.apply(d.pred, d.clusters, d.compositions) for s, d in splits.items()}
+    metrics, counts, ood, clusters_cov, comparison = {}, {}, {}, {}, {}
+    for s, d in splits.items():
+        r = results[s]
+        metrics[s] = all_metrics(d.y, aggs[s], r["e_hull_lo"], r["e_hull_hi"], r["decision"])
+        counts[s] = {k: int((r["decision"] == k).sum()) for k in DECISIONS}
+        gates = r["ood_gates"]
+        ood[s] = {"frac_ood": float(np.mean(gates != "")) if len(gates) else math.nan,
+                  **{g: int(sum(g in x.split(",") for x in gates)) for g in GATE_NAMES}}
+        clusters_cov[s] = _cluster_coverage(d.y, d.clusters, r["e_hull_lo"], r["e_hull_hi"])
+        if s != "val":
+            comparison[s] = {}
+            for m in METHODS:
+                lo, hi = calibrator.calibrated(aggs[s], d.clusters, m)
+                comparison[s][m] = {"coverage": coverage(d.y, lo, hi),
+                                    "median_width": median_width(lo, hi)}
+    params = calibrator.params
+    checks = _checks(metrics)
+    return {
+        "schema_version": 1,
+        "target_coverage": params.coverage,
+        "conformal_method": calibrator.method,
+        "checks": checks,
+        "passed": all(c["pass"] for c in checks),
+        "metrics": metrics,
+        "decision_counts": counts,
+        "ood": ood,
+        "conformal_comparison": comparison,
+        "coverage_curve": _coverage_curve(splits, calibrator.method, params.min_points, aggs),
+        "cluster_coverage": clusters_cov,
+        "baselines": _baselines(splits, baselines, aggs),
+        "triage": {"config": calibrator.triage_config.to_dict(),
+                   "reasoning": calibrator.triage_reasoning},
+        "conformal_params": {m: p.to_dict() for m, p in calibrator.conformal.items()},
+        "plot_data": {s: {"y": d.y, "q50": aggs[s].q50, "lo": results[s]["e_hull_lo"],
+                          "hi": results[s]["e_hull_hi"]} for s, d in splits.items()},
+    }
+
+
+def _jsonable(obj: Any) -> Any:
+    """Strict-JSON view: numpy -> python, non-finite floats -> None, keys -> str."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, bool | np.bool_):
+        return bool(obj)
+    if isinstance(obj, int | np.integer):
+        return int(obj)
+    if isinstance(obj, float | np.floating):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.0f}" if value.is_integer() and abs(value) >= 10 else f"{value:.3f}"
+    return str(value)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+
+
+def render_markdown(report: Mapping[str, Any], images: Sequence[str] = ()) -> str:
+    """Human-readable report.md text."""
+    md = ["# cathode_ray governance report", "",
+          f"Overall: **{'PASS' if report['passed'] else 'FAIL'}** "
+          f"(conformal method {report['conformal_method']}, target coverage "
+          f"{report['target_coverage']:.2f}; energies in eV/atom)", "", "## Seed-card checks", ""]
+    md += _table(["check", "value", "rule", "pass"],
+                 [[c["name"], c["value"], f"{c['op']} {c['threshold']}",
+                   "yes" if c["pass"] else "NO"] for c in report["checks"]])
+    md += ["", "## Metrics per split", ""]
+    md += _table(["split", *_MD_METRICS],
+                 [[s, *(m.get(k) for k in _MD_METRICS)] for s, m in report["metrics"].items()])
+    md += ["", "## Conformal: symmetric vs asymmetric", ""]
+    md += _table(["split", "method", "coverage", "median width"],
+                 [[s, m, v["coverage"], v["median_width"]]
+                  for s, per in report["conformal_comparison"].items() for m, v in per.items()])
+    md += ["", "## Baselines (point predictors)", ""]
+    md += _table(["baseline", "split", "n", "spearman", "mae", "f1", "daf"],
+                 [[b, s, m["n"], m["spearman"], m["mae"], m["f1"], m["daf"]]
+                  for b, per in report["baselines"].items() for s, m in per.items()])
+    md += ["", "## Decisions and OOD", ""]
+    md += _table(["split", *DECISIONS, "frac OOD", *GATE_NAMES],
+                 [[s, *(c[k] for k in DECISIONS), report["ood"][s]["frac_ood"],
+                   *(report["ood"][s][g] for g in GATE_NAMES)]
+                  for s, c in report["decision_counts"].items()])
+    md += ["", "## Triage thresholds", "", "```", json.dumps(report["triage"]["config"]), "```",
+           "", report["triage"]["reasoning"], ""]
+    if images:
+        md += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in images] + [""]
+    return "\n".join(md)
+
+
+def write_plots(report: Mapping[str, Any], out_dir: Path) -> list[Path]:
+    """Parity per split, coverage vs nominal, coverage per cluster, decision counts."""
+    paths = [plots.parity_plot(d["y"], d["q50"], d["lo"], d["hi"], out_dir / f"parity_{s}.png",
+                               title=f"{s}: q50 with calibrated interval")
+             for s, d in report["plot_data"].items()]
+    curve = {k: v for k, v in report["coverage_curve"].items() if k != "levels"}
+    paths.append(plots.coverage_curve_plot(report["coverage_curve"]["levels"], curve,
+                                           out_dir / "coverage_vs_nominal.png"))
+    per_cluster = {s: c for s, c in report["cluster_coverage"].items() if c}
+    if per_cluster:
+        paths.append(plots.cluster_coverage_plot(per_cluster, report["target_coverage"],
+                                                 out_dir / "coverage_per_cluster.png"))
+    paths.append(plots.decision_counts_plot(report["decision_counts"],
+                                            out_dir / "decision_counts.png"))
+    return paths
+
+
+def write_report(report: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
+    """Write governance.json (without plot_data), PNG plots and report.md; returns the paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images = write_plots(report, out_dir)
+    body = _jsonable({k: v for k, v in report.items() if k != "plot_data"})
+    p_json = out_dir / GOVERNANCE_FILE
+    p_json.write_text(json.dumps(body, indent=2, allow_nan=False))
+    p_md = out_dir / REPORT_FILE
+    p_md.write_text(render_markdown(report, [p.name for p in images]))
+    return [p_json, p_md, *images]

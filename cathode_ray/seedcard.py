@@ -1,0 +1,45 @@
+"""Seed-card defaults, named once. Every config dataclass takes its defaults from here.
+
+Units: energies in eV/atom, distances in Angstrom.
+"""
+
+from __future__ import annotations
+
+#: Ensemble member seeds (one member per seed).
+SEEDS: tuple[int, ...] = (42, 43, 44, 45, 46)
+
+#: "Stable" means E_hull below this (eV/atom); "metastable" below the second.
+STABLE_EHULL: float = 0.05
+METASTABLE_EHULL: float = 0.10
+
+#: Quantiles predicted by every member head.
+QUANTILES: tuple[float, float, float] = (0.1, 0.5, 0.9)
+
+#: Conformal target coverage and the Mondrian minimum calibration points per cluster.
+TARGET_COVERAGE: float = 0.90
+MONDRIAN_MIN_POINTS: int = 50
+
+#: SOAP-LOCO clustering.
+SOAP_CLUSTERS: int = 8
+SOAP_R_CUT: float = 5.0  # Angstrom
+SPLIT_SEED: int = 42
+
+#: Validation limits.
+MAX_ATOMS: int = 500
+MIN_DISTANCE: float = 0.5  # Angstrom
+
+#: Chemistry scope of the product.
+TRANSITION_METALS: tuple[str, ...] = ("Ti", "V", "Cr", "Mn", "Fe", "Co", "Ni", "Cu")
+#: TMs with labelled training data in the offline snapshot; others are out of domain.
+TRAINED_TRANSITION_METALS: tuple[str, ...] = ("Mn", "Fe", "Co", "Ni")
+
+#: Head and optimisation.
+HEAD_HIDDEN: int = 128
+HEAD_DROPOUT: float = 0.1
+LR_HEAD: float = 1e-3
+LR_BACKBONE: float = 1e-5
+MICRO_BATCH: int = 16
+GRAD_ACCUM: int = 4
+PATIENCE: int = 12
+MAX_EPOCHS: int = 200
+BCE_WEIGHT: float = 0.05

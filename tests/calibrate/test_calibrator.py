@@ -1,0 +1,80 @@
+import json
+import time
+
+import numpy as np
+import pytest
+
+from cathode_ray.calibrate.calibrator import (
+    RESULT_COLUMNS,
+    Calibrator,
+    CalibratorConfig,
+)
+from cathode_ray.calibrate.triage import TriageConfig
+
+
+@pytest.fixture(scope="module")
+def fitted(synth) -> tuple[Calibrator, tuple]:
+    make_synthetic = synth
+    train = make_synthetic(1000, 21)
+    val = make_synthetic(2000, 22)
+    test = make_synthetic(1000, 23)
+    cal = Calibrator.fit(val[0], val[1], val[2], val[3], train[0], train[3])
+    return cal, test
+
+
+def test_apply_returns_exact_columns(fitted) -> None:
+    cal, (pred, y, clusters, comps) = fitted
+    out = cal.apply(pred, clusters, comps)
+    assert tuple(out) == RESULT_COLUMNS
+    assert all(len(v) == len(y) for v in out.values())
+    assert set(out["decision"]) <= {"KEEP", "MAYBE", "KILL"}
+    assert np.all(out["e_hull_lo"] <= out["e_hull_pred"])
+    assert np.all(out["q10"] >= out["e_hull_lo"]) or cal.params.d_lo < 0
+    cov = np.mean((out["e_hull_lo"] <= y) & (y <= out["e_hull_hi"]))
+    assert 0.86 <= cov <= 0.94
+    assert all(isinstance(r, str) and r for r in out["decision_reason"])
+
+
+def test_ood_rows_are_not_killed(fitted) -> None:
+    cal, (pred, y, clusters, comps) = fitted
+    comps = [{**c, "Ti": 0.3} if i % 2 else c for i, c in enumerate(comps)]
+    out = cal.apply(pred, clusters, comps)
+    odd = np.arange(len(y)) % 2 == 1
+    assert np.all(out["decision"][odd] != "KILL")
+    assert np.all(["composition" in g for g in out["ood_gates"][odd]])
+    assert np.any(out["decision"][~odd] == "KILL")
+
+
+def test_save_load_round_trip_exact(fitted, tmp_path) -> None:
+    cal, (pred, _, clusters, comps) = fitted
+    paths = cal.save(tmp_path)
+    assert {p.name for p in paths} == {"conformal_params.json", "triage.json",
+                                       "ood_params.json", "ood_train.npz"}
+    for p in paths:
+        assert p.exists()
+        if p.suffix == ".json":
+            json.loads(p.read_text())
+    loaded = Calibrator.load(tmp_path)
+    a, b = cal.apply(pred, clusters, comps), loaded.apply(pred, clusters, comps)
+    for k in RESULT_COLUMNS:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert loaded.conformal == cal.conformal and loaded.triage_config == cal.triage_config
+
+
+def test_method_choice_and_fixed_triage(synth) -> None:
+    train, val = synth(300, 1), synth(600, 2)
+    cfg = CalibratorConfig(method="symmetric", triage=TriageConfig())
+    cal = Calibrator.fit(val[0], val[1], None, val[3], train[0], train[3], cfg)
+    assert cal.method == "symmetric" and cal.triage_config == TriageConfig()
+    assert set(cal.conformal) == {"symmetric", "asymmetric"}
+    assert cal.params.d_lo == cal.params.d_hi
+    with pytest.raises(ValueError):
+        CalibratorConfig(method="bogus")
+
+
+def test_apply_is_cheap_per_batch(fitted) -> None:
+    cal, (pred, _, clusters, comps) = fitted
+    cal.apply(pred, clusters, comps)
+    t0 = time.perf_counter()
+    cal.apply(pred, clusters, comps)
+    assert time.perf_counter() - t0 < 1.0  # 1000 rows

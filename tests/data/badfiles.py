@@ -1,0 +1,189 @@
+"""Generators of a bad-input corpus and of good libraries in every supported format.
+
+``write_bad_library(dir)`` writes files that each yield exactly one raw row that must be rejected
+with a known code (default ValidationConfig, files read in sorted order: ``zz_duplicate_id.json``
+re-uses the id of ``no_li.json``). ``write_good_library(dir)`` writes files whose structures all
+pass validation. Importable by any test: ``from tests.data.badfiles import write_bad_library``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pymatgen.core import Lattice, Structure
+from pymatgen.io.cif import CifWriter
+from pymatgen.io.vasp import Poscar
+
+from cathode_ray.data.demo import prototype_cells
+from cathode_ray.data.records import RejectCode
+
+SHARED_ID = "bad-shared-id"
+
+
+def licoo2() -> Structure:
+    """12-atom layered LiCoO2 (hexagonal cell), valid under the default ValidationConfig."""
+    return prototype_cells("layered")[0].copy()
+
+
+def limn2o4() -> Structure:
+    """14-atom primitive spinel LiMn2O4."""
+    s = prototype_cells("spinel")[0].copy()
+    s.replace_species({"Co": "Mn"})
+    return s
+
+
+def lifepo4() -> Structure:
+    """28-atom olivine LiFePO4."""
+    s = prototype_cells("olivine")[0].copy()
+    s.replace_species({"Co": "Fe"})
+    return s
+
+
+def _swap(structure: Structure, old: str, new: str) -> Structure:
+    s = structure.copy()
+    s.replace_species({old: new})
+    return s
+
+
+def _dump(path: Path, obj: object) -> None:
+    path.write_text(json.dumps(obj))
+
+
+def _item(structure: Structure, structure_id: str | None = None, **labels: object) -> dict:
+    item: dict = {"structure": structure.as_dict(), **labels}
+    if structure_id is not None:
+        item["structure_id"] = structure_id
+    return item
+
+
+def write_bad_library(directory: str | Path) -> dict[str, RejectCode]:
+    """Write the bad-input corpus into ``directory``; return ``{file name: expected RejectCode}``."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    base = licoo2()
+    expected: dict[str, RejectCode] = {}
+
+    (d / "malformed.cif").write_text("data_broken\n_cell_length_a 3.0\nthis is not a cif loop\n")
+    expected["malformed.cif"] = RejectCode.UNPARSEABLE
+
+    disordered = base.copy()
+    cobalt = next(i for i, site in enumerate(disordered) if site.specie.symbol == "Co")
+    disordered.replace(cobalt, {"Co": 0.5, "Ni": 0.5})
+    CifWriter(disordered).write_file(d / "partial_occupancy.cif")
+    expected["partial_occupancy.cif"] = RejectCode.PARTIAL_OCCUPANCY
+
+    americium = base.copy()
+    americium.replace(0, "Am")  # Z = 95, beyond what CHGNet / MACE-MP cover
+    _dump(d / "unsupported_element.json", americium.as_dict())
+    expected["unsupported_element.json"] = RejectCode.UNSUPPORTED_ELEMENT
+
+    lonely = Structure(
+        Lattice.cubic(30.0), ["Li", "Co", "O", "O", "O"],
+        [[0, 0, 0], [1.9, 0, 0], [3.8, 0, 0], [1.9, 1.9, 0], [15.0, 15.0, 15.0]],
+        coords_are_cartesian=True,
+    )
+    _dump(d / "isolated_atom.json", lonely.as_dict())
+    expected["isolated_atom.json"] = RejectCode.ISOLATED_ATOM
+
+    flat = base.as_dict()
+    flat["lattice"]["matrix"] = [[2.8, 0.0, 0.0], [0.0, 2.8, 0.0], [2.8, 2.8, 0.0]]  # coplanar
+    _dump(d / "zero_volume.json", flat)
+    expected["zero_volume.json"] = RejectCode.DEGENERATE_LATTICE
+
+    # pymatgen's POSCAR writer makes lattices right-handed, so flip c in the text itself
+    lines = Poscar(base).get_str().splitlines()
+    lines[4] = " ".join(f"{-x:.10f}" for x in base.lattice.matrix[2])
+    (d / "negative_volume.vasp").write_text("\n".join(lines) + "\n")
+    expected["negative_volume.vasp"] = RejectCode.DEGENERATE_LATTICE
+
+    nan = base.as_dict()
+    nan["sites"][3]["abc"] = [math.nan, 0.1, 0.2]
+    nan["sites"][3].pop("xyz", None)
+    (d / "nan_coordinates.json").write_text(json.dumps(nan))  # Python json writes NaN
+    expected["nan_coordinates.json"] = RejectCode.NON_FINITE_COORDINATES
+
+    big = base.make_supercell((7, 7, 1), in_place=False)  # 588 sites > MAX_ATOMS = 500
+    _dump(d / "too_many_atoms.json", big.as_dict())
+    expected["too_many_atoms.json"] = RejectCode.TOO_MANY_ATOMS
+
+    crowded = base.copy()
+    crowded.append("O", crowded[-1].coords + [0.2, 0.0, 0.0], coords_are_cartesian=True)
+    CifWriter(crowded).write_file(d / "overlapping_atoms.cif")
+    expected["overlapping_atoms.cif"] = RejectCode.OVERLAPPING_ATOMS
+
+    (d / "empty.cif").write_text("")
+    expected["empty.cif"] = RejectCode.EMPTY_SOURCE
+
+    _dump(d / "no_li.json", _item(_swap(base, "Li", "Na"), SHARED_ID))
+    expected["no_li.json"] = RejectCode.OUT_OF_SCOPE
+    _dump(d / "no_o.json", _swap(base, "O", "S").as_dict())
+    expected["no_o.json"] = RejectCode.OUT_OF_SCOPE
+    _dump(d / "no_tm.json", _swap(base, "Co", "Al").as_dict())
+    expected["no_tm.json"] = RejectCode.OUT_OF_SCOPE
+
+    (d / "corrupt.parquet").write_bytes(b"PAR1" + bytes(range(256)) * 4 + b"PAR1")
+    expected["corrupt.parquet"] = RejectCode.UNREADABLE_FILE
+
+    whole = gzip.compress(str(CifWriter(base)).encode("utf-8"))
+    (d / "truncated.cif.gz").write_bytes(whole[: len(whole) // 2])
+    expected["truncated.cif.gz"] = RejectCode.UNREADABLE_FILE
+
+    two_blocks = str(CifWriter(base)) + "\n" + str(CifWriter(limn2o4())).replace(
+        "data_", "data_second_", 1
+    )
+    (d / "multiple_blocks.cif").write_text(two_blocks)
+    expected["multiple_blocks.cif"] = RejectCode.MULTIPLE_STRUCTURES
+
+    _dump(d / "zz_duplicate_id.json", _item(base, SHARED_ID))
+    expected["zz_duplicate_id.json"] = RejectCode.DUPLICATE_ID
+    return expected
+
+
+def write_good_library(directory: str | Path) -> dict[str, int]:
+    """Write valid structures in every supported format; return ``{relative path: n structures}``."""
+    from ase.io import write as ase_write
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    d = Path(directory)
+    (d / "mp-good").mkdir(parents=True, exist_ok=True)
+    a, b, c = licoo2(), limn2o4(), lifepo4()
+    counts: dict[str, int] = {}
+
+    CifWriter(a).write_file(d / "LiCoO2.cif")
+    counts["LiCoO2.cif"] = 1
+    (d / "LiFePO4.cif.gz").write_bytes(gzip.compress(str(CifWriter(c)).encode("utf-8")))
+    counts["LiFePO4.cif.gz"] = 1
+    (d / "LiMn2O4.vasp").write_text(Poscar(b).get_str())
+    counts["LiMn2O4.vasp"] = 1
+    (d / "mp-good" / "POSCAR").write_text(Poscar(c).get_str())
+    counts["mp-good/POSCAR"] = 1
+    ase_write(d / "frames.extxyz", [AseAtomsAdaptor.get_atoms(s) for s in (a, b)], format="extxyz")
+    counts["frames.extxyz"] = 2
+    _dump(d / "single.json", c.as_dict())
+    counts["single.json"] = 1
+    _dump(d / "list.json", [_item(a, "list-a", energy_above_hull=0.0),
+                            _item(b, "list-b", energy_above_hull=0.012)])
+    counts["list.json"] = 2
+    docs = [
+        {"material_id": f"mp-doc-{i}", "formula_pretty": s.composition.reduced_formula,
+         "energy_above_hull": 0.01 * i, "structure": s.as_dict()}
+        for i, s in enumerate((a, b, c))
+    ]
+    (d / "docs.jsonl.gz").write_bytes(gzip.compress("\n".join(map(json.dumps, docs)).encode()))
+    counts["docs.jsonl.gz"] = 3
+    pq.write_table(
+        pa.table({"structure_id": ["cif-a", "cif-c"], "cif": [str(CifWriter(a)), str(CifWriter(c))],
+                  "energy_above_hull": [0.0, 0.05]}),
+        d / "cif_column.parquet",
+    )
+    counts["cif_column.parquet"] = 2
+    pq.write_table(pa.table({"structure_json": [s.to_json() for s in (a, b, c)]}),
+                   d / "json_column.parquet")
+    counts["json_column.parquet"] = 3
+    (d / "README.txt").write_text("not a structure file; library listing skips it\n")
+    return counts

@@ -1,0 +1,214 @@
+"""Library listing, readers and parsing (cathode_ray/data/library.py)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import socket
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pymatgen.core import Structure
+
+from cathode_ray.data import library
+from cathode_ray.data.library import (
+    filesystem_for,
+    iter_library,
+    list_library_files,
+    make_structure_id,
+    parse_raw,
+    read_library_file,
+    split_extxyz,
+)
+from cathode_ray.data.records import Reject, RejectCode
+from tests.data.badfiles import licoo2, write_bad_library, write_good_library
+
+
+@pytest.fixture(scope="module")
+def good_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, int]]:
+    d = tmp_path_factory.mktemp("good")
+    return d, write_good_library(d)
+
+
+@pytest.fixture(scope="module")
+def bad_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, RejectCode]]:
+    d = tmp_path_factory.mktemp("bad")
+    return d, write_bad_library(d)
+
+
+def test_list_directory_is_recursive_sorted_and_skips_unsupported(good_dir) -> None:
+    d, counts = good_dir
+    files = list_library_files(str(d))
+    assert files == sorted(files)
+    assert sorted(Path(f).relative_to(d).as_posix() for f in files) == sorted(counts)
+    assert not any(f.endswith("README.txt") for f in files)
+
+
+def test_list_glob_and_single_file(good_dir) -> None:
+    d, _ = good_dir
+    assert [Path(f).name for f in list_library_files(str(d / "*.parquet"))] == [
+        "cif_column.parquet", "json_column.parquet"]
+    assert list_library_files(str(d / "LiCoO2.cif")) == [str(d / "LiCoO2.cif")]
+
+
+def test_list_missing_or_empty_raises(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        list_library_files(str(tmp_path / "nope"))
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(FileNotFoundError, match="no structure files"):
+        list_library_files(str(tmp_path))
+
+
+def test_every_good_format_reads_and_parses(good_dir) -> None:
+    d, counts = good_dir
+    for rel, n in counts.items():
+        rows = list(read_library_file(str(d / rel)))
+        assert len(rows) == n, rel
+        for row in rows:
+            assert row["fmt"] in ("cif", "poscar", "extxyz", "pymatgen_json"), row
+            assert isinstance(parse_raw(row), Structure), (rel, parse_raw(row))
+
+
+def test_ids_given_fallback_and_stable(good_dir) -> None:
+    d, _ = good_dir
+    first = [r["structure_id"] for r in iter_library(str(d))]
+    assert first == [r["structure_id"] for r in iter_library(str(d))]
+    assert len(set(first)) == len(first)
+    assert {"mp-doc-0", "list-a", "cif-a", "frames.extxyz#1", "mp-good/POSCAR#0",
+            "json_column.parquet#2"} <= set(first)
+
+
+def test_make_structure_id_content_hash() -> None:
+    sid = make_structure_id(None, "", 3, "payload")
+    assert sid.startswith("sha1-") and sid == make_structure_id("  ", "", 0, "payload")
+    assert make_structure_id("mp-1", "f.cif", 0) == "mp-1"
+
+
+def test_labels_ride_along(good_dir) -> None:
+    d, _ = good_dir
+    rows = {r["structure_id"]: r for r in iter_library(str(d))}
+    assert rows["list-b"]["energy_above_hull"] == pytest.approx(0.012)
+    assert rows["cif-c"]["energy_above_hull"] == pytest.approx(0.05)
+    assert "formula_pretty" not in rows["mp-doc-1"]  # only PASSTHROUGH_FIELDS ride along
+
+
+def test_bad_files_each_yield_one_row_never_raise(bad_dir) -> None:
+    d, expected = bad_dir
+    for name in expected:
+        rows = list(read_library_file(str(d / name)))
+        assert len(rows) == 1, name
+
+
+@pytest.mark.parametrize(
+    ("name", "code"),
+    [("corrupt.parquet", RejectCode.UNREADABLE_FILE), ("truncated.cif.gz", RejectCode.UNREADABLE_FILE),
+     ("empty.cif", RejectCode.EMPTY_SOURCE), ("multiple_blocks.cif", RejectCode.MULTIPLE_STRUCTURES)],
+)
+def test_file_level_errors_become_error_rows(bad_dir, name: str, code: RejectCode) -> None:
+    d, _ = bad_dir
+    (row,) = read_library_file(str(d / name))
+    assert row["fmt"] == "error" and row["error"] == code
+    reject = parse_raw(row)
+    assert isinstance(reject, Reject) and reject.reason == code and name in reject.message
+
+
+def test_truncated_jsonl_gz_keeps_rows_before_the_cut(tmp_path: Path) -> None:
+    lines = [json.dumps({"material_id": f"m-{i}", "structure": licoo2().as_dict()}) for i in range(40)]
+    blob = gzip.compress("\n".join(lines).encode())
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(blob[: int(len(blob) * 0.8)])
+    rows = list(read_library_file(str(path)))
+    assert rows[-1]["error"] == RejectCode.UNREADABLE_FILE
+    good = rows[:-1]
+    assert 0 < len(good) < 40 and all(r["fmt"] == "pymatgen_json" for r in good)
+    assert rows[-1]["structure_id"] == f"cut.jsonl.gz#{len(good)}"
+
+
+def test_bad_jsonl_line_and_item_without_structure(tmp_path: Path) -> None:
+    path = tmp_path / "mixed.jsonl"
+    path.write_text('{"structure_id": "a", "structure": %s}\n{not json\n{"structure_id": "c"}\n'
+                    % json.dumps(licoo2().as_dict()))
+    rows = list(read_library_file(str(path)))
+    assert [r["fmt"] for r in rows] == ["pymatgen_json", "error", "error"]
+    assert [r["structure_id"] for r in rows] == ["a", "mixed.jsonl#1", "c"]
+    assert {r["error"] for r in rows[1:]} == {RejectCode.UNPARSEABLE}
+
+
+def test_json_empty_list_is_empty_source(tmp_path: Path) -> None:
+    (tmp_path / "none.json").write_text("[]")
+    (row,) = read_library_file(str(tmp_path / "none.json"))
+    assert row["error"] == RejectCode.EMPTY_SOURCE
+
+
+def test_parquet_read_in_batches_and_missing_column(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(library, "_PARQUET_BATCH_ROWS", 7)
+    sjson = licoo2().to_json()
+    pq.write_table(pa.table({"structure_json": [sjson] * 20, "structure_id": [f"p{i}" for i in range(20)]}),
+                   tmp_path / "many.parquet", row_group_size=5)
+    rows = list(read_library_file(str(tmp_path / "many.parquet")))
+    assert [r["structure_id"] for r in rows] == [f"p{i}" for i in range(20)]
+    pq.write_table(pa.table({"text": ["x"]}), tmp_path / "nocol.parquet")
+    (row,) = read_library_file(str(tmp_path / "nocol.parquet"))
+    assert row["error"] == RejectCode.UNREADABLE_FILE and "structure_json" in row["payload"]
+
+
+def test_split_extxyz_frames_and_garbage() -> None:
+    text = "2\nLattice=\"3 0 0 0 3 0 0 0 3\"\nLi 0 0 0\nO 1 1 1\n1\nc\nO 0 0 0\n"
+    assert len(split_extxyz(text)) == 2
+    assert split_extxyz("abc\ndef\n") == ["abc\ndef\n"]
+
+
+def test_parse_raw_rejects_garbage_and_non_periodic_xyz() -> None:
+    bad = {"structure_id": "x", "source": "s", "fmt": "poscar", "payload": "hello", "error": ""}
+    assert parse_raw(bad).reason == RejectCode.UNPARSEABLE
+    xyz = {"structure_id": "y", "source": "s", "fmt": "extxyz", "error": "",
+           "payload": "2\nmolecule\nLi 0 0 0\nO 1.6 0 0\n"}
+    assert parse_raw(xyz).reason == RejectCode.DEGENERATE_LATTICE
+    odd = {"structure_id": "z", "source": "s", "fmt": "pickle", "payload": "", "error": ""}
+    assert parse_raw(odd).reason == RejectCode.UNPARSEABLE
+
+
+def test_filesystem_for_local_and_s3(monkeypatch) -> None:
+    fs, path = filesystem_for("relative/dir")
+    assert path.endswith("relative/dir") and Path(path).is_absolute()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    fs, path = filesystem_for("s3://bucket/some/prefix/")
+    assert path == "bucket/some/prefix" and fs.type_name == "s3"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_s3_library_via_moto(good_dir, monkeypatch) -> None:
+    boto3 = pytest.importorskip("boto3")
+    from moto.server import ThreadedMotoServer
+
+    d, counts = good_dir
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                           "AWS_DEFAULT_REGION": "us-east-1",
+                           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
+            monkeypatch.setenv(key, value)
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="lib")
+        for rel in counts:
+            s3.upload_file(str(d / rel), "lib", f"screen/{rel}")
+        files = list_library_files("s3://lib/screen")
+        assert files == sorted(f"s3://lib/screen/{rel}" for rel in counts)
+        assert list_library_files("s3://lib/screen/*.json") == [
+            "s3://lib/screen/list.json", "s3://lib/screen/single.json"]
+        rows = list(iter_library("s3://lib/screen"))
+        assert len(rows) == sum(counts.values())
+        assert all(isinstance(parse_raw(r), Structure) for r in rows)
+    finally:
+        server.stop()

@@ -1,0 +1,147 @@
+"""MaceBackbone on random-weight tiny MACE models (``mace:PATH``) and the offline foundation path."""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from conformance import check_backbone, small_cathode_structures
+from pymatgen.core import Lattice, Structure
+
+from cathode_ray.model.backbones import load_backbone
+from cathode_ray.model.backbones.base import sha256_file
+from cathode_ray.model.backbones.mace import (
+    BackboneUnavailableError,
+    MaceBackbone,
+    WeightsMismatchError,
+    foundation_key,
+)
+from cathode_ray.testing.tiny_mace import build_tiny_mace
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_mace(tmp_path_factory.mktemp("mace") / "tiny.model", r_max=4.0, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_path: Path) -> MaceBackbone:
+    return MaceBackbone.from_spec(f"mace:{tiny_path}")
+
+
+def test_conformance_scale_shift_mace(tiny: MaceBackbone) -> None:
+    errs = check_backbone(tiny, small_cathode_structures())
+    assert errs["energy_err"] < 1e-4
+
+
+def test_conformance_plain_mace_three_layers(tmp_path: Path) -> None:
+    """Plain MACE (no scale/shift) with two frozen readouts in the trunk."""
+    path = build_tiny_mace(tmp_path / "plain.model", num_interactions=3, scale_shift=False, seed=1)
+    check_backbone(MaceBackbone.from_spec(f"mace:{path}"), small_cathode_structures()[:3])
+
+
+def test_identity_and_features(tiny: MaceBackbone, tiny_path: Path) -> None:
+    assert tiny.name == f"mace:{tiny_path}"
+    assert tiny.weights_sha256 == sha256_file(tiny_path)
+    assert tiny.cutoff == pytest.approx(4.0)
+    assert tiny.embedding_dim == 16  # 16x0e scalars of the last layer
+    assert tiny.energy_is_mp2020_corrected is False
+    feats = tiny.trunk([tiny.build_graph(small_cathode_structures()[0])])[0]
+    assert set(feats) == {"node_feats", "species", "edge_index", "edge_vectors", "head", "e_frozen"}
+    assert feats["node_feats"].shape == (4, 64)  # 16x0e + 16x1o
+    assert feats["e_frozen"].dtype == torch.float64
+    lengths = feats["edge_vectors"].norm(dim=-1)
+    assert float(lengths.max()) <= 4.0 and float(lengths.min()) > 1.0  # Angstrom
+
+
+def test_load_backbone_dispatches_local_file(tiny_path: Path) -> None:
+    bb = load_backbone(f"mace:{tiny_path}")
+    assert isinstance(bb, MaceBackbone)
+
+
+def test_sha256_checked_before_unpickling(tiny_path: Path) -> None:
+    with pytest.raises(WeightsMismatchError):
+        MaceBackbone.from_spec(f"mace:{tiny_path}", expected_sha256="0" * 64)
+    bb = MaceBackbone.from_spec(f"mace:{tiny_path}", expected_sha256=sha256_file(tiny_path))
+    assert bb.weights_sha256 == sha256_file(tiny_path)
+
+
+def test_rejects_non_mace_module_and_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "linear.model"
+    torch.save(torch.nn.Linear(2, 2), path)
+    with pytest.raises(TypeError, match="ScaleShiftMACE"):
+        MaceBackbone.from_spec(f"mace:{path}")
+    with pytest.raises(FileNotFoundError):
+        MaceBackbone.from_spec(f"mace:{tmp_path / 'nope.model'}")
+
+
+def test_uncovered_element_is_a_clear_error(tmp_path: Path) -> None:
+    path = build_tiny_mace(tmp_path / "lio.model", atomic_numbers=(3, 8))
+    bb = MaceBackbone.from_spec(f"mace:{path}")
+    with pytest.raises(ValueError, match="Co"):
+        bb.build_graph(small_cathode_structures()[0])
+
+
+def test_foundation_names() -> None:
+    assert foundation_key("mace-mp-0-medium") == "medium"
+    assert foundation_key("mace-mpa-0-medium") == "medium-mpa-0"
+    assert foundation_key("mace-mp:large") == "large"
+    with pytest.raises(ValueError, match="mace:PATH"):
+        foundation_key("mace-mp-9-huge")
+
+
+def _assert_unavailable_message(exc: BackboneUnavailableError) -> None:
+    msg = str(exc)
+    assert "--backbone chgnet" in msg and "--backbone mace:PATH" in msg
+    assert "mace-mp-0-medium" in msg
+
+
+def test_download_failure_is_backbone_unavailable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Hermetic: urllib fails as it does offline; nothing is written to the real cache."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    with pytest.raises(BackboneUnavailableError) as info:
+        load_backbone("mace-mp-0-medium")
+    _assert_unavailable_message(info.value)
+    assert not list((tmp_path / "mace").glob("*.model"))
+
+
+def _online(host: str = "github.com", timeout: float = 2.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def test_real_download_fails_fast_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Real mace download code with no network: fails within seconds (skipped when online)."""
+    if _online():
+        pytest.skip("network reachable: would download MACE-MP-0")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(10.0)
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(BackboneUnavailableError) as info:
+            MaceBackbone.from_spec("mace-mp-0-medium")
+        assert time.perf_counter() - t0 < 30.0
+    finally:
+        socket.setdefaulttimeout(old)
+    _assert_unavailable_message(info.value)
+
+
+def test_structure_roundtrip_energy_is_extensive_consistent(tiny: MaceBackbone) -> None:
+    """A 2x supercell has the same energy per atom as its unit cell (eV/atom)."""
+    s = Structure(Lattice.cubic(4.61), ["Li", "Li", "O"], [[0.25, 0.25, 0.25], [0.75, 0.75, 0.75], [0, 0, 0]])
+    e = tiny.reference_energy([s, s * (2, 1, 1)])
+    assert float((e[0] - e[1]).abs()) < 1e-5

@@ -1,0 +1,86 @@
+import json
+import math
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from cathode_ray.report.governance import (
+    COVERAGE_LEVELS,
+    SplitData,
+    report_from_predictions,
+    write_report,
+)
+
+CHECK_NAMES = ["spearman_val", "spearman_test", "coverage_test", "false_kill_rate_test",
+               "keep_precision_test", "makes_decisions_test"]
+
+
+@pytest.fixture(scope="module")
+def report(fitted_report_inputs) -> dict:
+    splits, cal = fitted_report_inputs
+    rng = np.random.default_rng(0)
+    base = {s: d.y + 0.1 * rng.standard_normal(len(d.y)) for s, d in splits.items()}
+    return report_from_predictions(splits, cal, baselines={"noisy_oracle": base})
+
+
+def test_six_checks_with_values_and_pass(report) -> None:
+    assert [c["name"] for c in report["checks"]] == CHECK_NAMES
+    for c in report["checks"]:
+        assert {"value", "threshold", "pass"} <= set(c)
+    by_name = {c["name"]: c for c in report["checks"]}
+    assert by_name["coverage_test"]["threshold"] == 0.90
+    assert by_name["false_kill_rate_test"]["threshold"] == 0.02
+    # a well-specified synthetic model passes everything
+    assert report["passed"], [c for c in report["checks"] if not c["pass"]]
+
+
+def test_sections_present(report) -> None:
+    assert set(report["metrics"]) == {"val", "test", "loco"}
+    assert set(report["conformal_comparison"]) == {"test", "loco"}
+    for per in report["conformal_comparison"].values():
+        assert set(per) == {"symmetric", "asymmetric"}
+    assert report["coverage_curve"]["levels"] == list(COVERAGE_LEVELS)
+    curve = np.array(report["coverage_curve"]["test"])
+    assert np.all(np.diff(curve) >= -0.02) and abs(curve[-1] - 0.95) < 0.03
+    zs = report["baselines"]["zero_shot_backbone"]["test"]
+    assert 1000 < zs["n"] < 1500  # NaN zero-shot rows dropped
+    assert set(report["baselines"]) == {"ensemble_q50", "zero_shot_backbone", "noisy_oracle"}
+    assert "kill_lo" in report["triage"]["reasoning"]
+    assert sum(report["decision_counts"]["test"].values()) == 1500
+
+
+def test_bad_model_fails_spearman(split_factory, fitted_report_inputs) -> None:
+    splits, cal = fitted_report_inputs
+    bad = split_factory(600, 40)
+    shuffled = SplitData(y=np.random.default_rng(1).permutation(bad.y), pred=bad.pred,
+                         clusters=bad.clusters, compositions=bad.compositions)
+    rep = report_from_predictions({"val": splits["val"], "test": shuffled}, cal)
+    by_name = {c["name"]: c for c in rep["checks"]}
+    assert not by_name["spearman_test"]["pass"] and not rep["passed"]
+    assert by_name["spearman_val"]["pass"]
+
+
+def test_write_report_files(report, tmp_path) -> None:
+    paths = write_report(report, tmp_path)
+    names = {p.name for p in paths}
+    assert {"governance.json", "report.md", "parity_test.png", "coverage_vs_nominal.png",
+            "coverage_per_cluster.png", "decision_counts.png"} <= names
+    data = json.loads((tmp_path / "governance.json").read_text())
+    assert len(data["checks"]) == 6 and "plot_data" not in data
+    assert data["checks"][0]["value"] == pytest.approx(report["checks"][0]["value"])
+    for p in paths:
+        if p.suffix == ".png":
+            img = imread(p)
+            assert img.ndim == 3 and img.shape[0] > 100
+    md = (tmp_path / "report.md").read_text()
+    assert "## Seed-card checks" in md and "symmetric" in md and "zero_shot_backbone" in md
+
+
+def test_missing_test_split_fails_checks_not_crash(fitted_report_inputs) -> None:
+    splits, cal = fitted_report_inputs
+    rep = report_from_predictions({"val": splits["val"]}, cal)
+    by_name = {c["name"]: c for c in rep["checks"]}
+    assert math.isnan(by_name["coverage_test"]["value"]) and not rep["passed"]
+    with pytest.raises(ValueError):
+        report_from_predictions({"test": splits["test"]}, cal)
