@@ -8,6 +8,7 @@ Persisted as conformal_params.json, triage.json, ood_params.json and ood_train.n
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +137,20 @@ class Calibrator:
         p_conf.write_text(json.dumps(conf, indent=2, sort_keys=True))
         p_tri.write_text(json.dumps(tri, indent=2, sort_keys=True))
         return [p_conf, p_tri, *self.ood.save(model_dir)]
+
+    @classmethod
+    def from_files(cls, files: Mapping[str, bytes], *, where: str = "model") -> Calibrator:
+        """Calibrator from already hash-verified model files (name -> bytes), e.g.
+        ``Ensemble.files``; works for local and s3:// model directories alike."""
+        if CONFORMAL_FILE not in files:
+            raise FileNotFoundError(
+                f"{where} is not calibrated (no {CONFORMAL_FILE}); run `cathode-ray train` to the end"
+            )
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, data in files.items():
+                if name.endswith((".json", ".npz")):
+                    Path(tmp, name).write_bytes(data)
+            return cls.load(tmp)
 
     @classmethod
     def load(cls, model_dir: str | Path) -> Calibrator:

@@ -87,7 +87,8 @@ class IngestConfig:
         loco_cluster: held-out cluster; None = nearest 10% of rows, -1 = no LOCO split.
         fractions: train/val/test row fractions of the non-LOCO rows.
         soap: SOAP/KMeans settings (r_cut in Angstrom).
-        validation: structure checks; ``require_label`` is forced on (training data).
+        validation: structure checks; ``require_label`` is forced on and ``reject_isolated`` off
+            (training data of real, labelled MP materials).
         mp_endpoint: MP API base URL (None: MP_API_ENDPOINT or the public API).
         verbose: print split sizes and E_hull quantiles.
     """
@@ -370,4 +371,6 @@ def run(config: IngestConfig) -> IngestResult:
 
 
 def _with_label_required(config: ValidationConfig) -> ValidationConfig:
-    return config if config.require_label else replace(config, require_label=True)
+    """Training-data checks: labels required; isolated atoms kept (real MP entries such as the
+    slab-like mp-1213623 are DFT-relaxed, labelled and handled by the backbone)."""
+    return replace(config, require_label=True, reject_isolated=False)

@@ -15,8 +15,9 @@ one axis). Draws are de-duplicated with :func:`cathode_ray.data.generate.structu
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -71,7 +72,7 @@ PROTOTYPES: tuple[Prototype, ...] = (
 )
 
 
-@lru_cache(maxsize=None)
+@cache
 def prototype_cells(name: str) -> tuple[Structure, ...]:
     """The cells of one prototype (base cell, then the supercell/conventional cell if any)."""
     proto = next(p for p in PROTOTYPES if p.name == name)
@@ -113,6 +114,12 @@ def _draw(rng: np.random.Generator, proto: Prototype) -> tuple[Structure, str]:
     return structure, proto.name
 
 
+def id_formula(structure: Structure) -> str:
+    """Reduced formula without pymatgen's polyanion brackets, e.g. ``LiCo2O4`` (not Li(CoO2)2)."""
+    tokens = structure.composition.reduced_composition.formula.split()  # e.g. ["Li1", "Co2", "O4"]
+    return "".join(re.sub(r"^([A-Z][a-z]?)1$", r"\1", tok) for tok in tokens)
+
+
 def demo_library(n: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
     """``n`` distinct valid-shaped demo rows (structure_id, source, formula, chemsys, nsites,
     structure_json), the same for the same ``(n, seed)``; at most 56 atoms per structure."""
@@ -134,7 +141,7 @@ def demo_library(n: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
         seen.add(key)
         formula = structure.composition.reduced_formula
         rows.append({
-            "structure_id": f"demo-{name}-{formula}-{len(rows):04d}",
+            "structure_id": f"demo-{name}-{id_formula(structure)}-{len(rows):04d}",
             "source": "demo",
             "formula": formula,
             "chemsys": structure.composition.chemical_system,

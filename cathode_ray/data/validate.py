@@ -34,6 +34,9 @@ class ValidationConfig:
         max_atoms: most sites per cell.
         min_distance: smallest allowed interatomic distance, Angstrom.
         cutoff: an atom with no neighbour within this radius (Angstrom) is ``isolated_atom``.
+        reject_isolated: reject structures with an isolated atom (True for screening; ingest of
+            labelled MP materials turns it off: those are real DFT-relaxed entries, and the
+            backbone gives an isolated atom no edges).
         require_label: reject rows whose ``energy_above_hull`` (eV/atom) is missing or NaN.
         require_li / require_o / require_tm: chemistry scope (Li, O, one of ``transition_metals``).
         transition_metals: element symbols counted as transition metals for the scope check.
@@ -44,11 +47,12 @@ class ValidationConfig:
     min_distance: float = seedcard.MIN_DISTANCE
     cutoff: float = 6.0
     require_label: bool = False
+    reject_isolated: bool = True
     require_li: bool = True
     require_o: bool = True
     require_tm: bool = True
     transition_metals: tuple[str, ...] = seedcard.TRANSITION_METALS
-    supported_elements: frozenset[str] = field(default=DEFAULT_SUPPORTED_ELEMENTS)
+    supported_elements: frozenset[str] = field(default=DEFAULT_SUPPORTED_ELEMENTS, repr=False)
 
     def __post_init__(self) -> None:
         if self.max_atoms < 1:
@@ -178,7 +182,7 @@ def _check_geometry(structure: Structure, config: ValidationConfig) -> Problem:
                 f"{distances[k]:.3f} A apart (< min_distance {config.min_distance} A); remove "
                 "duplicate sites or fix the positions")
     lonely = np.setdiff1d(np.arange(len(structure)), centers)
-    if lonely.size:
+    if lonely.size and config.reject_isolated:
         i = int(lonely[0])
         return (RejectCode.ISOLATED_ATOM,
                 f"site {i} ({structure[i].specie}) has no neighbour within {config.cutoff} A "

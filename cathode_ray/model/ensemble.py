@@ -7,12 +7,15 @@ the members. ``predict_feats`` runs all members on one collated trunk batch (sha
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+
+from cathode_ray.data.splits import SoapClusterer
 
 from .artifact import ArtifactIntegrityError, ModelDir
 from .backbones import Backbone, TrunkFeatures, load_backbone
@@ -60,6 +63,11 @@ class Ensemble:
             raise ArtifactIntegrityError(f"{uri}: manifest lists no members")
         return cls(backbone=bb, members=members, normalizer=normalizer, manifest=manifest, uri=uri,
                    files=files)
+
+    def soap_clusterer(self) -> SoapClusterer | None:
+        """The dataset's SOAP cluster model, to assign clusters to new structures."""
+        data = self.files.get("soap_clusterer.json")
+        return None if data is None else SoapClusterer.from_dict(json.loads(data))
 
     @torch.inference_mode()
     def predict_feats(self, feats: Sequence[TrunkFeatures], thermo: ThermoInputs, *,

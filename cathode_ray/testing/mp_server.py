@@ -281,7 +281,10 @@ class MPServer:
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self._state))
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name="mp-server", daemon=True
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="mp-server",
+            daemon=True,
         )
         self._thread.start()
         return self.url

@@ -5,8 +5,8 @@ MACE ships a trained model as the whole pickled ``torch.nn.Module`` (``torch.sav
 ``mace:PATH`` backbone path without downloading MACE-MP-0. The weights are random: energies
 are plausible in size (a few eV/atom from the atomic reference energies E0) but meaningless.
 
-With ``hidden_irreps="128x0e+128x1o", max_ell=3, correlation=3, r_max=6.0`` it has the shape
-of MACE-MP-0 "medium" (used for timings).
+With ``hidden_irreps="128x0e+128x1o", max_ell=3, correlation=3, r_max=6.0,
+radial_mlp=(64, 64, 64)`` it has the shape of MACE-MP-0 "medium" (used for timings).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ def _model_kwargs(
     correlation: int,
     num_interactions: int,
     atomic_numbers: tuple[int, ...],
+    radial_mlp: tuple[int, ...],
 ) -> dict[str, object]:
     """Constructor arguments of :class:`mace.modules.ScaleShiftMACE` (MACE-MP-0 conventions)."""
     from e3nn import o3
@@ -69,7 +70,7 @@ def _model_kwargs(
         "atomic_numbers": list(atomic_numbers),
         "correlation": correlation,
         "gate": torch.nn.functional.silu,
-        "radial_MLP": [32, 32, 32],
+        "radial_MLP": list(radial_mlp),
         "atomic_inter_scale": 0.5,  # eV
         "atomic_inter_shift": -0.1,  # eV
     }
@@ -86,6 +87,7 @@ def build_tiny_mace(
     num_interactions: int = 2,
     atomic_numbers: tuple[int, ...] = DEFAULT_ATOMIC_NUMBERS,
     scale_shift: bool = True,
+    radial_mlp: tuple[int, ...] = (32, 32, 32),
 ) -> Path:
     """Build a random-weight ScaleShiftMACE (or MACE) and ``torch.save`` it (whole module) to ``path``.
 
@@ -98,6 +100,7 @@ def build_tiny_mace(
         correlation: body order of the product basis.
         num_interactions: message-passing layers (>= 2 so the trunk is not empty).
         atomic_numbers: elements the model covers (one-hot order).
+        radial_mlp: hidden widths of the radial MLP (MACE-MP-0: ``(64, 64, 64)``).
         scale_shift: build a ``ScaleShiftMACE`` (like MACE-MP-0) or a plain ``MACE``.
 
     Returns:
@@ -111,6 +114,7 @@ def build_tiny_mace(
     kwargs = _model_kwargs(
         r_max=r_max, hidden_irreps=hidden_irreps, max_ell=max_ell, correlation=correlation,
         num_interactions=num_interactions, atomic_numbers=tuple(atomic_numbers),
+        radial_mlp=tuple(radial_mlp),
     )
     with torch_tools.default_dtype(torch.float64):
         torch.manual_seed(seed)

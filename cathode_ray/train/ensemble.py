@@ -97,6 +97,9 @@ class PreparedData:
     def part(self, name: str) -> MemberData:
         return subset(self.data, np.flatnonzero(self.split == name))
 
+    def part_rows(self, idx: np.ndarray) -> MemberData:
+        return subset(self.data, idx)
+
     def mask(self, name: str) -> np.ndarray:
         return self.split == name
 

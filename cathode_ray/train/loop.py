@@ -182,7 +182,7 @@ def _train_epoch(member: Member, backbone: Backbone, data: MemberData, opt: torc
         out = member(b, th.to(config.device))
         loss = member_loss(out, member.normalizer.encode(y), y, config.bce_weight)
         (loss / config.grad_accum).backward()
-        total += float(loss)
+        total += float(loss.detach())
         steps += 1
         if (k + 1) % config.grad_accum == 0 or start + config.micro_batch >= len(order):
             opt.step()

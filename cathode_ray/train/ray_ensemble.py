@@ -116,7 +116,8 @@ class MemberRun:
 
     ``fit.member_state`` is the best trainable state dict (last block + head, CPU tensors);
     ``started_at``/``ended_at`` are wall-clock seconds (``time.time()``) of the member's training
-    (first attempt start to end, measured where it trained); ``restarts`` counts worker restarts;
+    (first attempt start to end, measured where it trained); ``restarts`` counts worker restarts
+    and ``resumed_after_epochs`` the epoch whose checkpoint each resumed attempt continued from;
     ``checkpoint_path`` is the final checkpoint's location when the storage outlives the call
     (``None`` for the temporary default storage and for the local runner).
     """
@@ -127,6 +128,7 @@ class MemberRun:
     started_at: float
     ended_at: float
     restarts: int
+    resumed_after_epochs: tuple[int, ...] = ()
     checkpoint_path: str | None = None
 
     def __post_init__(self) -> None:
@@ -155,8 +157,9 @@ class InjectedCrash(RuntimeError):
 
 
 # --------------------------------------------------------------------------- checkpoints
-def _fit_payload(fit: FitResult, *, started_at: float, ended_at: float) -> dict[str, Any]:
-    return {
+def _fit_payload(fit: FitResult, *, started_at: float, ended_at: float,
+                 resumed_after: list[int]) -> dict[str, Any]:
+    return {"resumed_after": resumed_after,
         "kind": "final", "member_state": fit.member_state, "best_epoch": fit.best_epoch,
         "epochs_run": fit.epochs_run, "val_mae": fit.val_mae, "val_spearman": fit.val_spearman,
         "history": fit.history, "started_at": started_at, "ended_at": ended_at,
@@ -218,7 +221,7 @@ def _member_worker(loop_config: dict[str, Any]) -> None:
     train_data: MemberData = ray.get(loop_config["train_ref"])
     val_data: MemberData = ray.get(loop_config["val_ref"])
 
-    started_at, resume = time.time(), None
+    started_at, resume, resumed_after = time.time(), None, []
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -226,6 +229,7 @@ def _member_worker(loop_config: dict[str, Any]) -> None:
         if payload["kind"] == "final":  # died after its last report: the result is already saved
             return
         started_at, resume = float(payload["started_at"]), payload["state"]
+        resumed_after = [*payload["resumed_after"], int(resume["epoch"])]
 
     if spec.use_gpu:
         import ray.train.torch
@@ -242,7 +246,8 @@ def _member_worker(loop_config: dict[str, Any]) -> None:
                    "train_loss": report.train_loss, "val_mae": report.val_mae,
                    "val_spearman": report.val_spearman, "seconds": report.seconds}
         with tempfile.TemporaryDirectory(prefix="cathode_ray_ckpt_") as d:
-            torch.save({"kind": "epoch", "state": report.state, "started_at": started_at},
+            torch.save({"kind": "epoch", "state": report.state, "started_at": started_at,
+                        "resumed_after": resumed_after},
                        os.path.join(d, CHECKPOINT_FILE))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                              checkpoint_dir_name=f"epoch_{report.epoch:04d}")
@@ -257,7 +262,8 @@ def _member_worker(loop_config: dict[str, Any]) -> None:
     fit = fit_member(backbone, train_data, val_data, config, normalizer=spec.normalizer,
                      resume=resume, on_epoch=on_epoch)
     with tempfile.TemporaryDirectory(prefix="cathode_ray_ckpt_") as d:
-        torch.save(_fit_payload(fit, started_at=started_at, ended_at=time.time()),
+        torch.save(_fit_payload(fit, started_at=started_at, ended_at=time.time(),
+                                resumed_after=resumed_after),
                    os.path.join(d, CHECKPOINT_FILE))
         ray.train.report({"member": spec.index, "seed": config.seed, "final": 1,
                           "best_epoch": fit.best_epoch, "val_mae": fit.val_mae},
@@ -282,6 +288,10 @@ def _validate(configs: Sequence[TrainConfig], crash: dict[int, int]) -> None:
 def _ensure_ray(address: str | None) -> bool:
     """Initialise Ray when needed; returns whether this call started it."""
     import ray
+
+    if os.environ.get("RAY_TRAIN_V2_ENABLED", "1").strip().lower() in ("0", "false", "no", "off"):
+        raise RuntimeError("train_members needs Ray Train V2 (the default in Ray 2.60); unset "
+                           "RAY_TRAIN_V2_ENABLED=0 in this environment")
 
     if ray.is_initialized():
         return False
@@ -338,6 +348,7 @@ def _fit_one(spec: _WorkerSpec, refs: dict[str, Any], resources: RayTrainResourc
         index=spec.index, seed=spec.config.seed, fit=_fit_from_payload(payload),
         started_at=float(payload["started_at"]), ended_at=float(payload["ended_at"]),
         restarts=max(_count_attempts(spec.marker_uri) - 1, 0),
+        resumed_after_epochs=tuple(int(e) for e in payload["resumed_after"]),
         checkpoint_path=_join(storage, group, run_config.name or "", "final"),
     )
 
@@ -422,6 +433,7 @@ def train_members_local(
     runs: list[MemberRun] = []
     for i, cfg in enumerate(configs):
         started_at, restarts = time.time(), 0
+        resumed: tuple[int, ...] = ()
         last: dict[str, Any] = {}
         crashed = threading.Event()
 
@@ -436,10 +448,12 @@ def train_members_local(
             fit = fit_member(backbone, train, val, cfg, normalizer=normalizer, on_epoch=on_epoch)
         except InjectedCrash:
             restarts = 1
+            resumed = (int(last["state"]["epoch"]),)
             fit = fit_member(backbone, train, val, cfg, normalizer=normalizer,
                              resume=last["state"], on_epoch=on_epoch)
         runs.append(MemberRun(index=i, seed=cfg.seed, fit=fit, started_at=started_at,
-                              ended_at=time.time(), restarts=restarts))
+                              ended_at=time.time(), restarts=restarts,
+                              resumed_after_epochs=resumed))
     return runs
 
 

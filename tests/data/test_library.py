@@ -128,8 +128,8 @@ def test_truncated_jsonl_gz_keeps_rows_before_the_cut(tmp_path: Path) -> None:
 
 def test_bad_jsonl_line_and_item_without_structure(tmp_path: Path) -> None:
     path = tmp_path / "mixed.jsonl"
-    path.write_text('{"structure_id": "a", "structure": %s}\n{not json\n{"structure_id": "c"}\n'
-                    % json.dumps(licoo2().as_dict()))
+    first = json.dumps({"structure_id": "a", "structure": licoo2().as_dict()})
+    path.write_text(first + '\n{not json\n{"structure_id": "c"}\n')
     rows = list(read_library_file(str(path)))
     assert [r["fmt"] for r in rows] == ["pymatgen_json", "error", "error"]
     assert [r["structure_id"] for r in rows] == ["a", "mixed.jsonl#1", "c"]
@@ -212,3 +212,16 @@ def test_s3_library_via_moto(good_dir, monkeypatch) -> None:
         assert all(isinstance(parse_raw(r), Structure) for r in rows)
     finally:
         server.stop()
+
+
+def test_gzipped_parquet_and_unsupported_explicit_file(tmp_path: Path) -> None:
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.table({"structure_json": [licoo2().to_json()] * 3}), buffer)
+    (tmp_path / "lib.parquet.gz").write_bytes(gzip.compress(buffer.getvalue().to_pybytes()))
+    rows = list(read_library_file(str(tmp_path / "lib.parquet.gz")))
+    assert [r["structure_id"] for r in rows] == [f"lib.parquet.gz#{i}" for i in range(3)]
+    assert all(isinstance(parse_raw(r), Structure) for r in rows)
+    (tmp_path / "notes.txt").write_text("hello")
+    assert list_library_files(str(tmp_path / "notes.txt")) == [str(tmp_path / "notes.txt")]
+    (row,) = read_library_file(str(tmp_path / "notes.txt"))
+    assert row["error"] == RejectCode.UNREADABLE_FILE and "unsupported file type" in row["payload"]

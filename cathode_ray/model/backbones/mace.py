@@ -36,7 +36,15 @@ import torch
 from pymatgen.core import Structure
 from torch import nn
 
-from .base import Backbone, LastBlock, TrunkBatch, TrunkFeatures, segment_mean, segment_sum, sha256_file
+from .base import (
+    Backbone,
+    LastBlock,
+    TrunkBatch,
+    TrunkFeatures,
+    segment_mean,
+    segment_sum,
+    sha256_file,
+)
 
 #: Backbone spec name -> key of ``mace.calculators.foundations_models.mace_mp_urls``.
 #: Only models trained on MP-compatible PBE/PBE+U energies (MPtrj, sAlex) are aliased: their
@@ -338,9 +346,9 @@ class MaceBackbone(Backbone):
         path = download_foundation(spec)
         try:
             model, sha = load_mace_model_file(path, expected_sha256=expected_sha256)
-        except (OSError, RuntimeError, EOFError) as exc:
-            if isinstance(exc, WeightsMismatchError):
-                raise
+        except (WeightsMismatchError, TypeError):
+            raise
+        except Exception as exc:  # truncated / HTML / foreign pickle in the cache
             raise BackboneUnavailableError(
                 f"cached MACE model {path} for {spec!r} cannot be loaded ({exc}); delete it to "
                 f"re-download, or {_FALLBACK_HINT}"

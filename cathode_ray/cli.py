@@ -1,0 +1,187 @@
+"""``cathode-ray`` command line: parse options, build a config, call one ``run(config)``.
+
+Every command is a thin wrapper over a Python API a notebook can call directly:
+
+    ingest           cathode_ray.data.dataset.run(IngestConfig)
+    library generate cathode_ray.data.generate.run(GenerateConfig)
+    train            cathode_ray.train.ensemble.run(EnsembleTrainConfig)
+    report           cathode_ray.report.run.run(ReportConfig)
+    screen           cathode_ray.screen.pipeline.run(ScreenConfig)
+    rescreen         cathode_ray.screen.rescreen.run(RescreenConfig)
+
+``--config FILE.yaml`` (where offered) supplies defaults; options given on the command line win.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.split("\n")[0])
+library_app = typer.Typer(no_args_is_help=True, help="Candidate libraries.")
+app.add_typer(library_app, name="library")
+
+#: Default references for the offline snapshot, relative to a checkout (../shared/data).
+DEFAULT_REFERENCES = "snapshot:../shared/data/mp_reference_entries.jsonl.gz"
+#: The bundled model, shipped in the repository.
+BUNDLED_MODEL = str(Path(__file__).resolve().parents[1] / "artifacts" / "models" / "chgnet-litmo-v1")
+
+
+def _yaml_defaults(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    import yaml
+
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise typer.BadParameter(f"{path}: expected a mapping of option names to values")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def _merge(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """Command-line values (not None) override YAML defaults."""
+    out = dict(defaults)
+    out.update({k: v for k, v in given.items() if v is not None})
+    return out
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def ingest(
+    source: Annotated[str, typer.Option(help="'mp' (live MP via mp-api, MP_API_KEY) or 'snapshot:PATH'")],
+    out: Annotated[str, typer.Option(help="dataset directory to write")],
+    seed: Annotated[int, typer.Option(help="split seed")] = 42,
+    loco_cluster: Annotated[int | None, typer.Option(help="held-out SOAP cluster (default: ~10% cluster; -1 none)")] = None,
+) -> None:
+    """Read MP documents, validate, SOAP-cluster and split them into a dataset directory."""
+    from cathode_ray.data.dataset import IngestConfig, run
+
+    result = run(IngestConfig(source=source, out=out, seed=seed, loco_cluster=loco_cluster))
+    typer.echo(f"{result.n_rows} rows, {result.n_rejects} rejects -> {result.out}")
+
+
+@library_app.command("generate")
+def library_generate(
+    from_: Annotated[str, typer.Option("--from", help="parent structures: snapshot JSON lines or a library")],
+    n: Annotated[int, typer.Option(help="number of distinct candidates")],
+    out: Annotated[str, typer.Option(help="output directory (Parquet shards), local or s3://")],
+    seed: int = 0,
+    shard_size: int = 10_000,
+    workers: Annotated[int, typer.Option(help="processes (0 = one per core)")] = 0,
+    overwrite: bool = False,
+) -> None:
+    """Generate candidates by TM substitution, Li vacancies and strain from real parents."""
+    from cathode_ray.data.generate import GenerateConfig, run
+
+    r = run(GenerateConfig(source=from_, n=n, out=out, seed=seed, shard_size=shard_size,
+                           workers=workers, overwrite=overwrite))
+    typer.echo(f"{r.n_candidates} candidates from {r.n_parents} parents in {r.seconds:.1f} s "
+               f"({r.structures_per_s:.0f}/s), {len(r.shards)} shards -> {r.out}")
+
+
+@app.command()
+def train(
+    data: Annotated[str, typer.Option(help="dataset directory from `cathode-ray ingest`")],
+    out: Annotated[str, typer.Option(help="model directory to write (local or s3://)")],
+    backbone: Annotated[str, typer.Option(help="chgnet | mace-mp-0-medium | mace:PATH")] = "chgnet",
+    members: int = 5,
+    references: Annotated[str, typer.Option(help="snapshot:PATH or mp")] = DEFAULT_REFERENCES,
+    head_mode: Annotated[str, typer.Option(help="delta (zero-shot + correction) or embedding")] = "delta",
+    head_only: Annotated[bool, typer.Option(help="members differ only in their heads")] = False,
+    max_epochs: int = 200,
+    patience: int = 12,
+    runner: Annotated[str, typer.Option(help="ray (concurrent members) or local (sequential)")] = "ray",
+    address: Annotated[str | None, typer.Option(help="Ray address (default: local Ray)")] = None,
+    gpus_per_member: float = 0.0,
+    cpus_per_member: float = 1.0,
+    verbose: bool = True,
+) -> None:
+    """Train the ensemble (members concurrently on Ray Train), calibrate, write MODEL_DIR."""
+    from cathode_ray.train.ensemble import EnsembleTrainConfig, run
+
+    _setup_logging(verbose)
+    manifest = run(EnsembleTrainConfig(
+        data=data, out=out, backbone=backbone, members=members, references=references,
+        head_mode=head_mode, train_last_block=not head_only, max_epochs=max_epochs,  # type: ignore[arg-type]
+        patience=patience, runner=runner, address=address, gpus_per_member=gpus_per_member,  # type: ignore[arg-type]
+        cpus_per_member=cpus_per_member,
+    ))
+    typer.echo(json.dumps({"model_id": manifest["model_id"], "members": manifest["members"]}, indent=2))
+
+
+@app.command()
+def report(
+    model: Annotated[str, typer.Option(help="model directory")],
+    data: Annotated[str, typer.Option(help="labelled dataset directory")],
+    out: Annotated[str, typer.Option(help="report directory")],
+    split: Annotated[str, typer.Option(help="splits (val+test+loco) | val | test | loco | all")] = "splits",
+    references: str = DEFAULT_REFERENCES,
+) -> None:
+    """Governance report: six seed-card checks, metrics per split, plots."""
+    from cathode_ray.report.run import ReportConfig, run
+
+    rep = run(ReportConfig(model=model, data=data, out=out, split=split, references=references))  # type: ignore[arg-type]
+    for c in rep["checks"]:
+        typer.echo(f"{'PASS' if c['pass'] else 'FAIL'}  {c['name']}: {c['value']:.4g} {c['op']} {c['threshold']}")
+    typer.echo(f"report -> {out}")
+
+
+@app.command()
+def screen(
+    library: Annotated[str | None, typer.Option(help="file/dir/glob/s3:// prefix, 'mp' or 'demo'")] = None,
+    model: Annotated[str | None, typer.Option(help="model directory (default: bundled)")] = None,
+    out: Annotated[str | None, typer.Option(help="DEST: local directory or s3://bucket/prefix")] = None,
+    references: Annotated[str | None, typer.Option(help="snapshot:PATH or mp")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray address (default: local Ray)")] = None,
+    run_id: Annotated[str | None, typer.Option(help="run id (default: generated)")] = None,
+    resume: Annotated[bool | None, typer.Option(help="continue RUN_ID, skipping finished structures")] = None,
+    gpu_actors: int | None = None,
+    cpu_actors: int | None = None,
+    max_edges_per_batch: int | None = None,
+    demo_size: int | None = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file with defaults for these options")] = None,
+) -> None:
+    """Screen a library: validate, build graphs, ensemble inference, calibrate, triage, write Parquet."""
+    from cathode_ray.screen.pipeline import ScreenConfig, run
+
+    opts = _merge({"library": "demo", "model": BUNDLED_MODEL, "out": "out/screen",
+                   "references": DEFAULT_REFERENCES, **_yaml_defaults(config)},
+                  {"library": library, "model": model, "out": out, "references": references,
+                   "address": address, "run_id": run_id, "resume": resume, "gpu_actors": gpu_actors,
+                   "cpu_actors": cpu_actors, "max_edges_per_batch": max_edges_per_batch,
+                   "demo_size": demo_size})
+    run(ScreenConfig(**opts))
+
+
+@app.command()
+def rescreen(
+    model: Annotated[str, typer.Option(help="model directory")],
+    out: Annotated[str, typer.Option(help="DEST: local directory or s3://bucket/prefix")],
+    source: Annotated[str, typer.Option(help="'mp' (live Materials Project)")] = "mp",
+    state: Annotated[str | None, typer.Option(help="state URI (default DEST/_state)")] = None,
+    references: Annotated[str, typer.Option(help="mp (same release) or snapshot:PATH")] = "mp",
+    force: bool = False,
+    address: str | None = None,
+) -> None:
+    """Re-screen what changed since the last Materials Project release that was screened."""
+    from cathode_ray.screen.rescreen import RescreenConfig, run
+
+    outcome = run(RescreenConfig(source=source, model=model, out=out, state=state,
+                                 references=references, force=force, address=address))
+    typer.echo(outcome.message)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,71 @@
+"""``cathode-ray report``: load a model and a labelled dataset, predict, write the governance report.
+
+By default the metrics table covers the dataset's val, test and loco splits; ``--split
+val|test|loco`` restricts it to one (val is always kept for the checks that need it); ``--split all`` treats every row of the dataset as one evaluation set,
+e.g. a dataset ingested from another snapshot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from cathode_ray.calibrate.calibrator import Calibrator
+from cathode_ray.model.ensemble import Ensemble
+from cathode_ray.train.ensemble import DEFAULT_CACHE, PreparedData, predict_prepared, prepare
+
+from .governance import SplitData, report_from_predictions, write_report
+
+SplitChoice = Literal["splits", "val", "test", "loco", "all"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportConfig:
+    """Attributes: model (dir or s3://), data (dataset dir), references (``snapshot:PATH`` or
+    ``mp``), split, out (report directory), cache_dir for trunk features."""
+
+    model: str
+    data: str
+    references: str
+    out: str
+    split: SplitChoice = "splits"
+    cache_dir: str | None = DEFAULT_CACHE
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.split not in ("splits", "val", "test", "loco", "all"):
+            raise ValueError(f"split must be splits, val, test, loco or all, got {self.split!r}")
+
+
+def _split_data(ens: Ensemble, prepared: PreparedData, mask: np.ndarray) -> SplitData:
+    idx = np.flatnonzero(mask)
+    sub = PreparedData(data=prepared.part_rows(idx), split=prepared.split[idx], clusters=prepared.clusters[idx],
+                       compositions=[prepared.compositions[i] for i in idx], ids=[prepared.ids[i] for i in idx])
+    return SplitData(y=sub.data.y.numpy().astype(float), pred=predict_prepared(ens, sub),
+                     clusters=sub.clusters, compositions=sub.compositions)
+
+
+def run(config: ReportConfig) -> dict[str, Any]:
+    """Write governance.json, report.md and plots into ``config.out``; return the report dict."""
+    ens = Ensemble.load(config.model, device=config.device)
+    calibrator = Calibrator.from_files(ens.files, where=config.model)
+    prepared = prepare(config.data, ens.backbone, config.references, cache_dir=config.cache_dir,
+                       device=config.device)
+    if config.split == "all":
+        names = {"val": prepared.split == "val", "all": np.ones(len(prepared.ids), dtype=bool)}
+        if not names["val"].any():
+            names.pop("val")
+    else:
+        names = {n: prepared.split == n for n in ("val", "test", "loco") if (prepared.split == n).any()}
+        if config.split != "splits":
+            names = {n: m for n, m in names.items() if n in ("val", config.split)}
+    splits = {n: _split_data(ens, prepared, m) for n, m in names.items()}
+    report = report_from_predictions(splits, calibrator)
+    report["model"] = {"uri": config.model, "model_id": ens.model_id,
+                       "backbone": ens.manifest["backbone"], "members": ens.manifest["members"],
+                       "data_version": ens.manifest.get("data_version")}
+    write_report(report, Path(config.out))
+    return report

@@ -1,0 +1,1 @@
+"""Distributed screening of cathode candidates on Ray Data (see :mod:`.pipeline`)."""

@@ -1,0 +1,401 @@
+"""``cathode-ray screen``: stream a structure library through the calibrated ensemble on Ray Data.
+
+    read (one task per file) -> validate (+ duplicate marks, resume skips) -> graphs (CPU actors)
+    -> ensemble + calibration/OOD/triage (actor pool; GPU or CPU) -> results + rejects Parquet
+
+De-duplication is a separate *index pass* over ids only: every file is read once more for its
+structure ids (no parsing), a Ray Data ``groupby(structure_id).count()`` finds the repeated ids,
+and only the rows of those ids are brought to the driver to rank their occurrences by input
+order. The (small) ``{order: occurrence}`` map is shipped to the validate tasks, so later
+duplicates become ``duplicate_id`` rejects without ever holding all ids in one process. The same
+pass counts the inputs for the ``results + rejects == inputs`` invariant.
+
+See :mod:`.runs` for the DEST layout, locks and the run manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from cathode_ray.data.validate import ValidationConfig
+from cathode_ray.screen import runs, stages
+
+log = logging.getLogger(__name__)
+
+_BATCH_ROWS = 32  # rows per map_batches call (graphs / inference sub-batch by edges inside)
+
+
+class ScreenInvariantError(RuntimeError):
+    """Output does not account for every input exactly once."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScreenConfig:
+    """What ``cathode-ray screen`` does.
+
+    Attributes:
+        library: library spec (file, directory, glob, ``s3://`` prefix), ``mp`` (live Materials
+            Project query) or ``demo`` (``demo_library(demo_size)``).
+        model: calibrated model directory (local or s3://), hash-verified on load.
+        out: DEST (local path or ``s3://bucket/prefix``).
+        references: reference entries for hulls, ``snapshot:PATH`` or ``mp``.
+        address: Ray address (None: ``RAY_ADDRESS`` when set, else a fresh local Ray).
+        run_id: run id (None: a new timestamped one); resume needs the same id.
+        resume: continue a run: skip inputs already written for ``run_id``.
+        gpu_actors: inference actors with one GPU each (0 = CPU actors).
+        cpu_actors: CPU inference actors when ``gpu_actors == 0``.
+        cpus_per_actor: logical CPUs each CPU inference actor reserves.
+        graph_actors: most graph-building CPU actors.
+        max_edges_per_batch: edge budget of one inference sub-batch (directed graph edges).
+        demo_size: structures of the ``demo`` library.
+        min_rows_per_file: rows gathered before one Parquet file is written.
+        lock_ttl_s: seconds without heartbeat before a run lock counts as abandoned.
+        validation: structure checks.
+        verbose: print the summary table at the end.
+    """
+
+    library: str
+    model: str
+    out: str
+    references: str
+    address: str | None = None
+    run_id: str | None = None
+    resume: bool = False
+    gpu_actors: int = 0
+    cpu_actors: int = 1
+    cpus_per_actor: float = 1.0
+    graph_actors: int = 1
+    max_edges_per_batch: int = 50_000
+    demo_size: int = 2000
+    min_rows_per_file: int = 20_000
+    lock_ttl_s: float = 600.0
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    verbose: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("library", "model", "out", "references"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} must be given")
+        if self.gpu_actors < 0 or self.cpu_actors < 1 or self.graph_actors < 1:
+            raise ValueError("need gpu_actors >= 0, cpu_actors >= 1 and graph_actors >= 1")
+        if not self.cpus_per_actor > 0:
+            raise ValueError(f"cpus_per_actor must be > 0, got {self.cpus_per_actor}")
+        if self.max_edges_per_batch < 1:
+            raise ValueError("max_edges_per_batch must be >= 1")
+        if self.demo_size < 0 or self.min_rows_per_file < 1 or self.lock_ttl_s <= 0:
+            raise ValueError("need demo_size >= 0, min_rows_per_file >= 1, lock_ttl_s > 0")
+        if self.resume and not self.run_id:
+            raise ValueError("--resume needs the --run-id of the run to continue")
+        if self.run_id is not None:
+            runs.check_run_id(self.run_id)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScreenSummary:
+    """Outcome of :func:`run`: counts for the whole run (all attempts) and this attempt's speed."""
+
+    run_id: str
+    out: str
+    manifest_uri: str
+    n_inputs: int
+    n_results: int
+    n_rejects: int
+    n_skipped: int
+    decisions: dict[str, int]
+    reject_reasons: dict[str, int]
+    seconds: float
+    structures_per_s: float
+    stage_seconds: dict[str, float]
+
+    def table(self) -> str:
+        """Short human-readable summary table."""
+        lines = [f"run {self.run_id}: {self.n_inputs} inputs -> {self.n_results} results + "
+                 f"{self.n_rejects} rejects ({self.n_skipped} already done) -> {self.out}"]
+        lines += [f"  {d:<24s}{n:>8d}" for d, n in self.decisions.items()]
+        lines += [f"  reject {r:<17s}{n:>8d}" for r, n in self.reject_reasons.items()]
+        lines.append(f"  {'wall time':<24s}{self.seconds:>8.1f} s   "
+                     f"{self.structures_per_s:.2f} structures/s")
+        lines += [f"  busy {s:<19s}{t:>8.1f} s" for s, t in self.stage_seconds.items()]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- sources
+@dataclass(frozen=True, kw_only=True)
+class Source:
+    """A planned input: library files, or in-memory raw rows (demo / mp)."""
+
+    files: list[str] | None
+    rows: list[dict[str, Any]] | None
+    fingerprint: str
+
+
+def plan_source(config: ScreenConfig) -> Source:
+    """List the library (or build the demo / query MP) and fingerprint it."""
+    if config.library == "demo":
+        from cathode_ray.data.demo import demo_library
+
+        rows = stages.demo_raw_rows(demo_library(config.demo_size))
+        return Source(files=None, rows=rows, fingerprint=_ids_fingerprint(rows))
+    if config.library == "mp":
+        from cathode_ray.data.sources import fetch_mp_summary
+
+        rows = stages.mp_raw_rows(fetch_mp_summary())
+        return Source(files=None, rows=rows, fingerprint=_ids_fingerprint(rows))
+    from cathode_ray.data.library import list_library_files
+
+    files = list_library_files(config.library)
+    return Source(files=files, rows=None, fingerprint=files_fingerprint(files))
+
+
+def files_fingerprint(files: list[str]) -> str:
+    """sha256 over (path, size, mtime) of every library file."""
+    import pyarrow.fs as pafs
+
+    from cathode_ray.storage import filesystem_for
+
+    h = hashlib.sha256()
+    for uri in files:
+        fs, path = filesystem_for(uri)
+        info = fs.get_file_info(path)
+        mtime = info.mtime.isoformat() if info.mtime is not None else ""
+        size = info.size if info.type == pafs.FileType.File else -1
+        h.update(f"{uri}\t{size}\t{mtime}\n".encode())
+    return h.hexdigest()
+
+
+def _ids_fingerprint(rows: list[dict[str, Any]]) -> str:
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(r["structure_id"].encode())
+        h.update(hashlib.sha256(r["payload"].encode()).digest())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- ray plumbing
+_FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
+
+
+def _worker_runtime_env() -> dict[str, Any] | None:
+    """Driver's S3 endpoint/region for the workers (credentials stay with the cluster's own
+    environment / instance role and are never forwarded)."""
+    env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+    return {"env_vars": env} if env else None
+
+
+def _ensure_ray(address: str | None) -> bool:
+    """Connect to (or start) Ray unless already connected; True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    runtime_env = _worker_runtime_env()
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        ray.init(address="local", include_dashboard=False, runtime_env=runtime_env)
+    else:
+        ray.init(address=address, runtime_env=runtime_env)
+    return True
+
+
+def _input_dataset(source: Source) -> Any:
+    import ray
+
+    if source.rows is not None:
+        blocks = max(1, min(len(source.rows) // _BATCH_ROWS, 200))
+        return ray.data.from_items(source.rows, override_num_blocks=blocks)
+    items = [{"path": p, "file_index": i} for i, p in enumerate(source.files or [])]
+    return ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
+
+
+def index_inputs(source: Source) -> tuple[int, dict[int, int]]:
+    """(number of raw inputs, ``{order: occurrence}`` of later duplicates); see module doc."""
+    if source.rows is not None:
+        sids = [r["structure_id"] for r in source.rows]
+        counts: dict[str, int] = {}
+        for s in sids:
+            counts[s] = counts.get(s, 0) + 1
+        dup = [(r["structure_id"], r["order"]) for r in source.rows if counts[r["structure_id"]] > 1]
+        return len(sids), stages.duplicate_ranks([d[0] for d in dup], [d[1] for d in dup])
+    env = {"runtime_env": rt} if (rt := _worker_runtime_env()) else {}
+    ids = _input_dataset(source).flat_map(stages.read_file_ids, **env).materialize()
+    n_inputs = ids.count()
+    if n_inputs == 0:
+        return 0, {}
+    repeated = {r["structure_id"] for r in ids.groupby("structure_id").count()
+                .filter(lambda r: r["count()"] > 1).take_all()}
+    if not repeated:
+        return n_inputs, {}
+    rows = ids.filter(lambda r: r["structure_id"] in repeated).take_all()
+    return n_inputs, stages.duplicate_ranks([r["structure_id"] for r in rows],
+                                            [r["order"] for r in rows])
+
+
+def build_dataset(config: ScreenConfig, source: Source, *, run_id: str, ranks: dict[int, int],
+                  done: frozenset[tuple[str, int]]) -> Any:
+    """The lazy Ray Data pipeline from raw inputs to final rows (see the module docstring)."""
+    import ray
+
+    env = {"runtime_env": rt} if (rt := _worker_runtime_env()) else {}
+    ds = _input_dataset(source)
+    if source.files is not None:
+        ds = ds.flat_map(stages.read_file_rows, **env)
+    ds = ds.map_batches(stages.ValidateStage(config=config.validation, ranks=ranks, done=done),
+                        batch_format="pandas", batch_size=_BATCH_ROWS, num_cpus=0.25, **env)
+    ds = ds.map_batches(
+        stages.GraphStage, batch_format="pandas", batch_size=_BATCH_ROWS,
+        fn_constructor_kwargs={"model": config.model, "references": config.references},
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.graph_actors),
+        num_cpus=0.5, **env,
+    )
+    gpu = config.gpu_actors > 0
+    ds = ds.map_batches(
+        stages.InferenceStage, batch_format="pandas", batch_size=_BATCH_ROWS,
+        fn_constructor_kwargs={"model": config.model, "device": "cuda" if gpu else "cpu",
+                               "max_edges": config.max_edges_per_batch, "run_id": run_id},
+        compute=ray.data.ActorPoolStrategy(size=config.gpu_actors if gpu else config.cpu_actors),
+        **({"num_gpus": 1} if gpu else {"num_cpus": config.cpus_per_actor}), **env,
+    )
+    return ds
+
+
+# --------------------------------------------------------------------------- run
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("ray", "torch", "chgnet", "pymatgen", "pyarrow", "cathode_ray"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _model_info(model: str) -> dict[str, Any]:
+    from cathode_ray.model.artifact import ModelDir
+
+    manifest = ModelDir(uri=model).read_manifest(verify=False)
+    blob = json.dumps(manifest, sort_keys=True).encode()
+    return {"model_id": manifest.get("model_id"), "uri": model,
+            "manifest_sha256": hashlib.sha256(blob).hexdigest(),
+            "data_version": manifest.get("data_version")}
+
+
+def _refuse_reuse(paths: runs.RunPaths, resume: bool) -> None:
+    if resume:
+        return
+    written = runs.read_json(paths.manifest) is not None or any(
+        runs.read_columns(uri, ["structure_id"])["structure_id"]
+        for uri in (paths.results, paths.rejects))
+    if written:
+        raise FileExistsError(f"run {paths.run_id!r} already has output under {paths.dest}; "
+                              "pass --resume to continue it, or use another --run-id")
+
+
+def run(config: ScreenConfig) -> ScreenSummary:
+    """Screen ``config.library`` into ``config.out``; returns counts and timings.
+
+    Raises:
+        runs.RunLockedError: the same run id is running elsewhere.
+        FileExistsError: the run id has output already and ``resume`` is off.
+        ScreenInvariantError: results + rejects != inputs, or duplicated inputs in the output.
+    """
+    run_id = config.run_id or runs.new_run_id()
+    paths = runs.RunPaths(dest=config.out, run_id=run_id)
+    with runs.RunLock(uri=paths.lock, run_id=run_id, ttl_s=config.lock_ttl_s):
+        _refuse_reuse(paths, config.resume)
+        started_ray = _ensure_ray(config.address)
+        try:
+            return _run_locked(config, paths)
+        finally:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+
+
+def _run_locked(config: ScreenConfig, paths: runs.RunPaths) -> ScreenSummary:
+    started, t0 = runs.utc_now(), time.perf_counter()
+    model = _model_info(config.model)
+    source = plan_source(config)
+    t_plan = time.perf_counter()
+    n_inputs, ranks = index_inputs(source)
+    t_index = time.perf_counter()
+    done = frozenset(runs.done_keys(paths)) if config.resume else frozenset()
+    ds = build_dataset(config, source, run_id=paths.run_id, ranks=ranks, done=done)
+    sink = stages.ScreenSink(results_uri=paths.results, rejects_uri=paths.rejects,
+                             run_id=paths.run_id, min_rows=config.min_rows_per_file)
+    ds.write_datasink(sink)
+    t_write = time.perf_counter()
+    out = runs.output_stats(paths)
+    seconds = t_write - t0
+    processed = int(sink.stats.get("rows", 0))
+    stage_seconds = {"list_library": t_plan - t0, "index_ids": t_index - t_plan,
+                     "pipeline_wall": t_write - t_index}
+    stage_seconds |= {s.removeprefix("t_"): float(sink.stats.get(s, 0.0))
+                      for s in stages.STAGE_TIMES}
+    ok = (out["n_results"] + out["n_rejects"] == n_inputs and not out["duplicate_inputs"]
+          and not out["duplicate_result_ids"])
+    attempt = {
+        "started": started, "finished": runs.utc_now(), "resume": config.resume,
+        "library_fingerprint": source.fingerprint, "n_inputs": n_inputs,
+        "n_skipped": len(done), "n_processed": processed, "seconds": seconds,
+        "structures_per_s": processed / seconds if seconds > 0 else 0.0,
+        "stage_seconds": stage_seconds, "invariant_ok": ok,
+        "config": {k: v for k, v in asdict(config).items() if k != "validation"},
+    }
+    manifest = _update_manifest(paths, config, model, attempt, out, n_inputs, ok)
+    summary = ScreenSummary(
+        run_id=paths.run_id, out=config.out, manifest_uri=paths.manifest, n_inputs=n_inputs,
+        n_results=out["n_results"], n_rejects=out["n_rejects"], n_skipped=len(done),
+        decisions=out["decisions"], reject_reasons=out["reject_reasons"], seconds=seconds,
+        structures_per_s=attempt["structures_per_s"], stage_seconds=stage_seconds)
+    if config.verbose:
+        print(summary.table())
+    if not ok:
+        raise ScreenInvariantError(
+            f"run {paths.run_id}: {out['n_results']} results + {out['n_rejects']} rejects != "
+            f"{n_inputs} inputs, or duplicates (inputs {out['duplicate_inputs']}, result ids "
+            f"{out['duplicate_result_ids']}); see {paths.manifest}")
+    log.debug("manifest %s", manifest)
+    return summary
+
+
+def _update_manifest(paths: runs.RunPaths, config: ScreenConfig, model: dict[str, Any],
+                     attempt: dict[str, Any], out: dict[str, Any], n_inputs: int,
+                     ok: bool) -> dict[str, Any]:
+    previous = runs.read_json(paths.manifest) or {}
+    attempts = [*previous.get("attempts", []), attempt]
+    manifest = {
+        "run_id": paths.run_id,
+        "library": config.library,
+        "library_fingerprint": attempt["library_fingerprint"],
+        "model": model,
+        "model_id": model["model_id"],
+        "data_version": model["data_version"],
+        "references": config.references,
+        "dest": config.out,
+        "started": attempts[0]["started"],
+        "finished": attempt["finished"],
+        "status": "complete" if ok else "invariant_violated",
+        "n_inputs": n_inputs,
+        "n_results": out["n_results"],
+        "n_rejects": out["n_rejects"],
+        "decisions": out["decisions"],
+        "reject_reasons": out["reject_reasons"],
+        "invariant": {"results_plus_rejects_equals_inputs": ok,
+                      "duplicate_inputs": out["duplicate_inputs"],
+                      "duplicate_result_ids": out["duplicate_result_ids"]},
+        "stage_seconds": attempt["stage_seconds"],
+        "structures_per_s": attempt["structures_per_s"],
+        "versions": _versions(),
+        "attempts": attempts,
+    }
+    runs.write_json(paths.manifest, manifest)
+    return manifest

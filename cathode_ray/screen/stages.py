@@ -1,0 +1,469 @@
+"""Per-batch stages of the screening pipeline: pure functions and callable classes over pandas
+batches, plus the two-way Parquet datasink. Nothing here starts Ray; :mod:`.pipeline` wires them.
+
+Row flow (one row per input occurrence; ``kind`` says what it is)::
+
+    raw rows (structure_id, source, fmt, payload, error, order)
+      -> ValidateStage       kind = valid | reject  (+ formula, chemsys, nsites, structure_json)
+      -> GraphStage          valid rows get graph, n_edges, hull inputs, soap_cluster, composition
+      -> InferenceStage      valid rows become results (RESULT_COLUMNS) or inference_failed rejects
+      -> ScreenSink          results -> DEST/results/run_id=RUN/, rejects -> DEST/rejects/run_id=RUN/
+
+``order`` is a deterministic input position (file index << 32 | row index in the file) used for
+"first occurrence wins" de-duplication; ``occurrence`` is 0 for the first input with an id and k
+for its k-th later duplicate, so (structure_id, occurrence) addresses every input (resume key).
+Per-row ``t_<stage>`` columns carry each batch's wall time split over its rows; the sink sums them
+into busy seconds per stage and drops them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from ray.data import Datasink
+
+from cathode_ray.data.library import read_library_file
+from cathode_ray.data.records import RejectCode
+from cathode_ray.data.validate import ValidationConfig, validate_row
+from cathode_ray.screen.schema import RESULT_SCHEMA, SCREEN_REJECT_SCHEMA, conform
+from cathode_ray.storage import filesystem_for
+
+log = logging.getLogger(__name__)
+
+ORDER_SHIFT = 32  # rows per file < 2**32
+RAW_COLUMNS: tuple[str, ...] = ("structure_id", "source", "fmt", "payload", "error", "order")
+STAGE_TIMES: tuple[str, ...] = ("t_validate", "t_graph", "t_infer", "t_calibrate")
+VALID, REJECT = "valid", "reject"
+
+
+# --------------------------------------------------------------------------- inputs
+def order_key(file_index: int, row_index: int) -> int:
+    """Deterministic input position: file index in the high bits, row in the file below."""
+    return (int(file_index) << ORDER_SHIFT) | int(row_index)
+
+
+def _raw(row: Mapping[str, Any], order: int) -> dict[str, Any]:
+    """A raw row reduced to RAW_COLUMNS (labels are not needed for screening)."""
+    return {"structure_id": str(row["structure_id"]), "source": str(row["source"]),
+            "fmt": str(row.get("fmt", "")), "payload": str(row.get("payload", "")),
+            "error": str(row.get("error", "") or ""), "order": order}
+
+
+def read_file_rows(item: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Flat-map: raw rows (RAW_COLUMNS) of one library file ``{"path", "file_index"}``."""
+    fi = int(item["file_index"])
+    return [_raw(r, order_key(fi, i)) for i, r in enumerate(read_library_file(str(item["path"])))]
+
+
+def read_file_ids(item: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Flat-map: ``{"structure_id", "order"}`` of every raw row of one file (index pass)."""
+    return [{"structure_id": r["structure_id"], "order": r["order"]} for r in read_file_rows(item)]
+
+
+def demo_raw_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Raw rows for demo-library rows (``structure_json`` becomes a pymatgen_json payload)."""
+    return [_raw({"structure_id": r["structure_id"], "source": r.get("source", "demo"),
+                  "fmt": "pymatgen_json", "payload": r["structure_json"]}, order_key(0, i))
+            for i, r in enumerate(rows)]
+
+
+def mp_raw_rows(docs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Raw rows for Materials Project summary documents (``material_id`` + ``structure`` dict)."""
+    out = []
+    for i, doc in enumerate(docs):
+        sid = str(doc.get("material_id") or f"mp#{i}")
+        structure = doc.get("structure")
+        if structure is None:
+            row = {"structure_id": sid, "source": "mp", "fmt": "error",
+                   "payload": "MP document has no structure", "error": str(RejectCode.UNPARSEABLE)}
+        else:
+            payload = structure if isinstance(structure, str) else json.dumps(structure)
+            row = {"structure_id": sid, "source": "mp", "fmt": "pymatgen_json", "payload": payload}
+        out.append(_raw(row, order_key(0, i)))
+    return out
+
+
+def duplicate_ranks(sids: Iterable[str], orders: Iterable[int]) -> dict[int, int]:
+    """``{order: k}`` for every later occurrence (k >= 1) of a repeated structure id.
+
+    Occurrences are ranked by ``order``; the first (k = 0) wins and is not listed. Only rows of
+    repeated ids need to be passed (the pipeline finds them with a Ray Data groupby).
+    """
+    by_sid: dict[str, list[int]] = {}
+    for sid, order in zip(sids, orders, strict=True):
+        by_sid.setdefault(str(sid), []).append(int(order))
+    ranks: dict[int, int] = {}
+    for found in by_sid.values():
+        for k, order in enumerate(sorted(found)[1:], start=1):
+            ranks[order] = k
+    return ranks
+
+
+# --------------------------------------------------------------------------- validate
+def _reject_row(sid: str, source: str, occurrence: int, code: str, message: str) -> dict[str, Any]:
+    return {"structure_id": sid, "source": source, "occurrence": occurrence, "kind": REJECT,
+            "reason": code, "message": message}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ValidateStage:
+    """Parse + validate raw rows; mark later duplicates; drop inputs already written (resume).
+
+    Attributes:
+        config: structure checks.
+        ranks: ``{order: occurrence}`` of later duplicates (see :func:`duplicate_ranks`).
+        done: ``(structure_id, occurrence)`` keys already written for this run.
+    """
+
+    config: ValidationConfig
+    ranks: Mapping[int, int] = field(default_factory=dict)
+    done: frozenset[tuple[str, int]] = frozenset()
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        t0 = time.perf_counter()
+        out: list[dict[str, Any]] = []
+        for raw in batch.to_dict("records"):
+            sid, source = str(raw["structure_id"]), str(raw["source"])
+            occurrence = int(self.ranks.get(int(raw["order"]), 0))
+            if (sid, occurrence) in self.done:
+                continue
+            if occurrence:
+                out.append(_reject_row(sid, source, occurrence, str(RejectCode.DUPLICATE_ID),
+                                       f"structure_id {sid!r} already used by an earlier input "
+                                       f"(this is occurrence {occurrence}); give every structure "
+                                       "a unique id"))
+                continue
+            good, bad = validate_row(raw, self.config)
+            if good is None:
+                out.append(_reject_row(sid, source, 0, bad["reason"], bad["message"]))
+            else:
+                out.append({"structure_id": sid, "source": source, "occurrence": 0, "kind": VALID,
+                            "formula": good["formula"], "chemsys": good["chemsys"],
+                            "nsites": int(good["nsites"]),
+                            "structure_json": good["structure_json"]})
+        return _with_time(_frame(out), "t_validate", t0)
+
+
+_BASE_COLUMNS = ("structure_id", "source", "occurrence", "kind", "reason", "message", "formula",
+                 "chemsys", "nsites", "structure_json")
+
+
+def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Rows as a DataFrame with at least the base columns (empty batches keep their columns)."""
+    df = pd.DataFrame(rows)
+    for col in _BASE_COLUMNS:
+        if col not in df.columns:
+            df[col] = pd.Series([None] * len(df), dtype=object)
+    df["occurrence"] = df["occurrence"].fillna(0).astype(np.int64)
+    df["nsites"] = df["nsites"].fillna(0).astype(np.int64)
+    return df
+
+
+def _with_time(df: pd.DataFrame, column: str, t0: float) -> pd.DataFrame:
+    """Add ``column`` = elapsed seconds since ``t0`` split evenly over the rows."""
+    df[column] = (time.perf_counter() - t0) / max(len(df), 1)
+    return df
+
+
+def _fail(df: pd.DataFrame, i: Any, message: str) -> None:
+    """Turn row ``i`` of ``df`` into an inference_failed reject (in place)."""
+    df.at[i, "kind"] = REJECT
+    df.at[i, "reason"] = str(RejectCode.INFERENCE_FAILED)
+    df.at[i, "message"] = message
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    return text if len(text) < 300 else text[:300] + "..."
+
+
+# --------------------------------------------------------------------------- graphs
+def count_edges(graph: Any) -> int:
+    """Directed edges of a backbone graph: CHGNet ``atom_graph`` [E, 2] or PyG/MACE
+    ``edge_index`` [2, E]; falls back to the atom count."""
+    atom_graph = getattr(graph, "atom_graph", None)
+    if atom_graph is not None:
+        return int(atom_graph.shape[0])
+    edge_index = getattr(graph, "edge_index", None)
+    if edge_index is None and isinstance(graph, Mapping):
+        edge_index = graph.get("edge_index")
+    if edge_index is not None:
+        return int(edge_index.shape[-1])
+    return int(getattr(graph, "num_nodes", 1) or 1)
+
+
+class GraphStage:
+    """CPU stage: backbone graph, edge count, hull inputs (eV/atom), SOAP cluster, composition.
+
+    Loads the backbone (for its own neighbour list), the reference hull and the model's SOAP
+    clusterer once per actor. A structure whose graph or hull inputs fail becomes an
+    ``inference_failed`` reject.
+    """
+
+    def __init__(self, *, model: str, references: str) -> None:
+        from cathode_ray.data.references import ReferenceHull
+        from cathode_ray.data.splits import SoapClusterer
+        from cathode_ray.model.artifact import ModelDir
+        from cathode_ray.model.backbones import load_backbone
+
+        md = ModelDir(uri=model)
+        manifest = md.read_manifest(verify=False)
+        files = md.verify(manifest)
+        self.backbone = load_backbone(manifest["backbone"]["spec"], device="cpu")
+        self.hull = ReferenceHull.from_source(references)
+        soap = files.get("soap_clusterer.json")
+        self.clusterer = None if soap is None else SoapClusterer.from_dict(json.loads(soap))
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        from pymatgen.core import Structure
+
+        from cathode_ray.train.features import hull_inputs
+
+        t0 = time.perf_counter()
+        df = batch.reset_index(drop=True)
+        n = len(df)
+        graphs: list[Any] = [None] * n
+        cols: dict[str, list[Any]] = {k: [None] * n for k in (
+            "n_edges", "hull_pa", "corr_pa", "has_ref", "soap_cluster", "composition")}
+        ok: list[int] = []
+        structures: list[Structure] = []
+        for i in np.flatnonzero(df["kind"].to_numpy() == VALID):
+            try:
+                s = Structure.from_str(df.at[i, "structure_json"], fmt="json")
+                graph = self.backbone.build_graph(s)
+                hull_pa, corr_pa, has_ref = hull_inputs([s], self.backbone, self.hull)
+            except Exception as exc:  # noqa: BLE001 - one bad structure must not kill the batch
+                _fail(df, i, f"graph/hull inputs failed ({_short(exc)})")
+                continue
+            graphs[i] = graph
+            cols["n_edges"][i] = count_edges(graph)
+            cols["hull_pa"][i], cols["corr_pa"][i] = float(hull_pa[0]), float(corr_pa[0])
+            cols["has_ref"][i] = bool(has_ref[0])
+            cols["composition"][i] = json.dumps(
+                {el.symbol: float(a) for el, a in s.composition.fractional_composition.items()})
+            ok.append(int(i))
+            structures.append(s)
+        for i, c in zip(ok, self._clusters(structures), strict=True):
+            cols["soap_cluster"][i] = c
+        df["graph"] = pd.Series(graphs, dtype=object)
+        for k, v in cols.items():
+            df[k] = pd.Series(v, dtype=object)
+        df = df.drop(columns=["structure_json"])
+        return _with_time(df, "t_graph", t0)
+
+    def _clusters(self, structures: list[Any]) -> list[int | None]:
+        if self.clusterer is None or not structures:
+            return [None] * len(structures)
+        try:
+            return [int(c) for c in self.clusterer.assign(structures)]
+        except Exception as exc:  # noqa: BLE001 - clusters only refine calibration
+            log.warning("SOAP cluster assignment failed (%s); using global calibration", exc)
+            return [None] * len(structures)
+
+
+# --------------------------------------------------------------------------- inference
+def edge_batches(n_edges: Sequence[int], max_edges: int) -> list[list[int]]:
+    """Split positions 0..N-1 (in order) into sub-batches whose edge sums stay <= max_edges.
+
+    A single structure with more edges than the budget gets a sub-batch of its own.
+    """
+    if max_edges < 1:
+        raise ValueError(f"max_edges must be >= 1, got {max_edges}")
+    batches: list[list[int]] = []
+    current: list[int] = []
+    total = 0
+    for i, e in enumerate(n_edges):
+        e = int(e)
+        if current and total + e > max_edges:
+            batches.append(current)
+            current, total = [], 0
+        current.append(i)
+        total += e
+    if current:
+        batches.append(current)
+    return batches
+
+
+class InferenceStage:
+    """Actor stage: ensemble inference (edge-budget sub-batches) then calibration/OOD/triage.
+
+    The model is loaded and hash-verified once per actor (``Ensemble.load``). A sub-batch that
+    raises is retried one structure at a time; structures that still fail become
+    ``inference_failed`` rejects, never lost rows.
+    """
+
+    def __init__(self, *, model: str, device: str = "cpu", max_edges: int = 50_000,
+                 run_id: str) -> None:
+        from cathode_ray.calibrate.calibrator import Calibrator
+        from cathode_ray.model.ensemble import Ensemble
+
+        self.ensemble = Ensemble.load(model, device=device)
+        self.calibrator = Calibrator.from_files(self.ensemble.files, where=model)
+        self.device = device
+        self.max_edges = max_edges
+        self.run_id = run_id
+
+    def _predict(self, df: pd.DataFrame, idx: Sequence[int]) -> Any:
+        import torch
+
+        from cathode_ray.model.member import ThermoInputs
+
+        thermo = ThermoInputs(
+            hull_pa=torch.tensor([float(df.at[i, "hull_pa"]) for i in idx], dtype=torch.float32),
+            corr_pa=torch.tensor([float(df.at[i, "corr_pa"]) for i in idx], dtype=torch.float32),
+            has_ref=torch.tensor([bool(df.at[i, "has_ref"]) for i in idx], dtype=torch.bool),
+        )
+        graphs = [df.at[i, "graph"] for i in idx]
+        return self.ensemble.predict_graphs(graphs, thermo, device=self.device,
+                                            batch_size=len(idx))
+
+    def _predict_robust(self, df: pd.DataFrame, idx: list[int]) -> list[tuple[list[int], Any]]:
+        try:
+            return [(idx, self._predict(df, idx))]
+        except Exception as exc:  # noqa: BLE001 - fall back to one structure at a time
+            if len(idx) == 1:
+                _fail(df, idx[0], f"ensemble inference failed ({_short(exc)})")
+                return []
+            return [p for i in idx for p in self._predict_robust(df, [i])]
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        from cathode_ray.calibrate.calibrator import RESULT_COLUMNS
+        from cathode_ray.model.prediction import EnsemblePrediction
+
+        t0 = time.perf_counter()
+        df = batch.reset_index(drop=True)
+        valid = [int(i) for i in np.flatnonzero(df["kind"].to_numpy() == VALID)]
+        edges = [int(df.at[i, "n_edges"]) for i in valid]
+        parts: list[tuple[list[int], Any]] = []
+        for sub in edge_batches(edges, self.max_edges):
+            parts.extend(self._predict_robust(df, [valid[j] for j in sub]))
+        t1 = time.perf_counter()
+        result: dict[str, list[Any]] = {c: [None] * len(df) for c in
+                                        (*RESULT_COLUMNS, "zero_shot_ehull", "has_reference")}
+        if parts:
+            rows = [i for idx, _ in parts for i in idx]
+            pred = EnsemblePrediction.concat([p for _, p in parts])
+            self._calibrate(df, rows, pred, result)
+        for k, v in result.items():
+            df[k] = pd.Series(v, dtype=object)
+        df["model_id"] = self.ensemble.model_id
+        df["run_id"] = self.run_id
+        df = df.drop(columns=["graph"])
+        n = max(len(df), 1)
+        df["t_infer"] = (t1 - t0) / n
+        df["t_calibrate"] = (time.perf_counter() - t1) / n
+        return df
+
+    def _calibrate(self, df: pd.DataFrame, rows: list[int], pred: Any,
+                   result: dict[str, list[Any]]) -> None:
+        clusters_raw = [df.at[i, "soap_cluster"] for i in rows]
+        clusters = (None if any(c is None or pd.isna(c) for c in clusters_raw)
+                    else np.asarray(clusters_raw, dtype=int))
+        comps = [json.loads(df.at[i, "composition"]) for i in rows]
+        try:
+            cols = self.calibrator.apply(pred, clusters, comps)
+        except Exception as exc:  # noqa: BLE001 - calibration failure rejects the rows
+            for i in rows:
+                _fail(df, i, f"calibration failed ({_short(exc)})")
+            return
+        for k, values in cols.items():
+            for i, v in zip(rows, values, strict=True):
+                result[k][i] = v.item() if hasattr(v, "item") else v
+        zs = pred.zero_shot_ehull
+        for j, i in enumerate(rows):
+            result["zero_shot_ehull"][i] = None if not np.isfinite(zs[j]) else float(zs[j])
+            result["has_reference"][i] = bool(pred.has_reference[j])
+
+
+# --------------------------------------------------------------------------- output
+def split_output(df: pd.DataFrame, *, run_id: str) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
+    """(results table, rejects table, stats) of a batch of final rows, schemas enforced."""
+    stats: dict[str, Any] = {s: float(df[s].fillna(0).sum()) if s in df.columns else 0.0
+                             for s in STAGE_TIMES}
+    stats["rows"] = len(df)
+    is_result = (df["kind"] == VALID).to_numpy() if len(df) else np.zeros(0, dtype=bool)
+    res = df.loc[is_result]
+    rej = df.loc[~is_result].copy()
+    rej["run_id"] = run_id
+    rej["message"] = rej["message"].fillna("")
+    rej["reason"] = rej["reason"].fillna(str(RejectCode.INFERENCE_FAILED))
+    res_table = conform(_to_arrow(res, RESULT_SCHEMA), RESULT_SCHEMA)
+    rej_table = conform(_to_arrow(rej, SCREEN_REJECT_SCHEMA), SCREEN_REJECT_SCHEMA)
+    return res_table, rej_table, stats
+
+
+def _to_arrow(df: pd.DataFrame, schema: pa.Schema) -> pa.Table:
+    cols = {}
+    for f in schema:
+        if f.name in df.columns:
+            values = [None if (v is None or (isinstance(v, float) and np.isnan(v))
+                               and not pa.types.is_floating(f.type)) else v
+                      for v in df[f.name].tolist()]
+            cols[f.name] = pa.array(values, type=f.type, from_pandas=True)
+    return pa.table(cols) if cols else pa.table({})
+
+
+def _write_parquet(table: pa.Table, fs: pafs.FileSystem, path: str) -> None:
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    pq.write_table(table, path, filesystem=fs, compression="zstd")
+
+
+class ScreenSink(Datasink):
+    """Two-way Parquet sink: result rows to ``results_uri``, rejects to ``rejects_uri``.
+
+    Each write task gets at least ``min_rows_per_write`` rows (sensible file sizes) and writes at
+    most one results file and one rejects file named ``part-<attempt>-<task>.parquet``; a retried
+    task overwrites its own files (idempotent). ``stats`` holds the summed per-task statistics
+    after ``write_datasink`` returns (counts and busy seconds per stage).
+    """
+
+    def __init__(self, *, results_uri: str, rejects_uri: str, run_id: str,
+                 min_rows: int = 20_000, attempt: str | None = None) -> None:
+        # filesystems resolved on the driver (S3 endpoint/region from its environment) and
+        # pickled to the write tasks, so workers need no AWS_* variables of their own
+        self.results_fs, self.results_path = filesystem_for(results_uri)
+        self.rejects_fs, self.rejects_path = filesystem_for(rejects_uri)
+        self.run_id = run_id
+        self.min_rows = min_rows
+        self.attempt = attempt or uuid.uuid4().hex[:12]
+        self.stats: dict[str, Any] = {}
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.min_rows
+
+    def get_name(self) -> str:
+        return "ScreenParquet"
+
+    def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, Any]:
+        frames = [b.to_pandas() if isinstance(b, pa.Table) else b for b in blocks]
+        frames = [f for f in frames if len(f)]
+        if not frames:
+            return {"rows": 0, "results": 0, "rejects": 0}
+        df = pd.concat(frames, ignore_index=True)
+        res, rej, stats = split_output(df, run_id=self.run_id)
+        name = f"part-{self.attempt}-{ctx.task_idx:06d}.parquet"
+        if res.num_rows:
+            _write_parquet(res, self.results_fs, f"{self.results_path}/{name}")
+        if rej.num_rows:
+            _write_parquet(rej, self.rejects_fs, f"{self.rejects_path}/{name}")
+        stats.update(results=res.num_rows, rejects=rej.num_rows)
+        return stats
+
+    def on_write_complete(self, write_result: Any) -> None:
+        total: dict[str, Any] = {}
+        for part in getattr(write_result, "write_returns", []) or []:
+            for k, v in (part or {}).items():
+                total[k] = total.get(k, 0) + v
+        self.stats = total

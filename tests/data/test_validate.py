@@ -1,0 +1,154 @@
+"""Structure validation and reject rows (cathode_ray/data/validate.py)."""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import math
+from pathlib import Path
+
+import pytest
+from pymatgen.core import Lattice, Structure
+
+from cathode_ray.data.library import iter_library
+from cathode_ray.data.records import RejectCode
+from cathode_ray.data.validate import (
+    ValidationConfig,
+    validate_row,
+    validate_rows,
+    validate_structure,
+)
+from tests.data.badfiles import licoo2, write_bad_library, write_good_library
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"  # ../shared/data of the repo
+DEFAULT = ValidationConfig()
+
+
+def _check(structure: Structure, config: ValidationConfig = DEFAULT, **labels) -> RejectCode | None:
+    reject = validate_structure(structure, structure_id="t", source="test", config=config,
+                                labels=labels or None)
+    return None if reject is None else reject.reason
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="max_atoms"):
+        ValidationConfig(max_atoms=0)
+    with pytest.raises(ValueError, match="cutoff"):
+        ValidationConfig(cutoff=0.4)
+    with pytest.raises(ValueError, match="transition_metals"):
+        ValidationConfig(transition_metals=("Co", "Am"))
+    with pytest.raises(TypeError):
+        ValidationConfig(500)  # type: ignore[misc]  # keyword-only
+
+
+def test_valid_structure_passes() -> None:
+    assert _check(licoo2()) is None
+
+
+def test_each_check_on_built_structures() -> None:
+    base = licoo2()
+    disordered = base.copy()
+    disordered.replace(1, {"Co": 0.5, "Ni": 0.5})
+    assert _check(disordered) == RejectCode.PARTIAL_OCCUPANCY
+    assert _check(base.make_supercell((7, 7, 1), in_place=False)) == RejectCode.TOO_MANY_ATOMS
+    assert _check(base, ValidationConfig(max_atoms=11)) == RejectCode.TOO_MANY_ATOMS
+    heavy = base.copy()
+    heavy.replace(0, "Am")
+    assert _check(heavy) == RejectCode.UNSUPPORTED_ELEMENT
+    left = Structure(Lattice(-base.lattice.matrix), base.species, base.frac_coords)
+    assert _check(left) == RejectCode.DEGENERATE_LATTICE
+    twin = base.copy()
+    twin.append("O", base[-1].frac_coords)  # exactly on top of another atom: distance 0
+    assert _check(twin) == RejectCode.OVERLAPPING_ATOMS
+    assert _check(twin, ValidationConfig(require_li=False)) == RejectCode.OVERLAPPING_ATOMS
+
+
+def test_nan_and_degenerate_never_reach_neighbour_search() -> None:
+    d = licoo2().as_dict()
+    d["sites"][0]["abc"] = [math.nan, 0.0, 0.0]
+    assert _check(Structure.from_dict(d)) == RejectCode.NON_FINITE_COORDINATES
+    d = licoo2().as_dict()
+    d["lattice"]["matrix"] = [[math.nan, 0, 0], [0, 3, 0], [0, 0, 3]]
+    assert _check(Structure.from_dict(d)) == RejectCode.DEGENERATE_LATTICE
+    d["lattice"]["matrix"] = [[0, 0, 0], [0, 0, 0], [0, 0, 0]]
+    assert _check(Structure.from_dict(d)) == RejectCode.DEGENERATE_LATTICE
+
+
+def test_isolated_atom_depends_on_cutoff() -> None:
+    s = Structure(Lattice.cubic(20.0), ["Li", "Co", "O", "O"],
+                  [[0, 0, 0], [1.9, 0, 0], [3.8, 0, 0], [3.8, 0, 6.8]], coords_are_cartesian=True)
+    assert _check(s) == RejectCode.ISOLATED_ATOM  # last O is 6.8 A from its nearest neighbour
+    assert _check(s, ValidationConfig(cutoff=7.5)) is None
+    assert _check(s, ValidationConfig(reject_isolated=False)) is None  # ingest of labelled MP data
+
+
+def test_scope_messages_say_what_is_missing() -> None:
+    s = licoo2()
+    s.replace_species({"Li": "Na", "Co": "Al"})
+    reject = validate_structure(s, structure_id="t", source="x", config=DEFAULT)
+    assert reject.reason == RejectCode.OUT_OF_SCOPE
+    assert "no Li" in reject.message and "no transition metal" in reject.message
+    assert _check(s, ValidationConfig(require_li=False, require_tm=False)) is None
+
+
+def test_missing_label_only_when_required() -> None:
+    labelled = ValidationConfig(require_label=True)
+    assert _check(licoo2(), labelled) == RejectCode.MISSING_LABEL
+    assert _check(licoo2(), labelled, energy_above_hull=math.nan) == RejectCode.MISSING_LABEL
+    assert _check(licoo2(), labelled, energy_above_hull=0.02) is None
+    assert _check(licoo2()) is None
+
+
+def test_bad_corpus_gives_expected_codes(tmp_path: Path) -> None:
+    expected = write_bad_library(tmp_path)
+    raw = list(iter_library(str(tmp_path)))
+    valid, rejects = validate_rows(raw, DEFAULT)
+    assert valid == []
+    assert len(rejects) == len(raw) == len(expected)
+    got = {Path(r["source"]).name: RejectCode(r["reason"]) for r in rejects}
+    assert got == expected
+    assert set(expected.values()) >= set(RejectCode) - {RejectCode.MISSING_LABEL,
+                                                         RejectCode.INFERENCE_FAILED}
+    assert all(r["message"] for r in rejects)
+
+
+def test_good_and_bad_together_conserve_inputs(tmp_path: Path) -> None:
+    counts = write_good_library(tmp_path / "good")
+    write_bad_library(tmp_path / "bad")
+    raw = list(iter_library(str(tmp_path)))
+    valid, rejects = validate_rows(raw, DEFAULT)
+    assert len(valid) == sum(counts.values())
+    assert len(valid) + len(rejects) == len(raw)
+    ids = [r["structure_id"] for r in valid] + [r["structure_id"] for r in rejects]
+    assert sorted(ids) == sorted(r["structure_id"] for r in raw)
+    row = next(r for r in valid if r["structure_id"] == "list-b")
+    assert row["formula"] == "LiMn2O4" and row["chemsys"] == "Li-Mn-O" and row["nsites"] == 14
+    assert row["energy_above_hull"] == pytest.approx(0.012)
+    assert Structure.from_str(row["structure_json"], fmt="json").composition.reduced_formula == "LiMn2O4"
+
+
+def test_duplicate_ids_first_wins_and_validate_row_has_no_dup_check() -> None:
+    raw = {"structure_id": "same", "source": "a", "fmt": "pymatgen_json", "error": "",
+           "payload": licoo2().to_json()}
+    valid, rejects = validate_rows([raw, {**raw, "source": "b"}, {**raw, "source": "c"}], DEFAULT)
+    assert [v["source"] for v in valid] == ["a"]
+    assert [r["reason"] for r in rejects] == ["duplicate_id"] * 2 and "from a" in rejects[0]["message"]
+    good, bad = validate_row(raw, DEFAULT)
+    assert bad is None and good["structure_id"] == "same"
+    good, bad = validate_row({**raw, "payload": "{}"}, DEFAULT)
+    assert good is None and bad["reason"] == "unparseable"
+
+
+def test_real_snapshot_sample_validates() -> None:
+    path = SHARED / "mp_litmo_summary.jsonl.gz"
+    if not path.exists():
+        pytest.skip(f"MP snapshot not found at {path} (expected ../shared/data next to the repo)")
+    with gzip.open(path, "rt") as fh:
+        docs = [json.loads(line) for line in itertools.islice(fh, 60)]
+    raw = [{"structure_id": d["material_id"], "source": "mp", "fmt": "pymatgen_json", "error": "",
+            "payload": json.dumps(d["structure"]), "energy_above_hull": d["energy_above_hull"]}
+           for d in docs]
+    valid, rejects = validate_rows(raw, ValidationConfig(require_label=True))
+    assert len(valid) + len(rejects) == len(docs)
+    assert len(valid) >= 0.95 * len(docs), rejects

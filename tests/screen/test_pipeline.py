@@ -1,0 +1,96 @@
+"""Integration: real Ray Data pipeline with a small trained CHGNet ensemble (slow)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from cathode_ray.screen import runs
+from cathode_ray.screen.pipeline import ScreenConfig, run
+from cathode_ray.screen.schema import RESULT_SCHEMA, SCREEN_REJECT_SCHEMA
+from cathode_ray.storage import filesystem_for
+from tests.screen.tiny_model import small_docs
+
+pytestmark = pytest.mark.slow
+
+
+def _read(uri: str):
+    fs, path = filesystem_for(uri)
+    return pq.read_table(path, filesystem=fs, partitioning=None)
+
+
+def _config(model: Path, references: str, **kw) -> ScreenConfig:
+    return ScreenConfig(model=str(model), references=references, min_rows_per_file=1000,
+                        verbose=False, **kw)
+
+
+def test_demo_library_to_s3(s3_server, local_ray, tiny_model, references) -> None:
+    out = "s3://screen/prefix"
+    summary = run(_config(tiny_model, references, library="demo", demo_size=24, out=out,
+                          run_id="demo1"))
+    paths = runs.RunPaths(dest=out, run_id="demo1")
+    results = _read(paths.results)
+    assert results.schema.remove_metadata() == RESULT_SCHEMA
+    rejects = _read(paths.rejects) if summary.n_rejects else None
+    assert results.num_rows + (rejects.num_rows if rejects is not None else 0) == 24
+    assert summary.n_inputs == 24 and summary.n_results == results.num_rows
+    assert len(set(results.column("structure_id").to_pylist())) == results.num_rows
+    assert set(results.column("run_id").to_pylist()) == {"demo1"}
+    assert set(results.column("decision").to_pylist()) <= {"KEEP", "MAYBE", "KILL"}
+    manifest = runs.read_json(paths.manifest)
+    assert manifest["status"] == "complete" and manifest["n_inputs"] == 24
+    assert manifest["invariant"]["results_plus_rejects_equals_inputs"]
+    assert manifest["model_id"] and "ray" in manifest["versions"]
+    assert runs.read_json(paths.lock) is None  # released
+    with pytest.raises(FileExistsError):  # same run id without --resume is refused
+        run(_config(tiny_model, references, library="demo", demo_size=24, out=out,
+                    run_id="demo1"))
+
+
+def _bad_library(root: Path) -> Path:
+    """Good jsonl (12 docs), a malformed CIF, a no-Li structure, a duplicate id, a bad gz."""
+    lib = root / "lib"
+    lib.mkdir(parents=True)
+    docs = small_docs(12)
+    (lib / "a_good.jsonl").write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    (lib / "b_dup.json").write_text(json.dumps([docs[0], docs[1]]))  # 2 duplicate ids
+    (lib / "c_broken.cif").write_text("data_x\n_cell_length_a 3\nloop_\n_atom_site_label\nnonsense")
+    no_li = dict(docs[2], material_id="no-li")
+    no_li["structure"] = {**docs[2]["structure"], "sites": [
+        s for s in docs[2]["structure"]["sites"] if s["species"][0]["element"] != "Li"]}
+    (lib / "d_noli.json").write_text(json.dumps(no_li))
+    (lib / "e_trunc.jsonl.gz").write_bytes(gzip.compress(b'{"material_id": "x"}\n' * 50)[:30])
+    return lib
+
+
+def test_bad_files_keep_invariant_and_resume(local_ray, tiny_model, references,
+                                              tmp_path) -> None:
+    lib = _bad_library(tmp_path)
+    out = str(tmp_path / "dest")
+    # interrupted run: only the first file, same run id
+    first = run(_config(tiny_model, references, library=str(lib / "a_good.jsonl"), out=out,
+                        run_id="r1"))
+    assert first.n_inputs == 12
+    full = run(_config(tiny_model, references, library=str(lib), out=out, run_id="r1",
+                       resume=True))
+    assert full.n_skipped == first.n_results + first.n_rejects
+    paths = runs.RunPaths(dest=out, run_id="r1")
+    res, rej = _read(paths.results), _read(paths.rejects)
+    assert rej.schema.remove_metadata() == SCREEN_REJECT_SCHEMA
+    assert res.num_rows + rej.num_rows == full.n_inputs == 12 + 2 + 1 + 1 + 1
+    reasons = rej.column("reason").to_pylist()
+    assert reasons.count("duplicate_id") == 2
+    assert {"unparseable", "out_of_scope", "unreadable_file"} <= set(reasons)
+    ids = res.column("structure_id").to_pylist()
+    assert len(ids) == len(set(ids))
+    # an uninterrupted run into another run id gives the same rows
+    fresh = run(_config(tiny_model, references, library=str(lib), out=out, run_id="r2"))
+    res2 = _read(runs.RunPaths(dest=out, run_id="r2").results)
+    assert sorted(res2.column("structure_id").to_pylist()) == sorted(ids)
+    assert fresh.reject_reasons == full.reject_reasons
+    manifest = runs.read_json(paths.manifest)
+    assert len(manifest["attempts"]) == 2 and manifest["status"] == "complete"

@@ -1,0 +1,146 @@
+"""Unit tests: edge-budget batching, duplicate ranking, schema enforcement, locks, run paths."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from cathode_ray.data.validate import ValidationConfig
+from cathode_ray.screen import runs
+from cathode_ray.screen.pipeline import ScreenConfig
+from cathode_ray.screen.schema import RESULT_SCHEMA, SCREEN_REJECT_SCHEMA, SchemaError, conform
+from cathode_ray.screen.stages import (
+    ValidateStage,
+    count_edges,
+    demo_raw_rows,
+    duplicate_ranks,
+    edge_batches,
+    order_key,
+    split_output,
+)
+
+
+def test_edge_batches_respect_budget_and_order() -> None:
+    edges = [10, 20, 30, 5, 100, 1, 1]
+    batches = edge_batches(edges, 40)
+    assert [i for b in batches for i in b] == list(range(len(edges)))
+    for b in batches:
+        assert sum(edges[i] for i in b) <= 40 or len(b) == 1  # oversized alone
+    assert [4] in batches
+    assert edge_batches([], 10) == []
+    with pytest.raises(ValueError):
+        edge_batches([1], 0)
+
+
+def test_duplicate_ranks_first_occurrence_wins() -> None:
+    sids = ["a", "b", "a", "a"]
+    orders = [order_key(1, 0), order_key(0, 3), order_key(0, 1), order_key(2, 0)]
+    ranks = duplicate_ranks(sids, orders)
+    # "a" occurs at (0,1) first -> k=0 (not listed), then (1,0) -> 1, then (2,0) -> 2
+    assert ranks == {order_key(1, 0): 1, order_key(2, 0): 2}
+
+
+def test_count_edges_chgnet_and_pyg_shapes() -> None:
+    import torch
+
+    class G:
+        atom_graph = torch.zeros((17, 2))
+
+    class P:
+        edge_index = torch.zeros((2, 9))
+
+    assert count_edges(G()) == 17
+    assert count_edges(P()) == 9
+
+
+def test_validate_stage_marks_duplicates_and_skips_done() -> None:
+    from cathode_ray.data.demo import demo_library
+
+    raw = demo_raw_rows(demo_library(3))
+    raw.append({**raw[0], "order": order_key(0, 3)})  # duplicate id
+    raw.append({"structure_id": "bad", "source": "x", "fmt": "cif", "payload": "junk",
+                "error": "", "order": order_key(0, 4)})
+    ranks = duplicate_ranks([r["structure_id"] for r in raw], [r["order"] for r in raw])
+    stage = ValidateStage(config=ValidationConfig(), ranks=ranks,
+                          done=frozenset({(raw[1]["structure_id"], 0)}))
+    out = stage(pd.DataFrame(raw))
+    assert len(out) == 4  # one skipped as done
+    by_id = out.groupby("kind").size().to_dict()
+    assert by_id == {"valid": 2, "reject": 2}
+    assert set(out.loc[out.kind == "reject", "reason"]) == {"duplicate_id", "unparseable"}
+    assert out.loc[out.reason == "duplicate_id", "occurrence"].tolist() == [1]
+
+
+def _result_row(**kw: object) -> dict:
+    row = {f.name: 0.1 for f in RESULT_SCHEMA if pa.types.is_floating(f.type)}
+    row |= {"structure_id": "s1", "formula": "LiCoO2", "chemsys": "Co-Li-O", "nsites": 4,
+            "ood_gates": "", "soap_cluster": 1, "decision": "KEEP", "decision_reason": "r",
+            "model_id": "m", "run_id": "r1", "has_reference": True}
+    return row | kw
+
+
+def test_conform_enforces_schema() -> None:
+    table = pa.Table.from_pylist([_result_row(extra="dropped")])
+    out = conform(table, RESULT_SCHEMA)
+    assert out.schema == RESULT_SCHEMA
+    with pytest.raises(SchemaError, match="missing"):
+        conform(table.drop_columns(["decision"]), RESULT_SCHEMA)
+    with pytest.raises(SchemaError, match="null/NaN"):
+        conform(pa.Table.from_pylist([_result_row(e_hull_pred=math.nan)]), RESULT_SCHEMA)
+    with pytest.raises(SchemaError, match="cast"):
+        conform(pa.Table.from_pylist([_result_row(nsites="many")]), RESULT_SCHEMA)
+
+
+def test_split_output_routes_rows() -> None:
+    res = _result_row() | {"kind": "valid", "source": "x", "occurrence": 0, "t_infer": 0.5}
+    rej = {"structure_id": "s2", "source": "x", "kind": "reject", "occurrence": 1,
+           "reason": "duplicate_id", "message": "m", "t_validate": 0.25}
+    results, rejects, stats = split_output(pd.DataFrame([res, rej]), run_id="r1")
+    assert results.schema == RESULT_SCHEMA and results.num_rows == 1
+    assert rejects.schema == SCREEN_REJECT_SCHEMA and rejects.num_rows == 1
+    assert rejects.column("run_id").to_pylist() == ["r1"]
+    assert stats["t_infer"] == 0.5 and stats["t_validate"] == 0.25 and stats["rows"] == 2
+
+
+def test_run_lock_is_exclusive_and_released(tmp_path) -> None:
+    uri = str(tmp_path / "_runs" / "r.lock")
+    with runs.RunLock(uri=uri, run_id="r"):
+        held = json.loads(open(uri).read())
+        assert held["pid"] == os.getpid()
+        with pytest.raises(runs.RunLockedError):
+            runs.RunLock(uri=uri, run_id="r").acquire()
+        runs.RunLock(uri=str(tmp_path / "_runs" / "other.lock"), run_id="other").acquire().release()
+    assert not os.path.exists(uri)
+
+
+def test_abandoned_lock_is_taken_over(tmp_path) -> None:
+    uri = str(tmp_path / "_runs" / "r.lock")
+    runs.write_json(uri, {"owner": "ghost", "host": "elsewhere", "pid": 1, "expires": 0})
+    lock = runs.RunLock(uri=uri, run_id="r").acquire()
+    assert json.loads(open(uri).read())["owner"] == lock.owner
+    lock.release()
+
+
+def test_run_paths_and_ids() -> None:
+    p = runs.RunPaths(dest="s3://b/pre", run_id="r1")
+    assert p.results == "s3://b/pre/results/run_id=r1"
+    assert p.lock == "s3://b/pre/_runs/r1.lock"
+    assert runs.check_run_id(runs.new_run_id())
+    with pytest.raises(ValueError):
+        runs.check_run_id("../x")
+
+
+def test_screen_config_validation() -> None:
+    base = {"library": "demo", "model": "m", "out": "o", "references": "snapshot:x"}
+    ScreenConfig(**base)
+    with pytest.raises(ValueError):
+        ScreenConfig(**base, resume=True)
+    with pytest.raises(ValueError):
+        ScreenConfig(**base, cpu_actors=0)
+    with pytest.raises(ValueError):
+        ScreenConfig(**base, max_edges_per_batch=0)
