@@ -98,11 +98,14 @@ def subset(d: MemberData, idx: list[int]) -> MemberData:
                       corr_pa=d.corr_pa[i], has_ref=d.has_ref[i])
 
 
-def summarize(name: str, runs: list[MemberRun], wall: float) -> None:
+def summarize(name: str, runs: list[MemberRun], wall: float, called_at: float) -> None:
+    """Wall time, and its split: launch (call -> first member training), training (first start ->
+    last end, all members) and collection (last end -> return)."""
     epoch_s = sum(h["seconds"] for r in runs for h in r.fit.history)
-    print(f"{name:>6}: wall {wall:7.1f} s | sum of epoch times {epoch_s:6.1f} s | "
-          f"members {len(runs)} | restarts {sum(r.restarts for r in runs)}")
-    t0 = min(r.started_at for r in runs)
+    t0, t1 = min(r.started_at for r in runs), max(r.ended_at for r in runs)
+    print(f"{name:>6}: wall {wall:7.1f} s = launch {t0 - called_at:5.1f} + training {t1 - t0:5.1f} + "
+          f"collect {called_at + wall - t1:5.1f} s | sum of epoch times {epoch_s:6.1f} s | "
+          f"restarts {sum(r.restarts for r in runs)}")
     for r in runs:
         print(f"        member {r.index} seed {r.seed}: window [{r.started_at - t0:6.1f}, "
               f"{r.ended_at - t0:6.1f}] s, epochs {r.fit.epochs_run}, best val MAE "
@@ -156,14 +159,14 @@ def main() -> None:
     t_init = time.perf_counter() - t
     resources = RayTrainResources(address=args.address, cpus_per_member=args.cpus_per_member,
                                   gpus_per_member=args.gpus_per_member)
-    t = time.perf_counter()
+    t, ray_called = time.perf_counter(), time.time()
     ray_runs = train_members("chgnet", train, val, normalizer, configs, resources)
     t_ray = time.perf_counter() - t
     ray.shutdown()
 
     t_local = float("nan")
     if not args.skip_local:
-        t = time.perf_counter()
+        t, local_called = time.perf_counter(), time.time()
         local_runs = train_members_local("chgnet", train, val, normalizer, configs)
         t_local = time.perf_counter() - t
 
@@ -172,9 +175,9 @@ def main() -> None:
           f"torch threads local {torch.get_num_threads()}, host CPUs {os.cpu_count()}, "
           f"load avg {os.getloadavg()[0]:.1f}")
     print(f"ray.init {t_init:.1f} s (not counted)")
-    summarize("ray", ray_runs, t_ray)
+    summarize("ray", ray_runs, t_ray, ray_called)
     if not args.skip_local:
-        summarize("local", local_runs, t_local)
+        summarize("local", local_runs, t_local, local_called)
         print(f"\nspeed-up local/ray = {t_local / t_ray:.2f}x  (ray {t_ray:.1f} s vs local {t_local:.1f} s)")
 
 

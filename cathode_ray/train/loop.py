@@ -169,6 +169,7 @@ def _train_epoch(member: Member, backbone: Backbone, data: MemberData, opt: torc
     if not config.train_last_block:
         member.last_block.eval()
     gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+    torch.manual_seed(config.seed * 1_000_003 + epoch)  # dropout: same masks after a resume
     order = torch.randperm(len(data), generator=gen).numpy()
     drop = torch.rand(len(data), generator=gen) < config.ref_dropout  # [N]
     total, steps = 0.0, 0
@@ -238,7 +239,7 @@ def fit_member(
         if on_epoch is not None:
             state = {"member": member.trainable_state(), "optimizer": copy.deepcopy(opt.state_dict()),
                      "epoch": epoch, "best_mae": best_mae, "best_epoch": best_epoch, "best_rho": best_rho,
-                     "bad_epochs": bad, "history": history, "best_state": best_state}
+                     "bad_epochs": bad, "history": [dict(h) for h in history], "best_state": best_state}
             on_epoch(EpochReport(epoch=epoch, train_loss=loss, val_mae=mae, val_spearman=rho,
                                  seconds=history[-1]["seconds"], state=state))
     return FitResult(member_state=best_state, best_epoch=best_epoch, epochs_run=len(history),

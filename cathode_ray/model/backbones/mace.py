@@ -49,7 +49,7 @@ from .base import (
 #: Backbone spec name -> key of ``mace.calculators.foundations_models.mace_mp_urls``.
 #: Only models trained on MP-compatible PBE/PBE+U energies (MPtrj, sAlex) are aliased: their
 #: energies can be MP2020-corrected and compared with the MP hull. Other foundation models
-#: (OMat, MatPES r2SCAN, multi-head) are reachable as ``mace-mp:KEY`` on the caller's own risk.
+#: (OMat, MatPES r2SCAN, multi-head) are reachable as ``mace-mp:KEY`` at the caller's risk.
 FOUNDATION_ALIASES: dict[str, str] = {
     "mace-mp-0-small": "small",
     "mace-mp-0-medium": "medium",
