@@ -44,6 +44,9 @@ class HeadConfig:
 class EhullHead(nn.Module):
     """Maps (embedding [B, D], zero-shot E_hull [B], has_ref [B]) to normalised outputs.
 
+    The embedding is standardised with per-channel statistics of the training set, stored as
+    buffers (``in_mean``, ``in_std``) so they travel with the member's tensors.
+
     Returns a dict of [B] tensors: ``q10``, ``q50``, ``q90`` (normalised E_hull) and
     ``logit_stable``, ``logit_metastable``.
     """
@@ -51,6 +54,8 @@ class EhullHead(nn.Module):
     def __init__(self, embedding_dim: int, config: HeadConfig) -> None:
         super().__init__()
         self.config = config
+        self.register_buffer("in_mean", torch.zeros(embedding_dim))
+        self.register_buffer("in_std", torch.ones(embedding_dim))
         extra = 2 if config.mode == "delta" else 0
         self.hidden = nn.Sequential(
             nn.Linear(embedding_dim + extra, config.hidden), nn.ReLU(), nn.Dropout(config.dropout)
@@ -62,6 +67,7 @@ class EhullHead(nn.Module):
         self, emb: torch.Tensor, zs_norm: torch.Tensor, has_ref: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         # emb [B, D]; zs_norm [B] (0 where has_ref is False); has_ref [B] bool
+        emb = (emb - self.in_mean) / self.in_std
         if self.config.mode == "delta":
             ref = has_ref.to(emb.dtype)
             zs = torch.where(has_ref, zs_norm, torch.zeros_like(zs_norm))
@@ -79,3 +85,9 @@ class EhullHead(nn.Module):
             "logit_stable": o[:, 3],
             "logit_metastable": o[:, 4],
         }
+
+    @torch.no_grad()
+    def fit_input_scaling(self, emb: torch.Tensor) -> None:
+        """Set the standardisation buffers from training embeddings emb [N, D]."""
+        self.in_mean.copy_(emb.mean(0))
+        self.in_std.copy_(emb.std(0).clamp_min(1e-6))

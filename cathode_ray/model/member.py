@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .backbones.base import Backbone, LastBlock, TrunkBatch
+from .backbones.base import Backbone, LastBlock, TrunkBatch, segment_mean
 from .head import EhullHead, HeadConfig
 
 
@@ -69,23 +69,40 @@ class ThermoInputs:
 
 
 class Member(nn.Module):
-    """Last block + head. ``forward`` returns E_hull outputs in eV/atom (decoded)."""
+    """Last block + head. ``forward`` returns E_hull outputs in eV/atom (decoded).
 
-    def __init__(self, last_block: LastBlock, embedding_dim: int, head: HeadConfig, normalizer: Normalizer) -> None:
+    The head sees the last block's structure embedding [B, D] concatenated with the frozen
+    trunk's mean scalar node features [B, D'] (both standardised), plus the zero-shot E_hull.
+    """
+
+    def __init__(self, last_block: LastBlock, head_in_dim: int, head: HeadConfig, normalizer: Normalizer) -> None:
         super().__init__()
         self.last_block = last_block
-        self.head = EhullHead(embedding_dim, head)
+        self.head = EhullHead(head_in_dim, head)
         self.normalizer = normalizer
 
     @classmethod
     def create(cls, backbone: Backbone, head: HeadConfig, normalizer: Normalizer) -> Member:
-        return cls(backbone.new_last_block(), backbone.embedding_dim, head, normalizer)
+        dim = backbone.embedding_dim + backbone.trunk_embedding_dim
+        return cls(backbone.new_last_block(), dim, head, normalizer)
 
-    def forward(self, batch: TrunkBatch, thermo: ThermoInputs) -> dict[str, torch.Tensor]:
+    def head_inputs(self, batch: TrunkBatch, thermo: ThermoInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(features [B, D + D'], zero-shot E_hull [B] eV/atom (0 without reference), e_pa [B])."""
         e_pa, emb = self.last_block(batch)  # [B] eV/atom, [B, D]
+        trunk = segment_mean(batch["node_scalars"], batch["atom_owners"], batch["n_atoms"])  # [B, D']
         zs = e_pa + thermo.corr_pa - thermo.hull_pa  # [B] zero-shot E_hull, eV/atom
         zs = torch.where(thermo.has_ref, zs, torch.zeros_like(zs))
-        out = self.head(emb, self.normalizer.encode(zs), thermo.has_ref)
+        return torch.cat([emb, trunk], dim=1), zs, e_pa
+
+    def forward(self, batch: TrunkBatch, thermo: ThermoInputs) -> dict[str, torch.Tensor]:
+        x, zs, e_pa = self.head_inputs(batch, thermo)
+        return self.outputs(x, zs, e_pa, thermo.has_ref)
+
+    def outputs(self, x: torch.Tensor, zs: torch.Tensor, e_pa: torch.Tensor,
+                has_ref: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Head outputs from precomputed head inputs (the head-only fast path uses this)."""
+        out = self.head(x, self.normalizer.encode(zs), has_ref)
+        emb = x
         n = self.normalizer
         return {
             "q10_norm": out["q10"], "q50_norm": out["q50"], "q90_norm": out["q90"],
@@ -93,7 +110,7 @@ class Member(nn.Module):
             "logit_stable": out["logit_stable"], "logit_metastable": out["logit_metastable"],
             "p_stable": torch.sigmoid(out["logit_stable"]),
             "p_metastable": torch.sigmoid(out["logit_metastable"]),
-            "zero_shot": torch.where(thermo.has_ref, zs, torch.full_like(zs, float("nan"))),
+            "zero_shot": torch.where(has_ref, zs, torch.full_like(zs, float("nan"))),
             "energy_pa": e_pa,
             "embedding": emb,
         }

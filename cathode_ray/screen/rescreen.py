@@ -194,7 +194,7 @@ def plan_changes(*, previous: Mapping[str, str], current: Mapping[str, str],
 def run_id_for(db_version: str, model_id: str, generation: int) -> str:
     """``mp-<db_version>-<model_id[:12]>-g<generation>`` (characters outside [A-Za-z0-9._-]
     of the db version become ``_``)."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", db_version)[:80] or "unknown"
+    safe = _safe(db_version)[:80] or "unknown"
     return f"mp-{safe}-{model_id[:12]}-g{generation}"
 
 
@@ -383,11 +383,7 @@ def _rescreen_locked(config: RescreenConfig, store: StateStore, lock: StateLock,
     run_id = run_id_for(versions.db_version, versions.model_id, len(history) + 1)
     counts, resumed = _screen(config, run_id, versions.db_version,
                               [docs[m] for m in plan.to_screen])
-    latest_uri = join(config.out, "latest", LATEST_FILE)
-    results = read_results(join(config.out, "results", f"run_id={run_id}"))
-    view = merge_latest(read_latest(latest_uri), results, rescreened=plan.to_screen,
-                        current=current, db_version=versions.db_version)
-    write_latest(latest_uri, view)
+    latest_uri = _update_latest(config.out, run_id, plan, current, versions.db_version)
     if config._crash_before_state_write:
         raise InjectedCrash(f"injected crash before the state write of run {run_id}")
     lock.check()
@@ -409,7 +405,19 @@ def _rescreen_locked(config: RescreenConfig, store: StateStore, lock: StateLock,
                  f"{len(plan.withdrawn)} withdrawn; run {run_id}; latest view {latest_uri}"))
 
 
+def _update_latest(out: str, run_id: str, plan: ChangePlan, current: Iterable[str],
+                   db_version: str) -> str:
+    """Merge run ``run_id``'s results into ``DEST/latest/latest.parquet``; returns its URI."""
+    latest_uri = join(out, "latest", LATEST_FILE)
+    results = read_results(join(out, "results", f"run_id={run_id}"))
+    view = merge_latest(read_latest(latest_uri), results, rescreened=plan.to_screen,
+                        current=current, db_version=db_version)
+    write_latest(latest_uri, view)
+    return latest_uri
+
+
 def _safe(db_version: str) -> str:
+    """``db_version`` with characters outside [A-Za-z0-9._-] replaced by ``_``."""
     return re.sub(r"[^A-Za-z0-9._-]", "_", db_version)
 
 

@@ -140,7 +140,7 @@ def _train(config: EnsembleTrainConfig, prepared: PreparedData, normalizer: Norm
     res = RayTrainResources(address=config.address, gpus_per_member=config.gpus_per_member,
                             cpus_per_member=config.cpus_per_member, max_failures=config.max_failures)
     runs = train_members(config.backbone, train, val, normalizer, configs, res)
-    return [r.result for r in sorted(runs, key=lambda r: r.index)]
+    return [r.fit for r in sorted(runs, key=lambda r: r.index)]
 
 
 def write_members(md: ModelDir, results: list[FitResult], config: EnsembleTrainConfig,

@@ -45,7 +45,7 @@ class TrainConfig:
     patience: int = seedcard.PATIENCE
     max_epochs: int = seedcard.MAX_EPOCHS
     bce_weight: float = seedcard.BCE_WEIGHT
-    ref_dropout: float = 0.15
+    ref_dropout: float = 0.1
     train_last_block: bool = True
     eval_batch: int = 64
     device: str = "cpu"
@@ -151,6 +151,29 @@ def predict_member(member: Member, backbone: Backbone, data: MemberData, *, batc
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+@dataclass(frozen=True, kw_only=True)
+class HeadInputs:
+    """Precomputed head inputs for N rows: x [N, D + D'], zs [N] and e_pa [N] (eV/atom)."""
+
+    x: torch.Tensor
+    zs: torch.Tensor
+    e_pa: torch.Tensor
+
+
+@torch.no_grad()
+def head_inputs(member: Member, backbone: Backbone, data: MemberData, *, batch: int = 64,
+                device: str = "cpu") -> HeadInputs:
+    """Run the (current) last block over ``data`` once; used for input scaling and head-only."""
+    member.eval()
+    xs, zss, es = [], [], []
+    for start in range(0, len(data), batch):
+        idx = np.arange(start, min(start + batch, len(data)))
+        x, zs, e = member.head_inputs(backbone.collate([data.feats[i] for i in idx], device),
+                                      data.thermo(idx).to(device))
+        xs.append(x.cpu()), zss.append(zs.cpu()), es.append(e.cpu())
+    return HeadInputs(x=torch.cat(xs), zs=torch.cat(zss), e_pa=torch.cat(es))
+
+
 def _freeze_pretrained_block(member: Member) -> None:
     for p in member.last_block.parameters():
         p.requires_grad_(False)
@@ -164,7 +187,9 @@ def _optimizer(member: Member, config: TrainConfig) -> torch.optim.Optimizer:
 
 
 def _train_epoch(member: Member, backbone: Backbone, data: MemberData, opt: torch.optim.Optimizer,
-                 config: TrainConfig, epoch: int) -> float:
+                 config: TrainConfig, epoch: int, cached: HeadInputs | None = None) -> float:
+    """One pass over ``data``; with ``cached`` head inputs (head-only mode) the last block is
+    not run at all."""
     member.train()
     if not config.train_last_block:
         member.last_block.eval()
@@ -176,11 +201,17 @@ def _train_epoch(member: Member, backbone: Backbone, data: MemberData, opt: torc
     opt.zero_grad(set_to_none=True)
     for k, start in enumerate(range(0, len(order), config.micro_batch)):
         idx = order[start:start + config.micro_batch]
-        b = backbone.collate([data.feats[i] for i in idx], config.device)
         th = data.thermo(idx)
         th = ThermoInputs(hull_pa=th.hull_pa, corr_pa=th.corr_pa, has_ref=th.has_ref & ~drop[idx])
         y = data.y[idx].to(config.device)
-        out = member(b, th.to(config.device))
+        if cached is not None:
+            i = torch.as_tensor(idx)
+            zs = torch.where(th.has_ref, cached.zs[i], torch.zeros_like(cached.zs[i]))
+            out = member.outputs(cached.x[i].to(config.device), zs.to(config.device),
+                                 cached.e_pa[i].to(config.device), th.has_ref.to(config.device))
+        else:
+            b = backbone.collate([data.feats[i] for i in idx], config.device)
+            out = member(b, th.to(config.device))
         loss = member_loss(out, member.normalizer.encode(y), y, config.bce_weight)
         (loss / config.grad_accum).backward()
         total += float(loss.detach())
@@ -208,8 +239,13 @@ def fit_member(
     """
     seed_everything(config.seed)
     member = Member.create(backbone, config.head, normalizer).to(config.device)
+    train_inputs = head_inputs(member, backbone, train, batch=config.eval_batch, device=config.device)
+    member.head.fit_input_scaling(train_inputs.x.to(config.device))
+    cached = val_cached = None
     if not config.train_last_block:
         _freeze_pretrained_block(member)
+        cached = train_inputs
+        val_cached = head_inputs(member, backbone, val, batch=config.eval_batch, device=config.device)
     opt = _optimizer(member, config)
     start_epoch, best_mae, best_epoch, bad, history = 0, math.inf, -1, 0, []
     best_state = member.trainable_state()
@@ -225,8 +261,14 @@ def fit_member(
         if bad >= config.patience:
             break
         t0 = time.perf_counter()
-        loss = _train_epoch(member, backbone, train, opt, config, epoch)
-        pv = predict_member(member, backbone, val, batch=config.eval_batch, device=config.device)
+        loss = _train_epoch(member, backbone, train, opt, config, epoch, cached)
+        if val_cached is not None:
+            member.eval()
+            with torch.no_grad():
+                pv = {"q50": member.outputs(val_cached.x, val_cached.zs, val_cached.e_pa,
+                                            val.has_ref)["q50"].cpu().numpy()}
+        else:
+            pv = predict_member(member, backbone, val, batch=config.eval_batch, device=config.device)
         mae = float(np.mean(np.abs(pv["q50"] - y_val)))
         rho = spearman(pv["q50"], y_val)
         if mae < best_mae - 1e-7:

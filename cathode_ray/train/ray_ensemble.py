@@ -37,8 +37,9 @@ Design (Ray 2.60, where Ray Train V2 is the default: ``RAY_TRAIN_V2_ENABLED`` de
 
 Resources: ``cpus_per_member`` x members must fit in the cluster for all members to run at once
 (e.g. 0.4 CPU each for five members on two cores); otherwise members queue for their placement
-group and Ray Train V2 fails a member whose worker group cannot start within
-``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` (60 s by default). ``gpus_per_member`` decides the
+group, and a member whose worker group cannot start within
+``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` (60 s by default) may be failed by Ray Train
+(not exercised in the tests). ``gpus_per_member`` decides the
 device: a member gets ``ray.train.torch.get_device()`` when it has a GPU share and ``"cpu"``
 otherwise (``TrainConfig.device`` is overridden accordingly).
 

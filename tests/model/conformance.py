@@ -127,7 +127,8 @@ def check_backbone(backbone: Backbone, structures: Sequence[Structure]) -> dict[
     """
     n = len(structures)
     assert n >= 2, "need at least two structures to test batching"
-    for attr in ("name", "weights_sha256", "cutoff", "embedding_dim", "energy_is_mp2020_corrected"):
+    for attr in ("name", "weights_sha256", "cutoff", "embedding_dim", "trunk_embedding_dim",
+                 "energy_is_mp2020_corrected"):
         assert hasattr(backbone, attr), f"backbone lacks {attr}"
     assert len(backbone.weights_sha256) == 64 and backbone.cutoff > 0
 
@@ -143,7 +144,7 @@ def check_backbone(backbone: Backbone, structures: Sequence[Structure]) -> dict[
     assert e_pa.shape == (n,) and torch.isfinite(e_pa).all(), f"bad e_pa {e_pa}"
     assert emb.shape == (n, backbone.embedding_dim) and torch.isfinite(emb).all(), f"bad embedding {emb.shape}"
     trunk_emb = backbone.trunk_embedding(batch)
-    assert trunk_emb.shape[0] == n and trunk_emb.ndim == 2 and torch.isfinite(trunk_emb).all()
+    assert trunk_emb.shape == (n, backbone.trunk_embedding_dim) and torch.isfinite(trunk_emb).all()
 
     ref = backbone.reference_energy(structures).double().cpu()  # type: ignore[attr-defined]
     energy_err = float((e_pa.double() - ref).abs().max())

@@ -51,6 +51,7 @@ def test_identity_and_features(tiny: MaceBackbone, tiny_path: Path) -> None:
     assert tiny.weights_sha256 == sha256_file(tiny_path)
     assert tiny.cutoff == pytest.approx(4.0)
     assert tiny.embedding_dim == 16  # 16x0e scalars of the last layer
+    assert tiny.trunk_embedding_dim == 16  # 16x0e of the trunk's 16x0e+16x1o
     assert tiny.energy_is_mp2020_corrected is False
     feats = tiny.trunk([tiny.build_graph(small_cathode_structures()[0])])[0]
     assert set(feats) == {"node_feats", "species", "edge_index", "edge_vectors", "head", "e_frozen"}

@@ -38,9 +38,13 @@ def tiny_model(references: str, tmp_path_factory: pytest.TempPathFactory) -> Pat
     """A trained + calibrated 2-member CHGNet ensemble (~1-2 min to build).
 
     Cached across sessions in $CATHODE_RAY_TEST_CACHE (default /tmp/cathode_ray_test_cache),
-    keyed by the builder's source, so repeated local runs skip training.
+    keyed by the source of the builder and of cathode_ray's model/train/calibrate/data code, so repeated local runs skip training.
     """
-    key = hashlib.sha256((REPO / "tests/screen/tiny_model.py").read_bytes()).hexdigest()[:12]
+    h = hashlib.sha256()
+    for src in sorted([REPO / "tests/screen/tiny_model.py",
+                       *(REPO / "cathode_ray").glob("[mtcd]*/**/*.py")]):
+        h.update(src.read_bytes())
+    key = h.hexdigest()[:12]
     cache = Path(os.environ.get("CATHODE_RAY_TEST_CACHE", "/tmp/cathode_ray_test_cache"))
     model = cache / f"model-{key}" / "model"
     if (model / "manifest.json").is_file():

@@ -50,7 +50,8 @@ class Backbone(ABC):
         name: identity string, e.g. ``"chgnet-0.3.0"`` or ``"mace:/path/x.model"``.
         weights_sha256: sha256 of the weights file the backbone was loaded from.
         cutoff: neighbour-list cutoff radius in Angstrom.
-        embedding_dim: D, channels of the structure embedding.
+        embedding_dim: D, channels of the last block's structure embedding.
+        trunk_embedding_dim: D', scalar channels of the frozen trunk's node features.
         energy_is_mp2020_corrected: whether the backbone's energy already includes MP2020
             anion/U corrections (CHGNet) or needs them added (MACE-MP-0).
     """
@@ -59,6 +60,7 @@ class Backbone(ABC):
     weights_sha256: str
     cutoff: float
     embedding_dim: int
+    trunk_embedding_dim: int
     energy_is_mp2020_corrected: bool
 
     @abstractmethod
@@ -82,12 +84,7 @@ class Backbone(ABC):
 
         Default: mean over atoms of the ``node_feats`` scalar channels.
         """
-        node = batch["node_scalars"]  # [n_atoms_total, D']
-        owners = batch["atom_owners"].long()  # [n_atoms_total]
-        n = batch["n_atoms"].to(node.dtype)  # [B]
-        out = torch.zeros(n.shape[0], node.shape[1], dtype=node.dtype, device=node.device)
-        out.index_add_(0, owners, node)
-        return out / n[:, None]
+        return segment_mean(batch["node_scalars"], batch["atom_owners"], batch["n_atoms"])  # [B, D']
 
     def identity(self) -> dict[str, Any]:
         """Backbone identity for manifests: name, weights sha256, cutoff."""

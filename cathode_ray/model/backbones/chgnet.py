@@ -77,6 +77,7 @@ class ChgnetBackbone(Backbone):
         self.weights_sha256 = sha256_file(_chgnet_weights_path())
         self.cutoff = float(self.model.graph_converter.atom_graph_cutoff)  # Angstrom
         self.embedding_dim = int(self.model.atom_embedding.embedding.embedding_dim)
+        self.trunk_embedding_dim = self.embedding_dim
 
     def build_graph(self, structure: Structure) -> Any:
         """CHGNet CrystalGraph (CHGNet's own 'fast' neighbour search)."""

@@ -310,7 +310,9 @@ class MaceBackbone(Backbone):
         self.z_list: list[int] = [int(z) for z in self.model.atomic_numbers]
         trunk_out = self.model.products[-2] if len(self.model.products) > 1 else self.model.node_embedding
         self._trunk_scalar_cols = _scalar_columns(_irreps_out(trunk_out))
+        self.trunk_embedding_dim = int(self._trunk_scalar_cols.numel())
         self.embedding_dim = int(_scalar_columns(_irreps_out(self.model.products[-1])).numel())
+        self.trunk_embedding_dim = int(self._trunk_scalar_cols.numel())
 
     def _pick_head(self, head: str | None) -> str:
         """The readout head to use: ``head`` if given, else the only / the 'default' head."""
@@ -494,10 +496,6 @@ class MaceBackbone(Backbone):
 
     def new_last_block(self) -> MaceLastBlock:
         return MaceLastBlock(self.model).to(self.device)
-
-    def trunk_parameters(self) -> list[nn.Parameter]:
-        """Parameters of the frozen model (all requires_grad False)."""
-        return list(self.model.parameters())
 
     @torch.no_grad()
     def reference_energy(self, structures: Sequence[Structure]) -> torch.Tensor:

@@ -1,0 +1,42 @@
+"""Ray job entry point: ``ray job submit --working-dir . -- python jobs/screen_library.py ...``.
+
+Same options as ``cathode-ray screen``; connects to the cluster that runs the job (RAY_ADDRESS).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # working-dir checkout
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def main(
+    library: str = typer.Option(..., help="file/dir/glob/s3 prefix, 'mp' or 'demo'"),
+    model: str = typer.Option(..., help="calibrated model directory (local or s3://)"),
+    out: str = typer.Option(..., help="DEST: local path or s3://bucket/prefix"),
+    references: str = typer.Option("mp", help="snapshot:PATH or mp"),
+    address: str | None = typer.Option(None, help="Ray address (default: RAY_ADDRESS)"),
+    run_id: str | None = typer.Option(None, help="run id (resume needs the same one)"),
+    resume: bool = typer.Option(False, help="skip inputs already written for --run-id"),
+    gpu_actors: int = typer.Option(0, help="inference actors with one GPU each"),
+    cpu_actors: int = typer.Option(1, help="CPU inference actors (when no GPU actors)"),
+    max_edges_per_batch: int = typer.Option(50_000, help="edge budget per inference sub-batch"),
+    demo_size: int = typer.Option(2000, help="structures of the demo library"),
+) -> None:
+    """Screen a library and print the summary table."""
+    from cathode_ray.screen.pipeline import ScreenConfig, run
+
+    run(ScreenConfig(library=library, model=model, out=out, references=references,
+                     address=address, run_id=run_id, resume=resume, gpu_actors=gpu_actors,
+                     cpu_actors=cpu_actors, max_edges_per_batch=max_edges_per_batch,
+                     demo_size=demo_size))
+
+
+if __name__ == "__main__":
+    app()
