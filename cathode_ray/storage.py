@@ -13,20 +13,31 @@ import pyarrow.fs as pafs
 
 
 def s3_filesystem() -> pafs.S3FileSystem:
-    """S3FileSystem from the environment (endpoint override when AWS_ENDPOINT_URL is set)."""
+    """S3FileSystem from the standard AWS environment; ``AWS_ENDPOINT_URL`` (or
+    ``AWS_ENDPOINT_URL_S3``, e.g. a MinIO or moto server) overrides the endpoint."""
+    kwargs: dict[str, object] = {}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    kwargs: dict[str, object] = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
     if endpoint:
-        parsed = urlparse(endpoint)
-        kwargs["endpoint_override"] = parsed.netloc or parsed.path
-        kwargs["scheme"] = parsed.scheme or "http"
+        url = urlparse(endpoint)
+        if url.scheme:
+            kwargs["scheme"] = url.scheme
+            kwargs["endpoint_override"] = url.netloc
+        else:
+            kwargs["endpoint_override"] = endpoint
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
     return pafs.S3FileSystem(**kwargs)
 
 
 def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) for a local path or an ``s3://bucket/key`` URI."""
-    if uri.startswith("s3://"):
-        return s3_filesystem(), uri[len("s3://"):].rstrip("/")
+    """``(filesystem, path inside it)`` for a local path (relative paths are made absolute),
+    an ``s3://bucket/key`` URI, or another pyarrow URI (``file://`` ...)."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        return s3_filesystem(), f"{parsed.netloc}{parsed.path}".rstrip("/")
+    if parsed.scheme and len(parsed.scheme) > 1:  # not a Windows drive letter
+        return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri)).rstrip("/") or "/"
 
 

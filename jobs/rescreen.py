@@ -30,6 +30,7 @@ def main(
     address: Annotated[str | None, typer.Option(help="Ray address (default RAY_ADDRESS / local)")] = None,
     gpu_actors: Annotated[int, typer.Option(help="GPU inference actors (0 = CPU)")] = 0,
     cpu_actors: Annotated[int, typer.Option(help="CPU inference actors")] = 1,
+    cpus_per_actor: Annotated[float, typer.Option(help="CPUs per CPU inference actor")] = 1.0,
 ) -> None:
     """Re-screen what changed in the Materials Project since the last run."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # working_dir without install
@@ -38,7 +39,8 @@ def main(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     config = RescreenConfig(source=source, model=model, out=out, state=state,
                             references=references, force=force, address=address,
-                            gpu_actors=gpu_actors, cpu_actors=cpu_actors, verbose=True)
+                            gpu_actors=gpu_actors, cpu_actors=cpu_actors,
+                            cpus_per_actor=cpus_per_actor, verbose=True)
     try:
         outcome = run(config)
     except RescreenBusy as exc:

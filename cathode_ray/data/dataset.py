@@ -39,6 +39,7 @@ from cathode_ray.data.splits import (
     make_splits,
 )
 from cathode_ray.data.validate import ValidationConfig, validate_structure
+from cathode_ray.storage import filesystem_for
 
 MATERIALS_FILE = "materials.parquet"
 REJECTS_FILE = "rejects.parquet"
@@ -247,7 +248,7 @@ def format_summary(result: IngestResult) -> str:
 
 # --------------------------------------------------------------------------- IO
 def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    return pafs.FileSystem.from_uri(uri)
+    return filesystem_for(uri)
 
 
 def _write_json(fs: pafs.FileSystem, path: str, obj: Any) -> None:

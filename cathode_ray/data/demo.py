@@ -27,7 +27,7 @@ from pymatgen.core import Lattice, Structure
 
 from cathode_ray import seedcard
 from cathode_ray.data.generate import structure_fingerprint
-from cathode_ray.data.library import filesystem_for
+from cathode_ray.storage import filesystem_for
 
 #: Placeholder species on transition-metal sites in the prototypes.
 TM_PLACEHOLDER = "Co"

@@ -251,7 +251,7 @@ class _ShardWriter:
     """Buffers candidate rows and writes ``candidates-NNNNN.parquet`` shards of shard_size rows."""
 
     def __init__(self, out: str, shard_size: int, overwrite: bool) -> None:
-        from cathode_ray.data.library import filesystem_for
+        from cathode_ray.storage import filesystem_for
 
         self.fs, self.root = filesystem_for(out)
         self.out = out.rstrip("/")

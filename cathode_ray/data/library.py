@@ -53,6 +53,7 @@ import pyarrow.parquet as pq
 from pymatgen.core import Structure
 
 from cathode_ray.data.records import Reject, RejectCode
+from cathode_ray.storage import filesystem_for
 
 log = logging.getLogger(__name__)
 
@@ -89,36 +90,7 @@ _READ_ERRORS: tuple[type[BaseException], ...] = (
 
 
 # --------------------------------------------------------------------------- filesystems
-def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
-    """Return ``(filesystem, path inside it)`` for a local path or a URI (``s3://``, ``file://`` ...).
-
-    S3 uses the standard AWS environment (``AWS_ACCESS_KEY_ID`` ...); ``AWS_ENDPOINT_URL`` (e.g. a
-    MinIO or moto server, ``http://127.0.0.1:5000``) overrides the endpoint when set.
-    """
-    parsed = urlparse(uri)
-    if parsed.scheme == "s3":
-        return _s3_filesystem(), f"{parsed.netloc}{parsed.path}".rstrip("/")
-    if parsed.scheme and len(parsed.scheme) > 1:  # not a Windows drive letter
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
-
-
-def _s3_filesystem() -> pafs.S3FileSystem:
-    kwargs: dict[str, Any] = {}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
-    if endpoint:
-        url = urlparse(endpoint)
-        if url.scheme:
-            kwargs["scheme"] = url.scheme
-            kwargs["endpoint_override"] = url.netloc
-        else:
-            kwargs["endpoint_override"] = endpoint
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if region:
-        kwargs["region"] = region
-    return pafs.S3FileSystem(**kwargs)
-
-
+# filesystem_for lives in cathode_ray.storage (shared by every stage).
 def _uri(spec: str, path: str) -> str:
     """Turn a filesystem path back into the user's addressing scheme (URI or local path)."""
     scheme = urlparse(spec).scheme

@@ -36,6 +36,11 @@ class Ensemble:
     files: dict[str, bytes]
 
     @property
+    def shared_last_block(self) -> bool:
+        """True for head-only ensembles: every member uses the pretrained last block."""
+        return not self.manifest.get("config", {}).get("train_last_block", True)
+
+    @property
     def model_id(self) -> str:
         return str(self.manifest["model_id"])
 
@@ -75,7 +80,11 @@ class Ensemble:
         """All members on one batch of cached trunk features (the trunk is shared)."""
         batch = self.backbone.collate(feats, device)
         th = thermo.to(device)
-        outs = [m(batch, th) for m in self.members]
+        if self.shared_last_block:  # head-only members: one last-block pass, M heads
+            x, zs, e_pa = self.members[0].head_inputs(batch, th)
+            outs = [m.outputs(x, zs, e_pa, th.has_ref) for m in self.members]
+        else:
+            outs = [m(batch, th) for m in self.members]
         stack = lambda k: torch.stack([o[k] for o in outs]).float().cpu().numpy()  # noqa: E731  [M, B]
         zero_shot = outs[0]["zero_shot"].float().cpu().numpy()  # [B] (member 0's last block)
         return EnsemblePrediction(

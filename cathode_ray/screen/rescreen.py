@@ -80,6 +80,8 @@ class RescreenConfig:
         endpoint: MP API endpoint (None: ``MP_API_ENDPOINT``, else the public API).
         gpu_actors: GPU inference actors of the screen (0 = CPU actors).
         cpu_actors: CPU inference actors when ``gpu_actors == 0``.
+        cpus_per_actor: logical CPUs each CPU inference actor reserves (below 1 on tiny
+            clusters, so that the library read task still finds a CPU next to the actors).
         lock_ttl_s: seconds without a refresh before the re-screen lock counts as abandoned.
         verbose: print the screen's summary table.
         _crash_before_state_write: test hook; raise :class:`InjectedCrash` after the screen and
@@ -96,6 +98,7 @@ class RescreenConfig:
     endpoint: str | None = None
     gpu_actors: int = 0
     cpu_actors: int = 1
+    cpus_per_actor: float = 1.0
     lock_ttl_s: float = 3600.0
     verbose: bool = False
     _crash_before_state_write: bool = field(default=False, repr=False)
@@ -109,6 +112,8 @@ class RescreenConfig:
                 raise ValueError(f"{name} must be given")
         if self.gpu_actors < 0 or self.cpu_actors < 1:
             raise ValueError("need gpu_actors >= 0 and cpu_actors >= 1")
+        if not self.cpus_per_actor > 0:
+            raise ValueError(f"cpus_per_actor must be > 0, got {self.cpus_per_actor}")
         if not self.lock_ttl_s > 0:
             raise ValueError(f"lock_ttl_s must be > 0 s, got {self.lock_ttl_s}")
 
@@ -455,5 +460,6 @@ def _run_pipeline(config: RescreenConfig, library: str, run_id: str) -> Any:
     return screen(ScreenConfig(
         library=library, model=config.model, out=config.out, references=config.references,
         address=config.address, run_id=run_id, resume=True, gpu_actors=config.gpu_actors,
-        cpu_actors=config.cpu_actors, verbose=config.verbose))
+        cpu_actors=config.cpu_actors, cpus_per_actor=config.cpus_per_actor,
+        verbose=config.verbose))
 

@@ -39,7 +39,7 @@ class TrainConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     lr_head: float = seedcard.LR_HEAD
     lr_backbone: float = seedcard.LR_BACKBONE
-    weight_decay: float = 1e-4
+    weight_decay: float = 1e-2
     micro_batch: int = seedcard.MICRO_BATCH
     grad_accum: int = seedcard.GRAD_ACCUM
     patience: int = seedcard.PATIENCE

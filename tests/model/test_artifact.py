@@ -17,7 +17,7 @@ from cathode_ray.model.member import Member, Normalizer, ThermoInputs
 from tests.chgnet_data import chgnet, member_data
 
 
-def _write_model(root: Path, n_members: int = 2) -> ModelDir:
+def _write_model(root: Path, n_members: int = 2, *, head_only: bool = False) -> ModelDir:
     bb = chgnet()
     norm = Normalizer(mean=0.08, std=0.05)
     md = ModelDir(uri=str(root))
@@ -30,16 +30,19 @@ def _write_model(root: Path, n_members: int = 2) -> ModelDir:
     md.write_bytes("normalizer.json", norm.to_json().encode())
     md.write_manifest({
         "backbone": {**bb.identity(), "spec": "chgnet"},
-        "config": {"head": {"mode": "delta", "hidden": 128, "dropout": 0.1}},
+        "config": {"head": {"mode": "delta", "hidden": 128, "dropout": 0.1},
+                   "train_last_block": not head_only},
         "members": [{"index": i, "file": f"member_{i}.pt", "seed": 42 + i} for i in range(n_members)],
         "data_version": {}, "file_names": [*names, "normalizer.json"],
     })
     return md
 
 
-def test_round_trip_and_shared_trunk_equals_separate_members(tmp_path: Path) -> None:
-    md = _write_model(tmp_path / "m")
+@pytest.mark.parametrize("head_only", [False, True])
+def test_round_trip_and_shared_trunk_equals_separate_members(tmp_path: Path, head_only: bool) -> None:
+    md = _write_model(tmp_path / "m", head_only=head_only)
     ens = Ensemble.load(md.uri, backbone=chgnet())
+    assert ens.shared_last_block is head_only
     data = member_data(6, seed=3)
     th = ThermoInputs(hull_pa=data.hull_pa, corr_pa=data.corr_pa, has_ref=data.has_ref)
     pred = ens.predict_feats(data.feats, th)

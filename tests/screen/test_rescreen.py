@@ -175,7 +175,8 @@ def test_rescreen_a_then_b_with_crash(local_ray, tiny_model, references, mp_serv
     changed = [_perturb(d, k) for k, d in enumerate(kept[:N_CHANGED])]
     version_b = changed + kept[N_CHANGED:] + docs[12:]
     out = str(tmp_path / "dest")
-    cfg = {"model": str(tiny_model), "out": out, "references": references}
+    # 0.5-CPU inference actor: read task (1) + graph actor (0.5) + inference (0.5) fit 2 CPUs
+    cfg = {"model": str(tiny_model), "out": out, "references": references, "cpus_per_actor": 0.5}
 
     # version A: everything is screened
     mp_server.set_documents(summary_docs=version_a)

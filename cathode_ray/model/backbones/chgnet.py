@@ -15,7 +15,15 @@ from typing import Any
 import torch
 from pymatgen.core import Structure
 
-from .base import Backbone, LastBlock, TrunkBatch, TrunkFeatures, segment_mean, segment_sum, sha256_file
+from .base import (
+    Backbone,
+    LastBlock,
+    TrunkBatch,
+    TrunkFeatures,
+    segment_mean,
+    segment_sum,
+    sha256_file,
+)
 
 CHGNET_VERSION = "0.3.0"
 

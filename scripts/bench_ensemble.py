@@ -1,0 +1,131 @@
+"""Five-member inference cost: naive vs shared trunk vs head-only, in one run (fair ratios).
+
+    python scripts/bench_ensemble.py --n 64 [--backbone chgnet|mace-medium-shape|mace:PATH] [--device cuda]
+
+- naive: every member runs the whole backbone (trunk + its last block + head), one after another;
+- shared: the frozen trunk runs once, the five last blocks + heads on its output (``Ensemble``);
+- head-only: trunk once, the pretrained last block once, five heads;
+- one member: trunk + one last block + head (the floor the others are compared with).
+
+Structures are real MP Li-TM-O materials from ../shared/data (random weights cost the same as
+trained ones). Prints structures/s per mode and the ratios to naive; ``--tf32`` enables TF32
+matmuls on CUDA and reports how far q50 moves (eV/atom) against float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from pymatgen.core import Structure
+
+from cathode_ray.model.backbones import Backbone, load_backbone
+from cathode_ray.model.head import HeadConfig
+from cathode_ray.model.member import Member, Normalizer, ThermoInputs
+
+SNAPSHOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "mp_litmo_summary.jsonl.gz"
+
+
+def _structures(n: int) -> list[Structure]:
+    out = []
+    with gzip.open(SNAPSHOT, "rt") as f:
+        for line in f:
+            doc = json.loads(line)
+            if doc["nsites"] <= 60:
+                out.append(Structure.from_dict(doc["structure"]))
+            if len(out) == n:
+                break
+    return out
+
+
+def _backbone(spec: str, device: str) -> Backbone:
+    if spec == "mace-medium-shape":
+        from cathode_ray.testing.tiny_mace import build_tiny_mace
+
+        path = Path(tempfile.mkdtemp()) / "medium_shape.model"
+        build_tiny_mace(path, r_max=6.0, hidden_irreps="128x0e + 128x1o", max_ell=3, correlation=3,
+                        num_interactions=2, radial_mlp=(64, 64, 64))
+        spec = f"mace:{path}"
+    return load_backbone(spec, device=device)
+
+
+def _timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / repeats
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--members", type=int, default=5)
+    ap.add_argument("--backbone", default="chgnet")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    bb = _backbone(args.backbone, args.device)
+    structures = _structures(args.n)
+    graphs = [bb.build_graph(s) for s in structures]
+    norm = Normalizer(mean=0.08, std=0.07)
+    dim = bb.embedding_dim + bb.trunk_embedding_dim
+    members = []
+    for i in range(args.members):
+        torch.manual_seed(42 + i)
+        members.append(Member(bb.new_last_block(), dim, HeadConfig(), norm).to(args.device).eval())
+    chunks = [graphs[i:i + args.batch] for i in range(0, len(graphs), args.batch)]
+    th = {len(c): ThermoInputs(hull_pa=torch.zeros(len(c)), corr_pa=torch.zeros(len(c)),
+                              has_ref=torch.ones(len(c), dtype=torch.bool)).to(args.device) for c in chunks}
+    trunk_cache = [bb.trunk(c, device=args.device) for c in chunks]
+
+    def one_member() -> None:
+        for c in chunks:
+            members[0](bb.collate(bb.trunk(c, device=args.device), args.device), th[len(c)])
+
+    def naive() -> None:
+        for m in members:
+            for c in chunks:
+                m(bb.collate(bb.trunk(c, device=args.device), args.device), th[len(c)])
+
+    def shared() -> None:
+        for c in chunks:
+            batch = bb.collate(bb.trunk(c, device=args.device), args.device)
+            for m in members:
+                m(batch, th[len(c)])
+
+    def head_only() -> None:
+        for c in chunks:
+            batch = bb.collate(bb.trunk(c, device=args.device), args.device)
+            x, zs, e = members[0].head_inputs(batch, th[len(c)])
+            for m in members:
+                m.outputs(x, zs, e, th[len(c)].has_ref)
+
+    def last_blocks_only() -> None:  # trunk cached: what each training epoch pays
+        for feats, c in zip(trunk_cache, chunks, strict=True):
+            batch = bb.collate(feats, args.device)
+            for m in members:
+                m(batch, th[len(c)])
+
+    rates = {name: args.n / _timed(fn, args.repeats) for name, fn in
+             [("one_member", one_member), ("naive_5", naive), ("shared_trunk_5", shared),
+              ("head_only_5", head_only), ("cached_trunk_5", last_blocks_only)]}
+    print(f"backbone={bb.name} device={args.device} n={args.n} batch={args.batch} "
+          f"threads={torch.get_num_threads()}")
+    for name, r in rates.items():
+        print(f"{name:>16}: {r:8.1f} structures/s   x{r / rates['naive_5']:.2f} vs naive")
+
+
+if __name__ == "__main__":
+    main()
