@@ -172,10 +172,14 @@ def rescreen(
     address: str | None = None,
 ) -> None:
     """Re-screen what changed since the last Materials Project release that was screened."""
-    from cathode_ray.screen.rescreen import RescreenConfig, run
+    from cathode_ray.screen.rescreen import RescreenBusy, RescreenConfig, run
 
-    outcome = run(RescreenConfig(source=source, model=model, out=out, state=state,
-                                 references=references, force=force, address=address))
+    try:
+        outcome = run(RescreenConfig(source=source, model=model, out=out, state=state,
+                                     references=references, force=force, address=address))
+    except RescreenBusy as e:
+        typer.echo(f"busy: {e}", err=True)
+        raise typer.Exit(code=3) from e
     typer.echo(outcome.message)
 
 

@@ -1,0 +1,57 @@
+"""End to end on real data (local runner): dataset -> trained, calibrated model dir -> report."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from cathode_ray.calibrate.calibrator import Calibrator
+from cathode_ray.model.ensemble import Ensemble
+from cathode_ray.train.ensemble import EnsembleTrainConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "screen"))
+from tiny_model import REFERENCES, build_tiny_model, shared_data_missing  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if (msg := shared_data_missing()) is not None:
+        pytest.skip(msg)
+    return build_tiny_model(tmp_path_factory.mktemp("ens"), n=40, members=2)
+
+
+def test_config_validates() -> None:
+    with pytest.raises(ValueError, match="seeds"):
+        EnsembleTrainConfig(data="d", out="o", references="mp", members=6)
+    with pytest.raises(ValueError, match="runner"):
+        EnsembleTrainConfig(data="d", out="o", references="mp", runner="slurm")  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_manifest_pins_everything(model_dir: Path) -> None:
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    assert manifest["format_version"] == 1
+    assert manifest["backbone"]["name"] == "chgnet-0.3.0" and len(manifest["backbone"]["weights_sha256"]) == 64
+    assert manifest["data_version"]["count"] == 40 and len(manifest["data_version"]["sha256"]) == 64
+    assert [m["seed"] for m in manifest["members"]] == [42, 43]
+    assert all({"epochs_run", "best_epoch", "val_mae", "val_spearman"} <= set(m) for m in manifest["members"])
+    assert {"member_0.pt", "member_1.pt", "normalizer.json", "conformal_params.json", "triage.json",
+            "ood_params.json", "ood_train.npz", "soap_clusterer.json"} == set(manifest["files"])
+    assert manifest["config"]["head"]["mode"] == "delta"
+    ens = Ensemble.load(str(model_dir))
+    cal = Calibrator.from_files(ens.files)
+    assert cal.method in cal.conformal and ens.soap_clusterer() is not None
+
+
+@pytest.mark.slow
+def test_report_runs_on_the_dataset(model_dir: Path, tmp_path: Path) -> None:
+    from cathode_ray.report.run import ReportConfig, run
+
+    rep = run(ReportConfig(model=str(model_dir), data=str(model_dir.parent / "dataset"),
+                           references=f"snapshot:{REFERENCES}", out=str(tmp_path / "rep"), cache_dir=None))
+    assert len(rep["checks"]) == 6
+    assert (tmp_path / "rep" / "governance.json").is_file() and (tmp_path / "rep" / "report.md").is_file()
+    assert rep["model"]["model_id"] == json.loads((model_dir / "manifest.json").read_text())["model_id"]
