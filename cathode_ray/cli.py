@@ -5,6 +5,7 @@ Every command is a thin wrapper over a Python API a notebook can call directly:
     ingest           cathode_ray.data.dataset.run(IngestConfig)
     library generate cathode_ray.data.generate.run(GenerateConfig)
     train            cathode_ray.train.ensemble.run(EnsembleTrainConfig)
+    calibrate        cathode_ray.train.ensemble.recalibrate(RecalibrateConfig)
     report           cathode_ray.report.run.run(ReportConfig)
     screen           cathode_ray.screen.pipeline.run(ScreenConfig)
     rescreen         cathode_ray.screen.rescreen.run(RescreenConfig)
@@ -115,6 +116,19 @@ def train(
         cpus_per_member=cpus_per_member,
     ))
     typer.echo(json.dumps({"model_id": manifest["model_id"], "members": manifest["members"]}, indent=2))
+
+
+@app.command()
+def calibrate(
+    model: Annotated[str, typer.Option(help="model directory to recalibrate (members untouched)")],
+    data: Annotated[str, typer.Option(help="dataset directory; its val split calibrates")],
+    references: str = DEFAULT_REFERENCES,
+) -> None:
+    """Refit conformal intervals, OOD gates and triage thresholds of an existing model."""
+    from cathode_ray.train.ensemble import RecalibrateConfig, recalibrate
+
+    manifest = recalibrate(RecalibrateConfig(model=model, data=data, references=references))
+    typer.echo(f"recalibrated {model}: model_id {manifest['model_id']}")
 
 
 @app.command()

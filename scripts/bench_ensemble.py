@@ -118,6 +118,23 @@ def main() -> None:
             for m in members:
                 m(batch, th[len(c)])
 
+    def trunk_only() -> None:
+        for c in chunks:
+            bb.trunk(c, device=args.device)
+
+    batches = [bb.collate(f, args.device) for f in trunk_cache]
+    inputs = [members[0].head_inputs(b, th[len(c)]) for b, c in zip(batches, chunks, strict=True)]
+
+    def last_block_only() -> None:
+        for b in batches:
+            members[0].last_block(b)
+
+    def head_only_cached() -> None:
+        for (x, zs, e), c in zip(inputs, chunks, strict=True):
+            members[0].outputs(x, zs, e, th[len(c)].has_ref)
+
+    for name, fn in (("trunk", trunk_only), ("last block", last_block_only), ("head", head_only_cached)):
+        print(f"per structure, one member, {name:>10}: {1e3 * _timed(fn, args.repeats) / args.n:8.2f} ms")
     rates = {name: args.n / _timed(fn, args.repeats) for name, fn in
              [("one_member", one_member), ("naive_5", naive), ("shared_trunk_5", shared),
               ("head_only_5", head_only), ("cached_trunk_5", last_blocks_only)]}

@@ -42,6 +42,8 @@ class CalibratorConfig:
         ood: OOD gate configuration.
         triage: fixed triage thresholds, or None to choose them on validation.
         min_keep_precision: KEEP precision target when choosing thresholds.
+        keep_precision_z: the target must hold for the one-sided Wilson lower bound at this z
+            (1.2816: 90 % confidence on the validation sample; 0: the plain ratio).
         epistemic_reference: "val" or "train": which rows define the disagreement gate's
             percentile scale (training rows are over-fitted, so their spread is too small).
     """
@@ -52,6 +54,7 @@ class CalibratorConfig:
     ood: OODConfig = field(default_factory=OODConfig)
     triage: TriageConfig | None = None
     min_keep_precision: float = 0.93
+    keep_precision_z: float = 1.2816
     epistemic_reference: str = "val"
 
     def __post_init__(self) -> None:
@@ -102,6 +105,7 @@ class Calibrator:
             lo_cal, hi_cal = conformal[cfg.method].apply(agg.lo, agg.hi, val_clusters)
             val_ood = ood.score(val_pred.embedding, val_compositions, agg.epistemic_std)
             tri, text = choose_thresholds(agg, lo_cal, hi_cal, y_val, ood=val_ood,
+                                          precision_z=cfg.keep_precision_z,
                                           min_keep_precision=cfg.min_keep_precision)
         return cls(conformal=conformal, method=cfg.method, ood=ood, triage_config=tri,
                    triage_reasoning=text)

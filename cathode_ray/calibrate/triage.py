@@ -152,9 +152,24 @@ def _keep_text(cfg: TriageConfig) -> str:
     return "KEEP if " + " or ".join(rules) if rules else "KEEP disabled"
 
 
+def wilson_lower(successes: np.ndarray, n: np.ndarray, z: float) -> np.ndarray:
+    """One-sided Wilson score lower bound of a binomial proportion (z = 0: the plain ratio)."""
+    n = np.maximum(np.asarray(n, dtype=np.float64), 1.0)
+    p = np.asarray(successes, dtype=np.float64) / n
+    if z == 0:
+        return p
+    centre = p + z * z / (2 * n)
+    margin = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - margin) / (1 + z * z / n)
+
+
 def _choose_keep(agg: Aggregated, hi_cal: np.ndarray, stable: np.ndarray, allowed: np.ndarray,
-                 cfg: TriageConfig, min_precision: float) -> tuple[TriageConfig, str]:
-    """Grid search (keep_hi, keep_q50, p_keep) for max KEEP recall at precision >= min."""
+                 cfg: TriageConfig, min_precision: float, z: float = 0.0) -> tuple[TriageConfig, str]:
+    """Grid search (keep_hi, keep_q50, p_keep) for max KEEP recall at precision >= min.
+
+    With ``z`` > 0 the precision's one-sided Wilson lower bound (z = 1.2816: 90 % confidence)
+    must reach ``min_precision``, so a rule is not chosen on the luck of a small validation set.
+    """
     grid = _threshold_grid(cfg.stable_ehull)  # [G]
     n_stable = max(int(stable.sum()), 1)
     best: tuple[float, float, float, float, float] | None = None  # recall, prec, hi, q50, p
@@ -166,7 +181,7 @@ def _choose_keep(agg: Aggregated, hi_cal: np.ndarray, stable: np.ndarray, allowe
             tp = (keep & stable).sum(axis=1)  # [G]
             prec = tp / np.maximum(n_keep, 1)
             recall = tp / n_stable
-            ok = (prec >= min_precision) & (n_keep > 0)
+            ok = (wilson_lower(tp, n_keep, z) >= min_precision) & (n_keep > 0)
             if ok.any():
                 j = int(np.argmax(np.where(ok, recall, -1.0)))
                 cand = (float(recall[j]), float(prec[j]), float(grid[j]), float(q), p)
@@ -178,17 +193,20 @@ def _choose_keep(agg: Aggregated, hi_cal: np.ndarray, stable: np.ndarray, allowe
                      "KEEP disabled (everything not killed is MAYBE).")
     recall, prec, keep_hi, keep_q50, p_keep = best
     new = replace(cfg, keep_hi=keep_hi, keep_q50=keep_q50, p_keep=p_keep)
-    return new, (f"{_keep_text(new)}: validation KEEP precision {prec:.3f} (target >= "
-                 f"{min_precision:.2f}) at the highest recall found, {recall:.3f}.")
+    bound = (f" with its {z:.2f}-sigma Wilson lower bound" if z > 0 else "")
+    return new, (f"{_keep_text(new)}: validation KEEP precision {prec:.3f}{bound} >= "
+                 f"{min_precision:.2f} at the highest recall found, {recall:.3f}.")
 
 
 def choose_thresholds(agg: Aggregated, lo_cal: np.ndarray, hi_cal: np.ndarray, y: np.ndarray,
                       *, ood: OODResult | None = None, base: TriageConfig | None = None,
-                      min_keep_precision: float = 0.93) -> tuple[TriageConfig, str]:
+                      min_keep_precision: float = 0.93,
+                      precision_z: float = 1.2816) -> tuple[TriageConfig, str]:
     """Pick kill/keep thresholds on validation rows [N] (labels y, eV/atom).
 
     KILL: zero false kills on validation (the hard limit elsewhere is < 2%). KEEP: maximum
-    recall subject to precision >= ``min_keep_precision``. OOD rows are excluded from KEEP
+    recall subject to precision >= ``min_keep_precision`` at 90 % confidence (one-sided Wilson
+    bound with ``precision_z``; 0 = the plain validation precision). OOD rows are excluded from KEEP
     when ``base.ood_blocks_keep`` (as triage would). Returns the config and the reasoning text.
     """
     cfg = base or TriageConfig()
@@ -199,7 +217,7 @@ def choose_thresholds(agg: Aggregated, lo_cal: np.ndarray, hi_cal: np.ndarray, y
     allowed = ~(is_ood & cfg.ood_blocks_keep)
     kill_lo, kill_text = _choose_kill(np.asarray(lo_cal), stable & ~is_ood, cfg)
     cfg, keep_text = _choose_keep(agg, np.asarray(hi_cal), stable, allowed, cfg,
-                                  min_keep_precision)
+                                  min_keep_precision, precision_z)
     cfg = replace(cfg, kill_lo=kill_lo)
     decision, _ = triage(agg, lo_cal, hi_cal, ood, cfg)
     n_stable = max(int(stable.sum()), 1)

@@ -202,3 +202,26 @@ def run(config: EnsembleTrainConfig) -> dict[str, Any]:
         md.add_files(["soap_clusterer.json"])
     calibrate(md, prepared, backbone, config.calibration)
     return md.read_manifest()
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecalibrateConfig:
+    """Refit calibration (conformal, OOD, triage) of an existing model on a dataset's val split."""
+
+    model: str
+    data: str
+    references: str
+    cache_dir: str | None = DEFAULT_CACHE
+    device: str = "cpu"
+    calibration: CalibratorConfig = field(default_factory=CalibratorConfig)
+
+
+def recalibrate(config: RecalibrateConfig) -> dict[str, Any]:
+    """Members untouched; calibration files replaced and re-hashed. Returns the new manifest."""
+    md = ModelDir(uri=config.model)
+    manifest = md.read_manifest()
+    backbone = load_backbone(manifest["backbone"]["spec"], device=config.device)
+    prepared = prepare(config.data, backbone, config.references, cache_dir=config.cache_dir,
+                       device=config.device)
+    calibrate(md, prepared, backbone, config.calibration)
+    return md.read_manifest()

@@ -89,3 +89,12 @@ def test_choose_thresholds_disables_keep_when_unreachable() -> None:
     cfg, text = choose_thresholds(agg, agg.lo, agg.hi, y)
     assert cfg.keep_hi == -math.inf and cfg.keep_q50 == -math.inf
     assert "KEEP disabled" in text
+
+
+def test_wilson_bound_is_stricter_on_small_samples() -> None:
+    from cathode_ray.calibrate.triage import wilson_lower
+
+    # 9/10 and 90/100 have the same ratio; the bound is lower for the smaller sample
+    small, large = wilson_lower(np.array([9, 90]), np.array([10, 100]), 1.2816)
+    assert small < large < 0.9
+    assert wilson_lower(np.array([9]), np.array([10]), 0.0)[0] == pytest.approx(0.9)
