@@ -30,6 +30,9 @@ from cathode_ray.screen import runs, stages
 log = logging.getLogger(__name__)
 
 _BATCH_ROWS = 32  # rows per map_batches call (graphs / inference sub-batch by edges inside)
+#: Logical CPUs of the light task stages (read, validate, write). Ray Data starts the actor pools
+#: eagerly; tasks that ask for a whole CPU next to them can starve forever on small machines.
+_LIGHT_CPUS = 0.25
 
 
 class ScreenInvariantError(RuntimeError):
@@ -244,9 +247,9 @@ def build_dataset(config: ScreenConfig, source: Source, *, run_id: str, ranks: d
     env = {"runtime_env": rt} if (rt := _worker_runtime_env()) else {}
     ds = _input_dataset(source)
     if source.files is not None:
-        ds = ds.flat_map(stages.read_file_rows, **env)
+        ds = ds.flat_map(stages.read_file_rows, num_cpus=_LIGHT_CPUS, **env)
     ds = ds.map_batches(stages.ValidateStage(config=config.validation, ranks=ranks, done=done),
-                        batch_format="pandas", batch_size=_BATCH_ROWS, num_cpus=0.25, **env)
+                        batch_format="pandas", batch_size=_BATCH_ROWS, num_cpus=_LIGHT_CPUS, **env)
     ds = ds.map_batches(
         stages.GraphStage, batch_format="pandas", batch_size=_BATCH_ROWS,
         fn_constructor_kwargs={"model": config.model, "references": config.references},
@@ -331,7 +334,7 @@ def _run_locked(config: ScreenConfig, paths: runs.RunPaths) -> ScreenSummary:
     ds = build_dataset(config, source, run_id=paths.run_id, ranks=ranks, done=done)
     sink = stages.ScreenSink(results_uri=paths.results, rejects_uri=paths.rejects,
                              run_id=paths.run_id, min_rows=config.min_rows_per_file)
-    ds.write_datasink(sink)
+    ds.write_datasink(sink, ray_remote_args={"num_cpus": _LIGHT_CPUS})
     t_write = time.perf_counter()
     out = runs.output_stats(paths)
     seconds = t_write - t0

@@ -49,7 +49,7 @@ SCREEN_REJECT_SCHEMA = pa.schema(
     ]
 )
 
-#: Columns that must be present (all non-nullable fields).
+
 def required_columns(schema: pa.Schema) -> list[str]:
     """Names of the non-nullable fields of ``schema``."""
     return [f.name for f in schema if not f.nullable]

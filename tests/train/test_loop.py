@@ -91,3 +91,23 @@ def test_different_seeds_give_different_members(data) -> None:
     a = fit_member(bb, train, val, TrainConfig(seed=42, max_epochs=1, micro_batch=4), normalizer=norm)
     b = fit_member(bb, train, val, TrainConfig(seed=43, max_epochs=1, micro_batch=4), normalizer=norm)
     assert not torch.equal(a.member_state["head.out.weight"], b.member_state["head.out.weight"])
+
+
+def test_small_mace_member_trains_end_to_end(tmp_path) -> None:
+    """mace:PATH (a tiny MACE built with mace.modules) trains a last-block member for real."""
+    from cathode_ray.model.backbones import load_backbone
+    from cathode_ray.testing.tiny_mace import build_tiny_mace
+    from cathode_ray.train.features import member_data as make_data
+
+    bb = load_backbone(f"mace:{build_tiny_mace(tmp_path / 'tiny.model')}")
+    structures = layered_cells(12, seed=5)
+    feats = bb.trunk([bb.build_graph(s) for s in structures])
+    y = np.linspace(0.0, 0.15, 12)
+    data = make_data(feats, y, np.zeros(12), np.zeros(12), np.zeros(12, dtype=bool))  # no hull: embedding path
+    train, val = subset(data, np.arange(9)), subset(data, np.arange(9, 12))
+    fresh = bb.new_last_block().state_dict()
+    res = fit_member(bb, train, val, TrainConfig(seed=42, max_epochs=2, micro_batch=4, lr_backbone=1e-3),
+                     normalizer=Normalizer.fit(train.y))
+    assert res.epochs_run == 2 and np.isfinite(res.val_mae)
+    moved = [k for k in fresh if not torch.equal(fresh[k], res.member_state[f"last_block.{k}"])]
+    assert moved  # the MACE last interaction trained
