@@ -11,13 +11,21 @@ driver + Ray worker processes (sampled every 0.5 s).
 from __future__ import annotations
 
 import argparse
+import importlib
 import threading
 import time
+from typing import Any
 
-import psutil
+
+def _psutil() -> Any:
+    """psutil as bundled with Ray (importing ray puts it on sys.path)."""
+    import ray  # noqa: F401
+
+    return importlib.import_module("psutil")
 
 
 def _rss_sampler(stop: threading.Event, peak: list[int]) -> None:
+    psutil = _psutil()
     me = psutil.Process()
     while not stop.wait(0.5):
         total = 0
@@ -61,7 +69,7 @@ def main() -> None:
     ap.add_argument("--references", required=True)
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--actors", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--cpus", type=int, default=psutil.cpu_count() or 2)
+    ap.add_argument("--cpus", type=int, default=_psutil().cpu_count() or 2)
     ap.add_argument("--out", default="/tmp/bench_screen")
     args = ap.parse_args()
     rows = [bench(args.model, args.references, args.n, a, args.out, args.cpus) for a in args.actors]

@@ -182,7 +182,8 @@ def _ids_fingerprint(rows: list[dict[str, Any]]) -> str:
 
 
 # --------------------------------------------------------------------------- ray plumbing
-_FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
+_FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
+                  stages.FAULT_EXIT_AFTER_BATCHES_ENV, stages.FAULT_MARKER_ENV)
 
 
 def _worker_runtime_env() -> dict[str, Any] | None:
@@ -283,7 +284,8 @@ def _versions() -> dict[str, str]:
 def _model_info(model: str) -> dict[str, Any]:
     from cathode_ray.model.artifact import ModelDir
 
-    manifest = ModelDir(uri=model).read_manifest(verify=False)
+    # verified here on the driver, so a tampered model fails the run before any actor starts
+    manifest = ModelDir(uri=model).read_manifest(verify=True)
     blob = json.dumps(manifest, sort_keys=True).encode()
     return {"model_id": manifest.get("model_id"), "uri": model,
             "manifest_sha256": hashlib.sha256(blob).hexdigest(),

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -295,6 +296,27 @@ def edge_batches(n_edges: Sequence[int], max_edges: int) -> list[list[int]]:
     return batches
 
 
+#: Fault injection for the reliability tests (docs/reliability.md). With both variables set, the
+#: first inference actor that has finished N batches while the marker file does not exist creates
+#: it and ends its own process (``os._exit(1)``) at the start of its next batch: once per marker.
+FAULT_EXIT_AFTER_BATCHES_ENV = "CATHODE_RAY_FAULT_EXIT_AFTER_BATCHES"
+FAULT_MARKER_ENV = "CATHODE_RAY_FAULT_MARKER"
+
+
+def maybe_inject_actor_fault(batches_done: int) -> None:
+    """Exit this process when the fault-injection variables ask for it (see above)."""
+    after, marker = os.environ.get(FAULT_EXIT_AFTER_BATCHES_ENV), os.environ.get(FAULT_MARKER_ENV)
+    if not after or not marker or batches_done < int(after):
+        return
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        return
+    log.error("fault injection: inference actor pid %d exits after %d batches", os.getpid(),
+              batches_done)
+    os._exit(1)
+
+
 class InferenceStage:
     """Actor stage: ensemble inference (edge-budget sub-batches) then calibration/OOD/triage.
 
@@ -313,6 +335,7 @@ class InferenceStage:
         self.device = device
         self.max_edges = max_edges
         self.run_id = run_id
+        self._batches = 0  # for maybe_inject_actor_fault
 
     def _predict(self, df: pd.DataFrame, idx: Sequence[int]) -> Any:
         import torch
@@ -341,6 +364,8 @@ class InferenceStage:
         from cathode_ray.calibrate.calibrator import RESULT_COLUMNS
         from cathode_ray.model.prediction import EnsemblePrediction
 
+        maybe_inject_actor_fault(self._batches)
+        self._batches += 1
         t0 = time.perf_counter()
         df = batch.reset_index(drop=True)
         valid = [int(i) for i in np.flatnonzero(df["kind"].to_numpy() == VALID)]

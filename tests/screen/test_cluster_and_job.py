@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -34,17 +35,25 @@ def test_ray_job_submit_runs_screen(tiny_model, references, tmp_path) -> None:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
     start = subprocess.run(
         [ray_bin, "start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
-         f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+         f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+         # every agent port free-picked: other local Ray heads may hold the default ones
+         *(f"--{flag}={free_port()}" for flag in (
+             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+             "runtime-env-agent-port", "ray-client-server-port"))],
         env=env, capture_output=True, text=True, timeout=120)
     assert start.returncode == 0, start.stderr
     try:
         out = tmp_path / "dest"
-        job = subprocess.run(
-            [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}",
+        cmd = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}",
              "--working-dir", str(REPO), "--", "python", "jobs/screen_library.py",
              "--library", "demo", "--demo-size", "8", "--model", str(tiny_model),
-             "--out", str(out), "--references", references, "--run-id", "job1"],
-            env=env, capture_output=True, text=True, timeout=400, cwd=REPO)
+             "--out", str(out), "--references", references, "--run-id", "job1"]
+        for _ in range(12):  # the head's job agent takes a few seconds to come up
+            job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400,
+                                 cwd=REPO)
+            if "No available agent" not in job.stderr + job.stdout:
+                break
+            time.sleep(5)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "run job1: 8 inputs" in job.stdout
         assert (out / "_runs" / "job1.json").is_file()
@@ -54,7 +63,11 @@ def test_ray_job_submit_runs_screen(tiny_model, references, tmp_path) -> None:
 
 def _stop_head(temp_dir: str) -> None:
     """Kill only the processes of this head: those whose command line names its temp dir."""
-    import psutil
+    import importlib
+
+    import ray  # noqa: F401  - importing ray puts its bundled psutil on sys.path
+
+    psutil = importlib.import_module("psutil")
 
     procs = [p for p in psutil.process_iter(["pid", "cmdline"])
              if temp_dir in " ".join(p.info["cmdline"] or [])]
