@@ -30,6 +30,7 @@ from pymatgen.core import Structure
 
 from cathode_ray import seedcard
 from cathode_ray.data import sources
+from cathode_ray.data.library import structure_from_untrusted_dict
 from cathode_ray.data.records import REJECT_SCHEMA, Reject, RejectCode
 from cathode_ray.data.splits import (
     SPLITS,
@@ -155,7 +156,7 @@ def _doc_to_row(
     """One summary document -> (row without cluster/split, None) or (None, reject)."""
     sid = str(doc["material_id"])
     try:
-        structure = Structure.from_dict(doc["structure"])
+        structure = structure_from_untrusted_dict(doc["structure"])
     except Exception as exc:  # noqa: BLE001 - any parse failure is a reject, not a crash
         return None, Reject(
             structure_id=sid,

@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 from pymatgen.core import Lattice, Structure
 
 from cathode_ray import seedcard
+from cathode_ray.data.library import structure_from_untrusted_dict
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ _PARENTS: list[tuple[str, Structure]] = []
 
 def _init_worker(parents: list[tuple[str, dict]]) -> None:
     global _PARENTS
-    _PARENTS = [(pid, Structure.from_dict(d)) for pid, d in parents]
+    _PARENTS = [(pid, structure_from_untrusted_dict(d)) for pid, d in parents]
 
 
 def _substitute(rng: np.random.Generator, s: Structure, config: GenerateConfig) -> str | None:

@@ -486,7 +486,53 @@ def _parse_json(text: str) -> Structure:
     obj = json.loads(text)
     if not isinstance(obj, dict):
         raise ValueError(f"expected a Structure dict, got {type(obj).__name__}")
-    return Structure.from_dict(obj)
+    return structure_from_untrusted_dict(obj)
+
+
+_MARKERS = ("@module", "@class", "@callable", "@bound")
+
+
+def _refuse_object_markers(value: Any, where: str) -> None:
+    """Raise ValueError if a nested dict carries monty's object markers (code would be imported)."""
+    if isinstance(value, dict):
+        bad = [k for k in _MARKERS if k in value]
+        if bad:
+            raise ValueError(f"{where} holds serialized Python objects ({', '.join(bad)}); "
+                             "structure files must contain plain data only")
+        for k, v in value.items():
+            _refuse_object_markers(v, f"{where}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _refuse_object_markers(v, f"{where}[{i}]")
+
+
+def structure_from_untrusted_dict(obj: dict[str, Any]) -> Structure:
+    """A Structure from an untrusted ``Structure.as_dict()``-shaped dict, without monty decoding.
+
+    ``Structure.from_dict`` decodes site properties with monty's MontyDecoder, which imports any
+    module named by ``@module``/``@class`` and calls it; so only the plain data is kept here
+    (lattice matrix, per-site species/occupancies/oxidation states, fractional coordinates,
+    labels, charge) and every other key, site properties included, is dropped. A dict that asks
+    for decoding anywhere below the Structure and Lattice markers is refused outright.
+    """
+    _refuse_object_markers(obj.get("sites"), "sites")
+    try:
+        matrix = [[float(x) for x in row] for row in obj["lattice"]["matrix"]]
+        sites = []
+        for site in obj["sites"]:
+            species = [{"element": str(sp["element"]), "occu": float(sp.get("occu", 1.0)),
+                        **({"oxidation_state": float(sp["oxidation_state"])}
+                           if sp.get("oxidation_state") is not None else {})}
+                       for sp in site["species"]]
+            clean = {"species": species, "abc": [float(x) for x in site["abc"]]}
+            if isinstance(site.get("label"), str):
+                clean["label"] = site["label"]
+            sites.append(clean)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"not a pymatgen Structure dict ({type(e).__name__}: {e})") from e
+    charge = obj.get("charge")
+    return Structure.from_dict({"lattice": {"matrix": matrix}, "sites": sites,
+                                "charge": float(charge) if isinstance(charge, int | float) else 0.0})
 
 
 _PARSERS = {

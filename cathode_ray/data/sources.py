@@ -25,6 +25,7 @@ from typing import Any
 from pymatgen.core import Structure
 
 from cathode_ray import seedcard
+from cathode_ray.data.library import structure_from_untrusted_dict
 
 #: The pinned data query, recorded in DATA_VERSION.json.
 PINNED_QUERY: dict[str, Any] = {
@@ -127,7 +128,7 @@ def _normalise_doc(raw: Any) -> Doc:
     if "structure" in out:
         structure = out["structure"]
         if not isinstance(structure, Structure):
-            structure = Structure.from_dict(structure)
+            structure = structure_from_untrusted_dict(structure)
         out["structure"] = structure.as_dict()
     if "elements" in out:
         out["elements"] = [str(e) for e in out["elements"]]
@@ -221,7 +222,7 @@ def _structure_key(structure: Doc | Structure) -> Doc:
     """The hashed part of a structure: lattice matrix (Angstrom), species, fractional coords."""
     if not isinstance(structure, Structure):
         try:
-            structure = Structure.from_dict(structure)
+            structure = structure_from_untrusted_dict(structure)
         except Exception:  # noqa: BLE001 - a broken structure still hashes (as its raw dict)
             return {"raw": structure}
     s = structure

@@ -227,9 +227,13 @@ class RunLock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        held = read_json(self.uri)
-        if held is not None and held.get("owner") == self.owner:
-            delete(self.uri)
+        try:
+            held = read_json(self.uri)
+            if held is not None and held.get("owner") == self.owner:
+                delete(self.uri)
+        except OSError as e:  # storage unreachable: keep the original error; the lock expires
+            log.warning("could not release run lock %s (%s); it expires after its ttl or when "
+                        "this process has exited", self.uri, e)
 
     def __enter__(self) -> RunLock:
         return self.acquire()

@@ -110,7 +110,8 @@ def load_mace_model_file(path: str | Path, *, expected_sha256: str | None = None
     if expected_sha256 is not None and sha != expected_sha256.lower():
         raise WeightsMismatchError(f"{path}: sha256 {sha} != expected {expected_sha256}; not loaded")
     mace_cls, scale_shift_cls = _mace_modules()
-    # MACE's format is a whole pickled nn.Module: weights_only=True cannot load it.
+    # MACE's format is a whole pickled nn.Module: weights_only=True cannot load it. Only trusted
+    # model files are loaded (full pickle, MACE's format); sha256 computed above, before unpickling.
     model = torch.load(path, map_location="cpu", weights_only=False)
     if type(model) not in (mace_cls, scale_shift_cls):
         raise TypeError(
