@@ -239,7 +239,9 @@ def test_s3_unreachable_mid_write_then_resume(env: Env, model: str, references: 
             print(f"S3 outage: lock left behind by {held['owner']}; waiting for it to expire")
             time.sleep(max(0.0, float(held["expires"]) - time.time() + 1.0))
         summary = run(_config(env, model, references, out, run_id, resume=True))
-        assert summary.n_skipped > 0
+        # How much the resume can skip depends on which write the outage hit (a results object
+        # may or may not have been committed); what matters is the final output below.
+        assert summary.n_inputs == N_STRUCTURES
     else:
         print("S3 outage: retries completed the run")
     assert_same_output(out, run_id, *clean)
