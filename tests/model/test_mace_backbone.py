@@ -155,3 +155,17 @@ def test_structure_roundtrip_energy_is_extensive_consistent(tiny: MaceBackbone) 
     s = Structure(Lattice.cubic(4.61), ["Li", "Li", "O"], [[0.25, 0.25, 0.25], [0.75, 0.75, 0.75], [0, 0, 0]])
     e = tiny.reference_energy([s, s * (2, 1, 1)])
     assert float((e[0] - e[1]).abs()) < 1e-5
+
+
+def test_cueq_switch_falls_back_to_e3nn(tiny_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Asking for cuEquivariance without the package keeps e3nn kernels and the same energies."""
+    from cathode_ray.model.backbones.mace import cueq_available
+
+    if cueq_available():
+        pytest.skip("cuequivariance_torch is installed here; the fallback path is not taken")
+    plain = MaceBackbone.from_spec(f"mace:{tiny_path}")
+    with caplog.at_level("WARNING"):
+        switched = MaceBackbone.from_spec(f"mace:{tiny_path}", enable_cueq=True)
+    assert "cuequivariance_torch is not installed" in caplog.text
+    structures = small_cathode_structures()[:2]
+    torch.testing.assert_close(switched.reference_energy(structures), plain.reference_energy(structures))

@@ -27,6 +27,7 @@ every ``torch.load`` in this project therefore passes ``weights_only=...`` expli
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -85,6 +86,33 @@ def _mace_modules() -> tuple[type, type]:
     from mace.modules.models import MACE, ScaleShiftMACE
 
     return MACE, ScaleShiftMACE
+
+
+def cueq_available() -> bool:
+    """Whether NVIDIA's cuEquivariance kernels (``cuequivariance_torch``) are importable."""
+    try:
+        import cuequivariance_torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def maybe_enable_cueq(model: torch.nn.Module, enable: bool, device: str | torch.device) -> torch.nn.Module:
+    """Convert ``model`` to cuEquivariance kernels when asked and installed; else unchanged.
+
+    The conversion is mace's own (``mace.cli.convert_e3nn_cueq.run``). Without the package (as on
+    the machines this was written on) it logs a warning and keeps the e3nn kernels, so results
+    are the same, only slower on a GPU.
+    """
+    if not enable:
+        return model
+    if not cueq_available():
+        logging.getLogger(__name__).warning(
+            "cuEquivariance requested but cuequivariance_torch is not installed; MACE keeps e3nn kernels")
+        return model
+    from mace.cli.convert_e3nn_cueq import run as convert_to_cueq
+
+    return convert_to_cueq(model, device=str(device), return_model=True)
 
 
 def load_mace_model_file(path: str | Path, *, expected_sha256: str | None = None) -> tuple[nn.Module, str]:
@@ -331,7 +359,7 @@ class MaceBackbone(Backbone):
     @classmethod
     def from_spec(
         cls, spec: str, device: str | torch.device = "cpu", *, expected_sha256: str | None = None,
-        dtype: torch.dtype = torch.float32, head: str | None = None,
+        dtype: torch.dtype = torch.float32, head: str | None = None, enable_cueq: bool = False,
     ) -> MaceBackbone:
         """Backbone from ``mace:PATH`` (trusted local ``.model``) or a foundation name.
 
@@ -345,6 +373,7 @@ class MaceBackbone(Backbone):
         if spec.startswith("mace:"):
             path = Path(os.path.expanduser(spec.removeprefix("mace:")))
             model, sha = load_mace_model_file(path, expected_sha256=expected_sha256)
+            model = maybe_enable_cueq(model, enable_cueq, device)
             return cls(model, name=f"mace:{path}", weights_sha256=sha, device=device, dtype=dtype, head=head)
         path = download_foundation(spec)
         try:
@@ -356,6 +385,7 @@ class MaceBackbone(Backbone):
                 f"cached MACE model {path} for {spec!r} cannot be loaded ({exc}); delete it to "
                 f"re-download, or {_FALLBACK_HINT}"
             ) from exc
+        model = maybe_enable_cueq(model, enable_cueq, device)
         return cls(model, name=spec, weights_sha256=sha, device=device, dtype=dtype, head=head)
 
     # ------------------------------------------------------------------ graphs
