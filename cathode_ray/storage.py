@@ -7,6 +7,7 @@ S3 credentials and endpoint come from the standard AWS environment variables; a 
 from __future__ import annotations
 
 import os
+from typing import Any
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -28,6 +29,15 @@ def s3_filesystem() -> pafs.S3FileSystem:
     if region:
         kwargs["region"] = region
     return pafs.S3FileSystem(**kwargs)
+
+
+def s3_client() -> Any:
+    """boto3 S3 client for conditional writes pyarrow cannot express (If-None-Match / If-Match);
+    endpoint from ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` like :func:`s3_filesystem`."""
+    import boto3
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return boto3.client("s3", endpoint_url=endpoint or None)
 
 
 def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:

@@ -34,7 +34,7 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from cathode_ray.storage import filesystem_for, join
+from cathode_ray.storage import filesystem_for, join, s3_client
 
 log = logging.getLogger(__name__)
 
@@ -140,20 +140,13 @@ def _create_exclusive(uri: str, data: bytes) -> bool:
     return True
 
 
-def _s3_client() -> Any:
-    import boto3
-
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return boto3.client("s3", endpoint_url=endpoint or None)
-
-
 def _s3_create_exclusive(uri: str, data: bytes) -> bool:
     """S3 conditional create (``If-None-Match: *``); False on 412 Precondition Failed."""
     from botocore.exceptions import ClientError
 
     parsed = urlparse(uri)
     try:
-        _s3_client().put_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"), Body=data,
+        s3_client().put_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"), Body=data,
                                 IfNoneMatch="*")
     except ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))

@@ -45,6 +45,8 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlparse
 
+from cathode_ray.storage import s3_client
+
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
@@ -82,14 +84,6 @@ def _bucket_key(uri: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.lstrip("/")
 
 
-def _s3_client() -> Any:
-    """boto3 S3 client; endpoint from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (e.g. moto)."""
-    import boto3
-
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return boto3.client("s3", endpoint_url=endpoint or None)
-
-
 def _precondition_failed(exc: Exception) -> bool:
     """True for an S3 conditional-request failure (412, or 409 conflicting conditional write)."""
     response = getattr(exc, "response", None) or {}
@@ -111,7 +105,7 @@ def s3_get(uri: str) -> tuple[bytes, str] | None:
 
     bucket, key = _bucket_key(uri)
     try:
-        obj = _s3_client().get_object(Bucket=bucket, Key=key)
+        obj = s3_client().get_object(Bucket=bucket, Key=key)
     except ClientError as exc:
         if _not_found(exc):
             return None
@@ -131,7 +125,7 @@ def s3_put(uri: str, data: bytes, *, if_match: str | None = None,
     if if_none_match:
         kwargs["IfNoneMatch"] = "*"
     try:
-        return str(_s3_client().put_object(**kwargs)["ETag"])
+        return str(s3_client().put_object(**kwargs)["ETag"])
     except ClientError as exc:
         if _precondition_failed(exc) or (if_match is not None and _not_found(exc)):
             return None
@@ -147,7 +141,7 @@ def s3_delete(uri: str, *, if_match: str | None = None) -> bool:
     if if_match is not None:
         kwargs["IfMatch"] = if_match
     try:
-        _s3_client().delete_object(**kwargs)
+        s3_client().delete_object(**kwargs)
     except ClientError as exc:
         if _precondition_failed(exc) or _not_found(exc):
             return False
