@@ -160,6 +160,8 @@ def screen(
     gpu_actors: int | None = None,
     cpu_actors: int | None = None,
     max_edges_per_batch: int | None = None,
+    precision: Annotated[str | None, typer.Option(help="float32 | tf32 | bf16 (checked vs float32)")] = None,
+    stack_members: Annotated[bool | None, typer.Option(help="one vectorised call for all members")] = None,
     demo_size: int | None = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with defaults for these options")] = None,
 ) -> None:
@@ -171,7 +173,7 @@ def screen(
                   {"library": library, "model": model, "out": out, "references": references,
                    "address": address, "run_id": run_id, "resume": resume, "gpu_actors": gpu_actors,
                    "cpu_actors": cpu_actors, "max_edges_per_batch": max_edges_per_batch,
-                   "demo_size": demo_size})
+                   "precision": precision, "stack_members": stack_members, "demo_size": demo_size})
     run(ScreenConfig(**opts))
 
 

@@ -33,6 +33,10 @@ TRANSITION_METALS: tuple[str, ...] = ("Ti", "V", "Cr", "Mn", "Fe", "Co", "Ni", "
 #: TMs with labelled training data in the offline snapshot; others are out of domain.
 TRAINED_TRANSITION_METALS: tuple[str, ...] = ("Mn", "Fe", "Co", "Ni")
 
+#: Reduced-precision inference (tf32 / bf16) must move q50 and energies by at most this much
+#: against float32 on the first batch of a screen, else the screen falls back to float32.
+PRECISION_MAX_DEVIATION: float = 1e-3  # eV/atom
+
 #: Head and optimisation.
 HEAD_HIDDEN: int = 128
 HEAD_DROPOUT: float = 0.1

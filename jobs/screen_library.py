@@ -27,6 +27,8 @@ def main(
     gpu_actors: int = typer.Option(0, help="inference actors with one GPU each"),
     cpu_actors: int = typer.Option(1, help="CPU inference actors (when no GPU actors)"),
     max_edges_per_batch: int = typer.Option(50_000, help="edge budget per inference sub-batch"),
+    precision: str = typer.Option("float32", help="float32 | tf32 | bf16 (checked vs float32)"),
+    stack_members: bool = typer.Option(True, help="one vectorised call for all members"),
     demo_size: int = typer.Option(2000, help="structures of the demo library"),
 ) -> None:
     """Screen a library and print the summary table."""
@@ -35,7 +37,7 @@ def main(
     run(ScreenConfig(library=library, model=model, out=out, references=references,
                      address=address, run_id=run_id, resume=resume, gpu_actors=gpu_actors,
                      cpu_actors=cpu_actors, max_edges_per_batch=max_edges_per_batch,
-                     demo_size=demo_size))
+                     precision=precision, stack_members=stack_members, demo_size=demo_size))
 
 
 if __name__ == "__main__":

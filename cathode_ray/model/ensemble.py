@@ -2,14 +2,22 @@
 
 ``Ensemble.load(model_dir)`` verifies every file's sha256 against the manifest before any tensor
 is read, checks that the installed backbone is the one the members were trained on, and builds
-the members. ``predict_feats`` runs all members on one collated trunk batch (shared trunk).
+the members. ``predict_feats`` runs all members on one collated trunk batch (shared trunk):
+
+- head-only ensembles: the pretrained last block once, M heads;
+- last-block ensembles: the M last blocks + heads stacked into one vectorised call
+  (:class:`~cathode_ray.model.stacked.StackedMembers`, ``stack_members=True``), or one after
+  another (``False``, and the automatic fallback when a backbone's ops cannot be vmapped).
+
+``precision`` (``float32`` | ``tf32`` | ``bf16``) applies to the last block(s); heads stay float32.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,10 +26,13 @@ import torch
 from cathode_ray.data.splits import SoapClusterer
 
 from .artifact import ArtifactIntegrityError, ModelDir
-from .backbones import Backbone, TrunkFeatures, load_backbone
+from .backbones import Backbone, TrunkBatch, TrunkFeatures, load_backbone
 from .head import HeadConfig
 from .member import Member, Normalizer, ThermoInputs
 from .prediction import EnsemblePrediction
+from .stacked import StackedMembers, check_precision, precision_deviation
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,6 +45,12 @@ class Ensemble:
     manifest: dict[str, Any]
     uri: str
     files: dict[str, bytes]
+    precision: str = "float32"
+    stack_members: bool = True
+    _stacked: StackedMembers | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        check_precision(self.precision)
 
     @property
     def shared_last_block(self) -> bool:
@@ -45,7 +62,8 @@ class Ensemble:
         return str(self.manifest["model_id"])
 
     @classmethod
-    def load(cls, uri: str, *, device: str = "cpu", backbone: Backbone | None = None) -> Ensemble:
+    def load(cls, uri: str, *, device: str = "cpu", backbone: Backbone | None = None,
+             precision: str = "float32", stack_members: bool = True) -> Ensemble:
         md = ModelDir(uri=uri)
         manifest = md.read_manifest(verify=False)
         files = md.verify(manifest)  # raises before anything is deserialised
@@ -67,31 +85,64 @@ class Ensemble:
         if not members:
             raise ArtifactIntegrityError(f"{uri}: manifest lists no members")
         return cls(backbone=bb, members=members, normalizer=normalizer, manifest=manifest, uri=uri,
-                   files=files)
+                   files=files, precision=check_precision(precision), stack_members=stack_members)
 
     def soap_clusterer(self) -> SoapClusterer | None:
         """The dataset's SOAP cluster model, to assign clusters to new structures."""
         data = self.files.get("soap_clusterer.json")
         return None if data is None else SoapClusterer.from_dict(json.loads(data))
 
+    def member_outputs(self, batch: TrunkBatch, thermo: ThermoInputs, precision: str | None = None,
+                       ) -> dict[str, torch.Tensor]:
+        """Every member's outputs on one collated batch, stacked: each value [M, B] (or [M, B, D])."""
+        precision = self.precision if precision is None else precision
+        if self.shared_last_block:  # head-only members: one last-block pass, M heads
+            x, zs, e_pa = self.members[0].head_inputs(batch, thermo, precision)
+            outs = [m.outputs(x, zs, e_pa, thermo.has_ref) for m in self.members]
+        elif self.stack_members and len(self.members) > 1:
+            try:
+                if self._stacked is None:
+                    self._stacked = StackedMembers(self.members, context=self.backbone.vmap_context)
+                return self._stacked(batch, thermo, precision)
+            except Exception as exc:  # noqa: BLE001 - a backbone op without a vmap rule
+                outs = [m(batch, thermo, precision) for m in self.members]  # raises if not vmap's fault
+                log.warning("stacked members failed (%s: %s); running members one after another",
+                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                self.stack_members, self._stacked = False, None
+        else:
+            outs = [m(batch, thermo, precision) for m in self.members]
+        return {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
+
+    @torch.inference_mode()
+    def precision_deviation(self, feats: Sequence[TrunkFeatures], thermo: ThermoInputs, *,
+                            device: str = "cpu", precision: str | None = None) -> float:
+        """Largest |q50 or energy| change (eV/atom) of ``precision`` against float32 on one batch.
+
+        ``inf`` when the backbone's ops cannot run at that precision (logged).
+        """
+        precision = self.precision if precision is None else check_precision(precision)
+        batch = self.backbone.collate(feats, device)
+        th = thermo.to(device)
+        try:
+            return precision_deviation(lambda p: self.member_outputs(batch, th, p), precision)
+        except Exception as exc:  # noqa: BLE001 - e.g. e3nn contractions under bf16 autocast
+            log.warning("%s inference is not supported by backbone %s (%s: %s)", precision,
+                        self.backbone.name, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            return float("inf")
+
     @torch.inference_mode()
     def predict_feats(self, feats: Sequence[TrunkFeatures], thermo: ThermoInputs, *,
                       device: str = "cpu") -> EnsemblePrediction:
         """All members on one batch of cached trunk features (the trunk is shared)."""
         batch = self.backbone.collate(feats, device)
-        th = thermo.to(device)
-        if self.shared_last_block:  # head-only members: one last-block pass, M heads
-            x, zs, e_pa = self.members[0].head_inputs(batch, th)
-            outs = [m.outputs(x, zs, e_pa, th.has_ref) for m in self.members]
-        else:
-            outs = [m(batch, th) for m in self.members]
-        stack = lambda k: torch.stack([o[k] for o in outs]).float().cpu().numpy()  # noqa: E731  [M, B]
-        zero_shot = outs[0]["zero_shot"].float().cpu().numpy()  # [B] (member 0's last block)
+        out = self.member_outputs(batch, thermo.to(device))
+        arr = lambda k: out[k].float().cpu().numpy()  # noqa: E731  [M, B]
         return EnsemblePrediction(
-            q10=stack("q10"), q50=stack("q50"), q90=stack("q90"), p_stable=stack("p_stable"),
-            p_metastable=stack("p_metastable"),
+            q10=arr("q10"), q50=arr("q50"), q90=arr("q90"), p_stable=arr("p_stable"),
+            p_metastable=arr("p_metastable"),
             embedding=self.backbone.trunk_embedding(batch).float().cpu().numpy(),  # [B, D]
-            zero_shot_ehull=zero_shot, has_reference=thermo.has_ref.cpu().numpy().astype(bool),
+            zero_shot_ehull=arr("zero_shot")[0],  # [B] (member 0's last block)
+            has_reference=thermo.has_ref.cpu().numpy().astype(bool),
         )
 
     def predict_feats_batched(self, feats: Sequence[TrunkFeatures], thermo: ThermoInputs, *,

@@ -21,6 +21,7 @@ from torch import nn
 
 from .backbones.base import Backbone, LastBlock, TrunkBatch, segment_mean
 from .head import EhullHead, HeadConfig
+from .stacked import precision_context
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,16 +87,24 @@ class Member(nn.Module):
         dim = backbone.embedding_dim + backbone.trunk_embedding_dim
         return cls(backbone.new_last_block(), dim, head, normalizer)
 
-    def head_inputs(self, batch: TrunkBatch, thermo: ThermoInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(features [B, D + D'], zero-shot E_hull [B] eV/atom (0 without reference), e_pa [B])."""
-        e_pa, emb = self.last_block(batch)  # [B] eV/atom, [B, D]
+    def head_inputs(self, batch: TrunkBatch, thermo: ThermoInputs, precision: str = "float32",
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(features [B, D + D'], zero-shot E_hull [B] eV/atom (0 without reference), e_pa [B]).
+
+        ``precision`` applies to the last block only (see :mod:`cathode_ray.model.stacked`); its
+        outputs are cast back to float32 and the head always runs in float32.
+        """
+        with precision_context(precision, batch["n_atoms"].device):
+            e_pa, emb = self.last_block(batch)  # [B] eV/atom, [B, D]
+        e_pa, emb = e_pa.float(), emb.float()
         trunk = segment_mean(batch["node_scalars"], batch["atom_owners"], batch["n_atoms"])  # [B, D']
         zs = e_pa + thermo.corr_pa - thermo.hull_pa  # [B] zero-shot E_hull, eV/atom
         zs = torch.where(thermo.has_ref, zs, torch.zeros_like(zs))
         return torch.cat([emb, trunk], dim=1), zs, e_pa
 
-    def forward(self, batch: TrunkBatch, thermo: ThermoInputs) -> dict[str, torch.Tensor]:
-        x, zs, e_pa = self.head_inputs(batch, thermo)
+    def forward(self, batch: TrunkBatch, thermo: ThermoInputs, precision: str = "float32",
+                ) -> dict[str, torch.Tensor]:
+        x, zs, e_pa = self.head_inputs(batch, thermo, precision)
         return self.outputs(x, zs, e_pa, thermo.has_ref)
 
     def outputs(self, x: torch.Tensor, zs: torch.Tensor, e_pa: torch.Tensor,

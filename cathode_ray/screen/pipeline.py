@@ -57,6 +57,12 @@ class ScreenConfig:
         cpus_per_actor: logical CPUs each CPU inference actor reserves.
         graph_actors: most graph-building CPU actors.
         max_edges_per_batch: edge budget of one inference sub-batch (directed graph edges).
+        precision: inference precision of the last block(s): ``float32``, ``tf32`` (CUDA
+            matmuls) or ``bf16`` (autocast). A reduced precision is checked against float32 on
+            each actor's first sub-batch; above ``seedcard.PRECISION_MAX_DEVIATION`` (1 meV/atom)
+            the actor falls back to float32 and logs why.
+        stack_members: run last-block members as one vectorised call (``torch.func``) rather
+            than one after another (same results; falls back by itself where unsupported).
         demo_size: structures of the ``demo`` library.
         min_rows_per_file: rows gathered before one Parquet file is written.
         lock_ttl_s: seconds without heartbeat before a run lock counts as abandoned.
@@ -76,6 +82,8 @@ class ScreenConfig:
     cpus_per_actor: float = 1.0
     graph_actors: int = 1
     max_edges_per_batch: int = 50_000
+    precision: str = "float32"
+    stack_members: bool = True
     demo_size: int = 2000
     min_rows_per_file: int = 20_000
     lock_ttl_s: float = 600.0
@@ -90,6 +98,9 @@ class ScreenConfig:
             raise ValueError("need gpu_actors >= 0, cpu_actors >= 1 and graph_actors >= 1")
         if not self.cpus_per_actor > 0:
             raise ValueError(f"cpus_per_actor must be > 0, got {self.cpus_per_actor}")
+        from cathode_ray.model.stacked import check_precision
+
+        check_precision(self.precision)
         if self.max_edges_per_batch < 1:
             raise ValueError("max_edges_per_batch must be >= 1")
         if self.demo_size < 0 or self.min_rows_per_file < 1 or self.lock_ttl_s <= 0:
@@ -261,7 +272,8 @@ def build_dataset(config: ScreenConfig, source: Source, *, run_id: str, ranks: d
     ds = ds.map_batches(
         stages.InferenceStage, batch_format="pandas", batch_size=_BATCH_ROWS,
         fn_constructor_kwargs={"model": config.model, "device": "cuda" if gpu else "cpu",
-                               "max_edges": config.max_edges_per_batch, "run_id": run_id},
+                               "max_edges": config.max_edges_per_batch, "run_id": run_id,
+                               "precision": config.precision, "stack_members": config.stack_members},
         compute=ray.data.ActorPoolStrategy(size=config.gpu_actors if gpu else config.cpu_actors),
         **({"num_gpus": 1} if gpu else {"num_cpus": config.cpus_per_actor}), **env,
     )

@@ -326,11 +326,13 @@ class InferenceStage:
     """
 
     def __init__(self, *, model: str, device: str = "cpu", max_edges: int = 50_000,
-                 run_id: str) -> None:
+                 run_id: str, precision: str = "float32", stack_members: bool = True) -> None:
         from cathode_ray.calibrate.calibrator import Calibrator
         from cathode_ray.model.ensemble import Ensemble
 
-        self.ensemble = Ensemble.load(model, device=device)
+        self.ensemble = Ensemble.load(model, device=device, precision=precision,
+                                      stack_members=stack_members)
+        self._precision_checked = precision == "float32"
         self.calibrator = Calibrator.from_files(self.ensemble.files, where=model)
         self.device = device
         self.max_edges = max_edges
@@ -348,8 +350,26 @@ class InferenceStage:
             has_ref=torch.tensor([bool(df.at[i, "has_ref"]) for i in idx], dtype=torch.bool),
         )
         graphs = [df.at[i, "graph"] for i in idx]
+        if not self._precision_checked:
+            self._check_precision(graphs, thermo)
         return self.ensemble.predict_graphs(graphs, thermo, device=self.device,
                                             batch_size=len(idx))
+
+    def _check_precision(self, graphs: list[Any], thermo: Any) -> None:
+        """First sub-batch: reduced precision vs float32; fall back above the seed-card bound."""
+        from cathode_ray import seedcard
+
+        self._precision_checked = True
+        feats = self.ensemble.backbone.trunk(graphs, device=self.device)
+        dev = self.ensemble.precision_deviation(feats, thermo, device=self.device)
+        limit = seedcard.PRECISION_MAX_DEVIATION
+        if dev > limit:
+            log.warning("precision %s moves predictions by %.2g eV/atom (> %.0g) on %d structures: "
+                        "this actor runs float32", self.ensemble.precision, dev, limit, len(graphs))
+            self.ensemble.precision = "float32"
+        else:
+            log.info("precision %s: max deviation %.2g eV/atom vs float32 on %d structures",
+                     self.ensemble.precision, dev, len(graphs))
 
     def _predict_robust(self, df: pd.DataFrame, idx: list[int]) -> list[tuple[list[int], Any]]:
         try:

@@ -144,3 +144,27 @@ def test_screen_config_validation() -> None:
         ScreenConfig(**base, cpu_actors=0)
     with pytest.raises(ValueError):
         ScreenConfig(**base, max_edges_per_batch=0)
+
+
+@pytest.mark.parametrize(("limit", "expected"), [(0.0, "float32"), (1.0, "bf16")])
+def test_inference_stage_checks_reduced_precision_on_first_batch(
+        tiny_model, monkeypatch: pytest.MonkeyPatch, limit: float, expected: str) -> None:
+    """bf16 is measured against float32 on the first sub-batch; above the bound the actor falls
+    back to float32 (limit 0: any deviation is too much), within it bf16 is kept."""
+    from cathode_ray import seedcard
+    from cathode_ray.screen.stages import InferenceStage
+    from tests.chgnet_data import layered_cells
+
+    monkeypatch.setattr(seedcard, "PRECISION_MAX_DEVIATION", limit)
+    stage = InferenceStage(model=str(tiny_model), run_id="t", precision="bf16")
+    bb = stage.ensemble.backbone
+    df = pd.DataFrame({"graph": [bb.build_graph(s) for s in layered_cells(3)],
+                       "hull_pa": [-6.0] * 3, "corr_pa": [0.0] * 3, "has_ref": [True, True, False]})
+    pred = stage._predict(df, [0, 1, 2])
+    assert stage.ensemble.precision == expected
+    assert pred.q50.shape == (len(stage.ensemble.members), 3)
+
+
+def test_screen_config_rejects_unknown_precision() -> None:
+    with pytest.raises(ValueError, match="precision"):
+        ScreenConfig(library="demo", model="m", out="o", references="snapshot:x", precision="fp16")

@@ -16,6 +16,7 @@ or on disk with ``torch.save`` (loaded with ``weights_only=True``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -86,9 +87,24 @@ class Backbone(ABC):
         """
         return segment_mean(batch["node_scalars"], batch["atom_owners"], batch["n_atoms"])  # [B, D']
 
+    def vmap_context(self) -> contextlib.AbstractContextManager[Any]:
+        """Context entered around a ``torch.func.vmap`` over members' last blocks.
+
+        Default: nothing. A backbone whose library code uses in-place scatters (not vmap-safe)
+        swaps them for out-of-place equivalents here (see the MACE adapter).
+        """
+        return contextlib.nullcontext()
+
     def identity(self) -> dict[str, Any]:
         """Backbone identity for manifests: name, weights sha256, cutoff."""
         return {"name": self.name, "weights_sha256": self.weights_sha256, "cutoff": self.cutoff}
+
+
+def readout_precision(x: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
+    """Autocast off for an energy readout on ``x``'s device: per-atom energies of several eV
+    need float32 (bfloat16 resolves only ~0.03 eV at 5 eV). Cast the readout's input with
+    ``.float()`` inside."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -103,7 +119,7 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 def segment_mean(values: torch.Tensor, owners: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     """Mean of per-atom rows per structure. values [A, C], owners [A] (0..B-1), n [B] -> [B, C]."""
     out = torch.zeros(n.shape[0], values.shape[1], dtype=values.dtype, device=values.device)
-    out.index_add_(0, owners.long(), values)
+    out = out.index_add(0, owners.long(), values)  # out of place: works under torch.func.vmap
     return out / n.to(values.dtype)[:, None]
 
 
@@ -111,5 +127,4 @@ def segment_sum(values: torch.Tensor, owners: torch.Tensor, n_graphs: int) -> to
     """Sum of per-atom values per structure. values [A] or [A, C], owners [A] -> [B] or [B, C]."""
     shape = (n_graphs, *values.shape[1:])
     out = torch.zeros(shape, dtype=values.dtype, device=values.device)
-    out.index_add_(0, owners.long(), values)
-    return out
+    return out.index_add(0, owners.long(), values)  # out of place: works under torch.func.vmap

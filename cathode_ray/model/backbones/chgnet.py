@@ -20,6 +20,7 @@ from .base import (
     LastBlock,
     TrunkBatch,
     TrunkFeatures,
+    readout_precision,
     segment_mean,
     segment_sum,
     sha256_file,
@@ -54,13 +55,15 @@ class ChgnetLastBlock(LastBlock):
             atom_graph=batch["atom_graph"],  # [E, 2] directed, batch-global atom indices
             directed2undirected=batch["directed2undirected"],  # [E]
         )
-        if self.readout_norm is not None:
-            atom_feas = self.readout_norm(atom_feas)
-        owners = batch["atom_owners"]  # [A]
-        n = batch["n_atoms"]  # [B]
-        site_e = self.mlp(atom_feas).view(-1)  # [A] eV
-        e_pa = segment_sum(site_e, owners, n.shape[0]) / n.to(site_e.dtype) + batch["comp_energy"]
-        emb = segment_mean(atom_feas, owners, n)  # [B, 64]
+        with readout_precision(atom_feas):  # the readout stays float32 under a bf16 autocast
+            atom_feas = atom_feas.float()
+            if self.readout_norm is not None:
+                atom_feas = self.readout_norm(atom_feas)
+            owners = batch["atom_owners"]  # [A]
+            n = batch["n_atoms"]  # [B]
+            site_e = self.mlp(atom_feas).view(-1)  # [A] eV
+            e_pa = segment_sum(site_e, owners, n.shape[0]) / n.to(site_e.dtype) + batch["comp_energy"]
+            emb = segment_mean(atom_feas, owners, n)  # [B, 64]
         return e_pa, emb
 
 

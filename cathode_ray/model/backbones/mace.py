@@ -26,10 +26,11 @@ every ``torch.load`` in this project therefore passes ``weights_only=...`` expli
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from .base import (
     LastBlock,
     TrunkBatch,
     TrunkFeatures,
+    readout_precision,
     segment_mean,
     segment_sum,
     sha256_file,
@@ -113,6 +115,43 @@ def maybe_enable_cueq(model: torch.nn.Module, enable: bool, device: str | torch.
     from mace.cli.convert_e3nn_cueq import run as convert_to_cueq
 
     return convert_to_cueq(model, device=str(device), return_model=True)
+
+
+def _scatter_sum_out_of_place(src: torch.Tensor, index: torch.Tensor, dim: int = -1,
+                              out: torch.Tensor | None = None, dim_size: int | None = None,
+                              reduce: str = "sum") -> torch.Tensor:
+    """``mace.tools.scatter.scatter_sum`` without the in-place ``scatter_add_`` (vmap-safe)."""
+    from mace.tools.scatter import _broadcast
+
+    if reduce != "sum":
+        raise ValueError(f"only reduce='sum' is supported, got {reduce!r}")
+    index = _broadcast(index, src, dim)
+    if out is None:
+        size = list(src.size())
+        if dim_size is not None:
+            size[dim] = dim_size
+        else:
+            size[dim] = 0 if index.numel() == 0 else int(index.max()) + 1
+        out = torch.zeros(size, dtype=src.dtype, device=src.device)
+    return out.scatter_add(dim, index, src)
+
+
+@contextlib.contextmanager
+def vmap_safe_scatter() -> Iterator[None]:
+    """Swap mace's in-place ``scatter_sum`` in ``mace.modules.blocks`` for an out-of-place one.
+
+    ``torch.func.vmap`` over stacked members cannot write mapped values into an unmapped
+    ``torch.zeros`` buffer in place; the sum is the same either way. Restored on exit. Not
+    thread-safe: an inference actor runs one batch at a time.
+    """
+    import mace.modules.blocks as blocks
+
+    original = blocks.scatter_sum
+    blocks.scatter_sum = _scatter_sum_out_of_place
+    try:
+        yield
+    finally:
+        blocks.scatter_sum = original
 
 
 def load_mace_model_file(path: str | Path, *, expected_sha256: str | None = None) -> tuple[nn.Module, str]:
@@ -294,7 +333,9 @@ class MaceLastBlock(LastBlock):
             first_layer=self.first_layer,
         )  # [A, last hidden irreps dim]
         arange = torch.arange(node_feats.shape[0], device=node_feats.device)
-        node_es = self.readout(node_feats, node_heads)[arange, node_heads]  # [A] eV
+        with readout_precision(node_feats):  # the readout stays float32 under a bf16 autocast
+            node_feats = node_feats.to(torch.promote_types(node_feats.dtype, torch.float32))
+            node_es = self.readout(node_feats, node_heads)[arange, node_heads]  # [A] eV
         node_es = node_es * self.energy_scale[node_heads].to(node_es.dtype)
         owners = batch["atom_owners"]  # [A]
         n = batch["n_atoms"]  # [B]
@@ -527,6 +568,10 @@ class MaceBackbone(Backbone):
 
     def new_last_block(self) -> MaceLastBlock:
         return MaceLastBlock(self.model).to(self.device)
+
+    def vmap_context(self) -> contextlib.AbstractContextManager[None]:
+        """mace's interaction blocks scatter in place; see :func:`vmap_safe_scatter`."""
+        return vmap_safe_scatter()
 
     @torch.no_grad()
     def reference_energy(self, structures: Sequence[Structure]) -> torch.Tensor:

@@ -1,0 +1,137 @@
+"""Stacked members (one vmap call) equal members run one by one; precision modes and their bound."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conformance import small_cathode_structures
+
+from cathode_ray.model.backbones import Backbone
+from cathode_ray.model.backbones.mace import MaceBackbone
+from cathode_ray.model.ensemble import Ensemble
+from cathode_ray.model.head import HeadConfig
+from cathode_ray.model.member import Member, Normalizer, ThermoInputs
+from cathode_ray.model.stacked import check_precision, precision_context
+from cathode_ray.testing.tiny_mace import build_tiny_mace
+from tests.chgnet_data import chgnet, member_data
+
+
+def _ensemble(bb: Backbone, n_members: int = 3, *, head_only: bool = False) -> Ensemble:
+    """Members whose last blocks differ (perturbed pretrained weights) and whose heads differ."""
+    norm = Normalizer(mean=0.08, std=0.05)
+    members = []
+    for i in range(n_members):
+        torch.manual_seed(100 + i)
+        m = Member.create(bb, HeadConfig(), norm).eval()
+        with torch.no_grad():
+            for p in m.last_block.parameters():
+                p.add_(0.02 * torch.randn_like(p) * p.abs().mean())
+        members.append(m)
+    manifest = {"model_id": "test", "config": {"train_last_block": not head_only}}
+    return Ensemble(backbone=bb, members=members, normalizer=norm, manifest=manifest, uri="-", files={})
+
+
+def _thermo(n: int) -> ThermoInputs:
+    return ThermoInputs(hull_pa=torch.linspace(-6.5, -5.5, n), corr_pa=torch.zeros(n),
+                        has_ref=torch.tensor([i % 3 != 2 for i in range(n)]))
+
+
+@pytest.fixture(scope="module")
+def tiny_mace(tmp_path_factory: pytest.TempPathFactory) -> MaceBackbone:
+    path = build_tiny_mace(tmp_path_factory.mktemp("mace") / "tiny.model", r_max=4.0, seed=0)
+    return MaceBackbone.from_spec(f"mace:{path}")
+
+
+def _stacked_vs_loop(ens: Ensemble, feats: list, th: ThermoInputs) -> tuple:
+    stacked = ens.predict_feats(feats, th)
+    assert ens.stack_members, "stacking fell back to the loop"
+    ens.stack_members = False
+    loop = ens.predict_feats(feats, th)
+    return stacked, loop
+
+
+def test_stacked_chgnet_members_equal_loop() -> None:
+    ens = _ensemble(chgnet())
+    data = member_data(6, seed=1)
+    stacked, loop = _stacked_vs_loop(ens, data.feats, _thermo(6))
+    assert stacked.q50.shape == (3, 6)
+    assert np.abs(loop.q50[0] - loop.q50[1]).max() > 1e-4  # members really differ
+    for k in ("q10", "q50", "q90", "p_stable", "p_metastable"):
+        np.testing.assert_allclose(getattr(stacked, k), getattr(loop, k), atol=1e-5)
+    np.testing.assert_allclose(stacked.zero_shot_ehull, loop.zero_shot_ehull, atol=1e-5, equal_nan=True)
+
+
+def test_stacked_mace_members_equal_loop_and_restore_mace(tiny_mace: MaceBackbone) -> None:
+    import mace.modules.blocks as blocks
+
+    original = blocks.scatter_sum
+    structures = small_cathode_structures()
+    feats = tiny_mace.trunk([tiny_mace.build_graph(s) for s in structures])
+    ens = _ensemble(tiny_mace)
+    stacked, loop = _stacked_vs_loop(ens, feats, _thermo(len(structures)))
+    assert np.abs(loop.q50[0] - loop.q50[2]).max() > 1e-4
+    np.testing.assert_allclose(stacked.q50, loop.q50, atol=1e-5)
+    np.testing.assert_allclose(stacked.p_stable, loop.p_stable, atol=1e-5)
+    assert blocks.scatter_sum is original  # the vmap-safe swap is undone
+
+
+def test_falls_back_to_loop_when_ops_cannot_be_vmapped(tiny_mace: MaceBackbone,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the MACE context, mace's in-place scatter fails under vmap: the loop takes over."""
+    structures = small_cathode_structures()[:2]
+    feats = tiny_mace.trunk([tiny_mace.build_graph(s) for s in structures])
+    ens = _ensemble(tiny_mace, 2)
+    monkeypatch.setattr(tiny_mace, "vmap_context", contextlib.nullcontext)
+    pred = ens.predict_feats(feats, _thermo(2))
+    assert ens.stack_members is False
+    ref = ens.predict_feats(feats, _thermo(2))
+    np.testing.assert_allclose(pred.q50, ref.q50, atol=1e-6)
+
+
+def test_precision_context_validates_and_restores_flags() -> None:
+    with pytest.raises(ValueError, match="float32, tf32, bf16"):
+        check_precision("fp8")
+    before = torch.backends.cuda.matmul.allow_tf32
+    with precision_context("tf32", "cpu"):
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+    assert torch.backends.cuda.matmul.allow_tf32 is before
+    with precision_context("bf16", "cpu"):
+        y = torch.nn.functional.linear(torch.randn(2, 4), torch.randn(3, 4))
+    assert y.dtype == torch.bfloat16
+    with precision_context("float32", "cpu"):
+        assert torch.nn.functional.linear(torch.randn(2, 4), torch.randn(3, 4)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("head_only", [False, True])
+def test_precision_deviation_chgnet(head_only: bool) -> None:
+    """float32 is exact; bf16 moves predictions a little (readout stays float32) and is measured."""
+    ens = _ensemble(chgnet(), 2, head_only=head_only)
+    data = member_data(6, seed=2)
+    th = _thermo(6)
+    assert ens.precision_deviation(data.feats, th, precision="float32") == 0.0
+    dev = ens.precision_deviation(data.feats, th, precision="bf16")
+    assert 0.0 < dev < 0.05  # eV/atom: bf16 perturbs, but the float32 readout keeps it small
+    batch = chgnet().collate(data.feats)
+    out = ens.member_outputs(batch, th, "bf16")
+    assert out["energy_pa"].dtype == torch.float32 and out["q50"].dtype == torch.float32
+
+
+def test_unsupported_precision_reports_inf_and_keeps_stacking(tiny_mace: MaceBackbone) -> None:
+    """A precision a backbone cannot run is reported (inf or a number), never a crash, and does
+    not switch stacking off."""
+    structures = small_cathode_structures()[:2]
+    feats = tiny_mace.trunk([tiny_mace.build_graph(s) for s in structures])
+    ens = _ensemble(tiny_mace, 2)
+    dev = ens.precision_deviation(feats, _thermo(2), precision="bf16")
+    assert dev == float("inf") or 0.0 <= dev < 0.05
+    assert ens.stack_members is True
+
+
+def test_ensemble_load_rejects_unknown_precision(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="precision"):
+        Ensemble(backbone=chgnet(), members=[], normalizer=Normalizer(mean=0.0, std=1.0),
+                 manifest={}, uri="-", files={}, precision="half")
