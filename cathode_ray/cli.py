@@ -138,13 +138,21 @@ def report(
     out: Annotated[str, typer.Option(help="report directory")],
     split: Annotated[str, typer.Option(help="splits (val+test+loco) | val | test | loco | all")] = "splits",
     references: str = DEFAULT_REFERENCES,
+    compare: Annotated[list[str] | None, typer.Option(
+        help="other model dirs on the same data (e.g. last-block vs head-only): cost/accuracy table")] = None,
 ) -> None:
     """Governance report: six seed-card checks, metrics per split, plots."""
     from cathode_ray.report.run import ReportConfig, run
 
-    rep = run(ReportConfig(model=model, data=data, out=out, split=split, references=references))  # type: ignore[arg-type]
+    rep = run(ReportConfig(model=model, data=data, out=out, split=split, references=references,  # type: ignore[arg-type]
+                           compare=tuple(compare or ())))
     for c in rep["checks"]:
         typer.echo(f"{'PASS' if c['pass'] else 'FAIL'}  {c['name']}: {c['value']:.4g} {c['op']} {c['threshold']}")
+    for m in rep.get("ensemble_modes", []):
+        t = m["metrics"].get("test", {})
+        typer.echo(f"{m['mode']:>10} {m['model_id']}: members {m['members_ms_per_structure']:.2f} ms/structure, "
+                   f"test spearman {t.get('spearman', float('nan')):.3f} mae {t.get('mae', float('nan')):.4f} "
+                   f"coverage {t.get('coverage', float('nan')):.3f}")
     typer.echo(f"report -> {out}")
 
 

@@ -1,20 +1,33 @@
-"""Benchmark screening: structures/s end to end and busy seconds per stage, 1 vs 2 CPU actors.
+"""Benchmark screening: structures/s end to end and per stage, 1 vs 2 inference actors, peak RSS.
 
     PYTHONPATH=. python scripts/bench_screen.py --model MODEL_DIR --references snapshot:PATH \
-        [--n 1000] [--actors 1 2] [--out /tmp/bench_screen]
+        [--library demo|PATH ...] [--n 1000] [--actors 1 2] [--gpu-actors 0] [--precision float32]
 
-Each configuration screens the demo library (n structures) into a fresh run id on a private
-local Ray and reports wall time, structures/s, busy seconds per stage and peak RSS of the
-driver + Ray worker processes (sampled every 0.5 s).
+- ``--library demo`` (default) screens ``--n`` generated demo structures (built in memory);
+  give one or more library paths (e.g. shards of ``cathode-ray library generate``) to screen
+  files, which is what a 10k / 100k memory comparison needs (``--library lib/part-0000.parquet``
+  vs ``--library lib``).
+- ``--model tiny-mace`` trains a 2-member ensemble on a random-weight tiny MACE backbone first
+  (about a minute): inference is then cheap, so the run measures the pipeline itself
+  (reading, validation, graph building, batching, writing) and its memory at scale.
+
+Each configuration runs on a fresh private local Ray and reports wall time, structures/s, busy
+seconds per stage, the inference stage's own rate (results / busy inference seconds per actor)
+and the end-to-end rate as a share of it, and peak RSS of the driver + Ray worker processes
+(sampled every 0.5 s). Ratios are only fair between rows of one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def _psutil() -> Any:
@@ -37,7 +50,18 @@ def _rss_sampler(stop: threading.Event, peak: list[int]) -> None:
         peak[0] = max(peak[0], total)
 
 
-def bench(model: str, references: str, n: int, actors: int, out: str, cpus: int) -> dict:
+def tiny_mace_model(workdir: Path, references: str) -> str:
+    """A calibrated 2-member ensemble on a random-weight tiny MACE (r_max 5 A, 16x0e+16x1o)."""
+    from cathode_ray.testing.tiny_ensemble import build_tiny_ensemble
+    from cathode_ray.testing.tiny_mace import build_tiny_mace
+
+    path = build_tiny_mace(workdir / "tiny.model", r_max=5.0, seed=0)
+    return str(build_tiny_ensemble(workdir / "ensemble", summary=SHARED / "mp_litmo_summary.jsonl.gz",
+                                   references=references, backbone=f"mace:{path}"))
+
+
+def bench(*, model: str, references: str, library: str, n: int, actors: int, gpu_actors: int,
+          out: str, cpus: int, precision: str, stack_members: bool) -> dict[str, Any]:
     """One configuration on a fresh local Ray; returns the figures."""
     import ray
 
@@ -51,35 +75,55 @@ def bench(model: str, references: str, n: int, actors: int, out: str, cpus: int)
         t0 = time.perf_counter()
         # on a small box each CPU actor reserves a fraction so that graph + validate still fit
         per_actor = min(1.0, (cpus - 0.75) / actors)
-        s = run(ScreenConfig(library="demo", demo_size=n, model=model, out=out,
-                             references=references, run_id=f"bench-n{n}-a{actors}-{int(t0)}",
-                             cpu_actors=actors, cpus_per_actor=per_actor, verbose=True))
+        s = run(ScreenConfig(library=library, demo_size=n, model=model, out=out,
+                             references=references, run_id=f"bench-a{actors}-g{gpu_actors}-{int(t0)}",
+                             cpu_actors=actors, cpus_per_actor=per_actor, gpu_actors=gpu_actors,
+                             precision=precision, stack_members=stack_members, verbose=True))
         wall = time.perf_counter() - t0
     finally:
         stop.set()
         ray.shutdown()
-    return {"actors": actors, "n": n, "wall_s": wall, "structures_per_s": n / wall,
+    pool = gpu_actors or actors
+    infer_rate = s.n_results / max(s.stage_seconds["infer"], 1e-9) * pool
+    return {"actors": pool, "n": s.n_inputs, "wall_s": wall, "structures_per_s": s.n_inputs / wall,
             "results": s.n_results, "rejects": s.n_rejects, "stage_s": s.stage_seconds,
-            "peak_rss_gb": peak[0] / 1e9}
+            "infer_rate": infer_rate, "peak_rss_gb": peak[0] / 1e9}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--references", required=True)
-    ap.add_argument("--n", type=int, default=1000)
-    ap.add_argument("--actors", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--model", required=True, help="model directory, or 'tiny-mace'")
+    ap.add_argument("--references", default=f"snapshot:{SHARED / 'mp_reference_entries.jsonl.gz'}")
+    ap.add_argument("--library", nargs="+", default=["demo"], help="'demo' or library paths, one run each")
+    ap.add_argument("--n", type=int, default=1000, help="structures of the demo library")
+    ap.add_argument("--actors", type=int, nargs="+", default=[1, 2], help="CPU inference actors")
+    ap.add_argument("--gpu-actors", type=int, default=0, help="GPU inference actors (replaces --actors)")
     ap.add_argument("--cpus", type=int, default=_psutil().cpu_count() or 2)
-    ap.add_argument("--out", default="/tmp/bench_screen")
+    ap.add_argument("--precision", default="float32")
+    ap.add_argument("--no-stack-members", action="store_true")
+    ap.add_argument("--out", default=None, help="DEST (default: a temporary directory)")
     args = ap.parse_args()
-    rows = [bench(args.model, args.references, args.n, a, args.out, args.cpus) for a in args.actors]
-    print(f"\n{'actors':>6} {'n':>6} {'wall s':>8} {'struct/s':>9} {'peak RSS GB':>12}  "
-          "busy s per stage (validate/graph/infer/calibrate)")
-    for r in rows:
+    out = args.out or tempfile.mkdtemp(prefix="bench_screen_")
+    model = args.model
+    if model == "tiny-mace":
+        t0 = time.perf_counter()
+        model = tiny_mace_model(Path(tempfile.mkdtemp(prefix="tiny_mace_")), args.references)
+        print(f"tiny MACE ensemble built in {time.perf_counter() - t0:.0f} s: {model}", flush=True)
+    actors = [args.gpu_actors] if args.gpu_actors else args.actors
+    rows = [bench(model=model, references=args.references, library=lib, n=args.n, actors=a,
+                  gpu_actors=args.gpu_actors, out=out, cpus=args.cpus, precision=args.precision,
+                  stack_members=not args.no_stack_members)
+            for lib in args.library for a in actors]
+    print(f"\nmodel={args.model} precision={args.precision} stacked={not args.no_stack_members} "
+          f"cpus={args.cpus}")
+    print(f"{'actors':>6} {'inputs':>7} {'wall s':>8} {'struct/s':>9} {'infer/s':>8} {'e2e/infer':>9} "
+          f"{'peak RSS GB':>12}  busy s per stage (validate/graph/infer/calibrate)  library")
+    for r, (lib, _) in zip(rows, [(lib, a) for lib in args.library for a in actors], strict=True):
         st = r["stage_s"]
-        print(f"{r['actors']:>6} {r['n']:>6} {r['wall_s']:>8.1f} {r['structures_per_s']:>9.2f} "
+        print(f"{r['actors']:>6} {r['n']:>7} {r['wall_s']:>8.1f} {r['structures_per_s']:>9.2f} "
+              f"{r['infer_rate']:>8.2f} {r['structures_per_s'] / r['infer_rate']:>9.2f} "
               f"{r['peak_rss_gb']:>12.2f}  {st['validate']:.1f}/{st['graph']:.1f}/"
-              f"{st['infer']:.1f}/{st['calibrate']:.1f}")
+              f"{st['infer']:.1f}/{st['calibrate']:.1f}  {lib}")
 
 
 if __name__ == "__main__":

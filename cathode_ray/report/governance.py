@@ -167,6 +167,26 @@ def report_from_predictions(splits: dict[str, SplitData], calibrator: Calibrator
     }
 
 
+#: Metrics of the ensemble-mode comparison table (per split).
+MODE_METRICS: tuple[str, ...] = ("spearman", "mae", "coverage", "median_width", "keep_precision",
+                                 "false_kill_rate", "frac_keep", "frac_kill")
+
+
+def mode_summary(report: Mapping[str, Any], *, mode: str, n_members: int,
+                 members_ms_per_structure: float, model_id: str) -> dict[str, Any]:
+    """One row of the ensemble-mode comparison: what a mode costs and what it delivers.
+
+    Args:
+        report: a report of this model (``report_from_predictions``).
+        mode: ``head-only`` (members differ only in their heads) or ``last-block``.
+        members_ms_per_structure: measured time of the members' part (last block(s) + heads) per
+            structure, ms; the frozen trunk is shared by both modes and excluded.
+    """
+    return {"model_id": model_id, "mode": mode, "members": n_members,
+            "members_ms_per_structure": members_ms_per_structure, "passed": report["passed"],
+            "metrics": {s: {k: m.get(k) for k in MODE_METRICS} for s, m in report["metrics"].items()}}
+
+
 def _jsonable(obj: Any) -> Any:
     """Strict-JSON view: numpy -> python, non-finite floats -> None, keys -> str."""
     if isinstance(obj, Mapping):
@@ -224,6 +244,17 @@ def render_markdown(report: Mapping[str, Any], images: Sequence[str] = ()) -> st
                   for s, c in report["decision_counts"].items()])
     md += ["", "## Triage thresholds", "", "```", json.dumps(report["triage"]["config"]), "```",
            "", report["triage"]["reasoning"], ""]
+    if report.get("ensemble_modes"):
+        modes = report["ensemble_modes"]
+        md += ["## Ensemble modes: cost vs accuracy and calibration", "",
+               "Members' part only (last block(s) + heads, ms per structure on the report machine); "
+               "the frozen trunk runs once per structure in every mode.", ""]
+        md += _table(["model", "mode", "members", "members ms/structure", "split", *MODE_METRICS,
+                      "checks"],
+                     [[m["model_id"], m["mode"], m["members"], m["members_ms_per_structure"], s,
+                       *(v.get(k) for k in MODE_METRICS), "PASS" if m["passed"] else "FAIL"]
+                      for m in modes for s, v in m["metrics"].items()])
+        md += [""]
     if images:
         md += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in images] + [""]
     return "\n".join(md)

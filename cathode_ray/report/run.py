@@ -3,10 +3,15 @@
 By default the metrics table covers the dataset's val, test and loco splits; ``--split
 val|test|loco`` restricts it to one (val is always kept for the checks that need it); ``--split all`` treats every row of the dataset as one evaluation set,
 e.g. a dataset ingested from another snapshot.
+
+``compare`` names other model directories trained on the same dataset (e.g. a head-only and a
+last-block ensemble): each is evaluated the same way and the report gains an "ensemble modes"
+table of their accuracy, calibration, triage and measured members' cost, so users can choose.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +22,7 @@ from cathode_ray.calibrate.calibrator import Calibrator
 from cathode_ray.model.ensemble import Ensemble
 from cathode_ray.train.ensemble import DEFAULT_CACHE, PreparedData, predict_prepared, prepare
 
-from .governance import SplitData, report_from_predictions, write_report
+from .governance import SplitData, mode_summary, report_from_predictions, write_report
 
 SplitChoice = Literal["splits", "val", "test", "loco", "all"]
 
@@ -25,7 +30,8 @@ SplitChoice = Literal["splits", "val", "test", "loco", "all"]
 @dataclass(frozen=True, kw_only=True)
 class ReportConfig:
     """Attributes: model (dir or s3://), data (dataset dir), references (``snapshot:PATH`` or
-    ``mp``), split, out (report directory), cache_dir for trunk features."""
+    ``mp``), split, out (report directory), cache_dir for trunk features, compare (other model
+    directories on the same dataset for the ensemble-mode table)."""
 
     model: str
     data: str
@@ -34,6 +40,7 @@ class ReportConfig:
     split: SplitChoice = "splits"
     cache_dir: str | None = DEFAULT_CACHE
     device: str = "cpu"
+    compare: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.split not in ("splits", "val", "test", "loco", "all"):
@@ -48,10 +55,10 @@ def _split_data(ens: Ensemble, prepared: PreparedData, mask: np.ndarray) -> Spli
                      clusters=sub.clusters, compositions=sub.compositions)
 
 
-def run(config: ReportConfig) -> dict[str, Any]:
-    """Write governance.json, report.md and plots into ``config.out``; return the report dict."""
-    ens = Ensemble.load(config.model, device=config.device)
-    calibrator = Calibrator.from_files(ens.files, where=config.model)
+def _evaluate(model: str, config: ReportConfig) -> tuple[Ensemble, dict[str, Any], float]:
+    """Load ``model``, predict the chosen splits, build its report; also time the members' part."""
+    ens = Ensemble.load(model, device=config.device)
+    calibrator = Calibrator.from_files(ens.files, where=model)
     prepared = prepare(config.data, ens.backbone, config.references, cache_dir=config.cache_dir,
                        device=config.device)
     if config.split == "all":
@@ -62,10 +69,28 @@ def run(config: ReportConfig) -> dict[str, Any]:
         names = {n: prepared.split == n for n in ("val", "test", "loco") if (prepared.split == n).any()}
         if config.split != "splits":
             names = {n: m for n, m in names.items() if n in ("val", config.split)}
+    t0 = time.perf_counter()
     splits = {n: _split_data(ens, prepared, m) for n, m in names.items()}
-    report = report_from_predictions(splits, calibrator)
+    ms = 1e3 * (time.perf_counter() - t0) / max(sum(int(m.sum()) for m in names.values()), 1)
+    return ens, report_from_predictions(splits, calibrator), ms
+
+
+def run(config: ReportConfig) -> dict[str, Any]:
+    """Write governance.json, report.md and plots into ``config.out``; return the report dict."""
+    ens, report, ms = _evaluate(config.model, config)
     report["model"] = {"uri": config.model, "model_id": ens.model_id,
                        "backbone": ens.manifest["backbone"], "members": ens.manifest["members"],
                        "data_version": ens.manifest.get("data_version")}
+    if config.compare:
+        modes = []
+        for uri, (e, r, t) in [(config.model, (ens, report, ms)),
+                               *((u, _evaluate(u, config)) for u in config.compare)]:
+            if e.backbone.identity() != ens.backbone.identity():
+                raise ValueError(f"{uri}: backbone {e.backbone.name} differs from {ens.backbone.name}; "
+                                 "compare models on the same backbone")
+            modes.append(mode_summary(r, mode="head-only" if e.shared_last_block else "last-block",
+                                      n_members=len(e.members), members_ms_per_structure=t,
+                                      model_id=e.model_id))
+        report["ensemble_modes"] = modes
     write_report(report, Path(config.out))
     return report

@@ -55,3 +55,28 @@ def test_report_runs_on_the_dataset(model_dir: Path, tmp_path: Path) -> None:
     assert len(rep["checks"]) == 6
     assert (tmp_path / "rep" / "governance.json").is_file() and (tmp_path / "rep" / "report.md").is_file()
     assert rep["model"]["model_id"] == json.loads((model_dir / "manifest.json").read_text())["model_id"]
+
+
+@pytest.mark.slow
+def test_report_compares_head_only_with_last_block(model_dir: Path, tmp_path: Path) -> None:
+    """The issue's choice for users: head-only vs last-block members, cost and quality side by side."""
+    from cathode_ray.report.run import ReportConfig, run
+    from cathode_ray.train.ensemble import run as train
+
+    data = str(model_dir.parent / "dataset")
+    head_only = tmp_path / "head_only"
+    train(EnsembleTrainConfig(data=data, out=str(head_only), references=f"snapshot:{REFERENCES}",
+                              members=2, max_epochs=2, runner="local", cache_dir=None,
+                              train_last_block=False))
+    rep = run(ReportConfig(model=str(model_dir), data=data, references=f"snapshot:{REFERENCES}",
+                           out=str(tmp_path / "rep"), cache_dir=None, compare=(str(head_only),)))
+    modes = rep["ensemble_modes"]
+    assert [m["mode"] for m in modes] == ["last-block", "head-only"]
+    for m in modes:
+        assert m["members"] == 2 and m["members_ms_per_structure"] > 0
+        assert set(m["metrics"]) == set(rep["metrics"])
+        assert 0.0 <= m["metrics"]["val"]["coverage"] <= 1.0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Ensemble modes" in md and "head-only" in md and "last-block" in md
+    saved = json.loads((tmp_path / "rep" / "governance.json").read_text())
+    assert len(saved["ensemble_modes"]) == 2
