@@ -3,13 +3,17 @@
     python scripts/bench_ensemble.py --n 64 [--backbone chgnet|mace-medium-shape|mace:PATH] [--device cuda]
 
 - naive: every member runs the whole backbone (trunk + its last block + head), one after another;
-- shared: the frozen trunk runs once, the five last blocks + heads on its output (``Ensemble``);
+- shared loop: the frozen trunk runs once, the five last blocks + heads on its output in turn;
+- shared stacked: trunk once, the five last blocks + heads as one vectorised call (``Ensemble``
+  with ``stack_members=True``, ``torch.func.vmap`` over stacked weights);
 - head-only: trunk once, the pretrained last block once, five heads;
-- one member: trunk + one last block + head (the floor the others are compared with).
+- one member: trunk + one last block + head (the floor the others are compared with);
+- shared stacked at each ``--precisions`` entry (bf16 on CPU and CUDA, tf32 on CUDA), with the
+  largest change of q50 / energy against float32 (eV/atom) on the benchmark structures.
 
 Structures are real MP Li-TM-O materials from ../shared/data (random weights cost the same as
-trained ones). Prints structures/s per mode and the ratios to naive; ``--tf32`` enables TF32
-matmuls on CUDA and reports how far q50 moves (eV/atom) against float32.
+trained ones; last blocks are perturbed per member so members differ). Prints structures/s per
+mode and the ratios to naive, all from one run.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 from pymatgen.core import Structure
 
 from cathode_ray.model.backbones import Backbone, load_backbone
+from cathode_ray.model.ensemble import Ensemble
 from cathode_ray.model.head import HeadConfig
 from cathode_ray.model.member import Member, Normalizer, ThermoInputs
 
@@ -74,7 +79,11 @@ def main() -> None:
     ap.add_argument("--backbone", default="chgnet")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--precisions", nargs="*", default=None,
+                    help="reduced precisions to time and bound (default: bf16, plus tf32 on CUDA)")
     args = ap.parse_args()
+    precisions = args.precisions if args.precisions is not None else (
+        ["tf32", "bf16"] if args.device.startswith("cuda") else ["bf16"])
     torch.set_grad_enabled(False)
     bb = _backbone(args.backbone, args.device)
     structures = _structures(args.n)
@@ -84,7 +93,12 @@ def main() -> None:
     members = []
     for i in range(args.members):
         torch.manual_seed(42 + i)
-        members.append(Member(bb.new_last_block(), dim, HeadConfig(), norm).to(args.device).eval())
+        m = Member(bb.new_last_block(), dim, HeadConfig(), norm).to(args.device).eval()
+        for p in m.last_block.parameters():  # members differ, as trained ones do
+            p.add_(0.01 * torch.randn_like(p) * p.abs().mean())
+        members.append(m)
+    ens = Ensemble(backbone=bb, members=members, normalizer=norm, uri="-", files={},
+                   manifest={"model_id": "bench", "config": {"train_last_block": True}})
     chunks = [graphs[i:i + args.batch] for i in range(0, len(graphs), args.batch)]
     th = {len(c): ThermoInputs(hull_pa=torch.zeros(len(c)), corr_pa=torch.zeros(len(c)),
                               has_ref=torch.ones(len(c), dtype=torch.bool)).to(args.device) for c in chunks}
@@ -104,6 +118,11 @@ def main() -> None:
             batch = bb.collate(bb.trunk(c, device=args.device), args.device)
             for m in members:
                 m(batch, th[len(c)])
+
+    def stacked(precision: str = "float32") -> None:
+        for c in chunks:
+            batch = bb.collate(bb.trunk(c, device=args.device), args.device)
+            ens.member_outputs(batch, th[len(c)], precision)
 
     def head_only() -> None:
         for c in chunks:
@@ -135,13 +154,25 @@ def main() -> None:
 
     for name, fn in (("trunk", trunk_only), ("last block", last_block_only), ("head", head_only_cached)):
         print(f"per structure, one member, {name:>10}: {1e3 * _timed(fn, args.repeats) / args.n:8.2f} ms")
-    rates = {name: args.n / _timed(fn, args.repeats) for name, fn in
-             [("one_member", one_member), ("naive_5", naive), ("shared_trunk_5", shared),
-              ("head_only_5", head_only), ("cached_trunk_5", last_blocks_only)]}
+    modes = [("one_member", one_member), ("naive_5", naive), ("shared_loop_5", shared),
+             ("shared_stacked_5", stacked), ("head_only_5", head_only), ("cached_trunk_5", last_blocks_only)]
+    deviations = {}
+    for p in precisions:
+        deviations[p] = max(ens.precision_deviation(f, th[len(c)], device=args.device, precision=p)
+                            for f, c in zip(trunk_cache, chunks, strict=True))
+        if deviations[p] != float("inf"):
+            modes.append((f"stacked_5_{p}", lambda p=p: stacked(p)))
+    rates = {name: args.n / _timed(fn, args.repeats) for name, fn in modes}
+    if ens.stack_members is False:
+        print("NOTE: stacking fell back to the member loop for this backbone")
     print(f"backbone={bb.name} device={args.device} n={args.n} batch={args.batch} "
           f"threads={torch.get_num_threads()}")
     for name, r in rates.items():
-        print(f"{name:>16}: {r:8.1f} structures/s   x{r / rates['naive_5']:.2f} vs naive")
+        print(f"{name:>18}: {r:8.1f} structures/s   x{r / rates['naive_5']:.2f} vs naive   "
+              f"x{r / rates['one_member']:.2f} vs one member")
+    for p, d in deviations.items():
+        print(f"{p}: max |q50 or energy - float32| = "
+              f"{'unsupported by this backbone' if d == float('inf') else f'{1e3 * d:.2f} meV/atom'}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ Sources of reference entries:
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import os
@@ -24,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from pymatgen.analysis.phase_diagram import PhaseDiagram
+from pymatgen.analysis.structure_analyzer import oxide_type as classify_oxide
 from pymatgen.core import Composition, Structure
 from pymatgen.entries.compatibility import MaterialsProject2020Compatibility
-from pymatgen.entries.computed_entries import ComputedStructureEntry
+from pymatgen.entries.computed_entries import ComputedEntry, ComputedStructureEntry
 
 DEFAULT_CACHE_DIR: Path = Path("~/.cache/cathode_ray/references").expanduser()
 THERMO_TYPE: str = "GGA_GGA+U"
@@ -274,10 +276,10 @@ class ReferenceHull:
         )
 
 
-def _hubbard_parameters(structure: Structure) -> dict[str, Any]:
-    """run_type/hubbards as MP's GGA(+U) workflow sets them for ``structure`` (U in eV)."""
-    u_settings = MaterialsProject2020Compatibility().u_settings  # {anion: {element: U}}
-    symbols = {el.symbol for el in structure.composition.elements}
+def _hubbard_parameters(composition: Composition) -> dict[str, Any]:
+    """run_type/hubbards as MP's GGA(+U) workflow sets them for ``composition`` (U in eV)."""
+    u_settings = _compat().u_settings  # {anion: {element: U}}
+    symbols = {el.symbol for el in composition.elements}
     anion = "O" if "O" in symbols else ("F" if "F" in symbols else None)
     hubbards = {el: u for el, u in u_settings.get(anion, {}).items() if el in symbols}
     return {
@@ -288,33 +290,56 @@ def _hubbard_parameters(structure: Structure) -> dict[str, Any]:
     }
 
 
+@functools.lru_cache(maxsize=1)
+def _compat() -> MaterialsProject2020Compatibility:
+    """One compatibility scheme per process (building it parses pymatgen's YAML settings)."""
+    return MaterialsProject2020Compatibility(check_potcar=False)
+
+
 def mp2020_correction_per_atom(structure: Structure, *, oxide_type: str | None = None) -> float:
     """Energy correction (eV/atom) MaterialsProject2020Compatibility adds to a GGA(+U) energy.
 
     For backbones that predict uncorrected DFT energies (e.g. MACE-MP-0): corrected energy per
     atom = predicted + this value. Anion and GGA+U corrections are applied as MP does; POTCAR
     checks are skipped (no VASP run behind the structure). The oxide type (oxide, peroxide,
-    superoxide, ozonide) is classified from O-O distances in ``structure`` unless ``oxide_type``
-    is given (e.g. ``"oxide"``). On the offline snapshot this reproduces MP's stored correction
-    to 1e-9 eV/atom for 1,319 of 1,326 materials; the 7 others have short O-O contacts
-    (pymatgen: peroxide/superoxide/ozonide) and MP's stored correction is 0.1-0.4 eV/atom
-    smaller in magnitude (cause not yet identified).
+    superoxide, ozonide) is classified from O-O distances in ``structure`` exactly as the
+    compatibility scheme does (``oxide_type(structure, 1.05)``) unless ``oxide_type`` is given.
+    The correction is linear in the amounts of each element, so it is computed once per
+    (reduced composition, oxide type) and cached: a screen of many substituted candidates pays
+    the compatibility scheme once per distinct chemistry. On the offline snapshot this
+    reproduces MP's stored correction to 1e-9 eV/atom for 1,319 of 1,326 materials; the 7 others
+    have short O-O contacts (pymatgen: peroxide/superoxide/ozonide) and MP's stored correction
+    is 0.1-0.4 eV/atom smaller in magnitude (cause not yet identified).
 
     Raises:
         ValueError: the compatibility scheme rejects the structure (e.g. unsupported mixing).
     """
-    data = {"oxide_type": oxide_type} if oxide_type is not None else {}
-    entry = ComputedStructureEntry(
-        structure, energy=0.0, parameters=_hubbard_parameters(structure), data=data
-    )
-    compat = MaterialsProject2020Compatibility(check_potcar=False)
+    comp = structure.composition
+    if oxide_type is None:
+        oxide_type = classify_oxide(structure, 1.05) if "O" in {e.symbol for e in comp.elements} else "oxide"
+    if "S" in {e.symbol for e in comp.elements}:  # sulfide type is structural too: not cached
+        return _correction_per_atom(structure, oxide_type)
+    key = tuple(sorted((el.symbol, float(a)) for el, a in comp.reduced_composition.items()))
+    return _cached_correction_per_atom(key, oxide_type)
+
+
+@functools.lru_cache(maxsize=100_000)
+def _cached_correction_per_atom(composition: tuple[tuple[str, float], ...], oxide_type: str) -> float:
+    return _correction_per_atom(Composition(dict(composition)), oxide_type)
+
+
+def _correction_per_atom(what: Structure | Composition, oxide_type: str) -> float:
+    comp = what.composition if isinstance(what, Structure) else what
+    params, data = _hubbard_parameters(comp), {"oxide_type": oxide_type}
+    entry = (ComputedStructureEntry(what, energy=0.0, parameters=params, data=data)
+             if isinstance(what, Structure) else ComputedEntry(what, energy=0.0, parameters=params, data=data))
     with warnings.catch_warnings():
         # Mixed-valence oxides (Li9Mn7O16 ...): MP assigns the anion correction the same way.
         warnings.filterwarnings("ignore", message="Failed to guess oxidation states")
-        processed = compat.process_entry(entry, clean=True, inplace=False)
+        processed = _compat().process_entry(entry, clean=True, inplace=False)
     if processed is None:
         raise ValueError(
-            f"MP2020 compatibility rejected {structure.formula}; this chemistry cannot be placed "
+            f"MP2020 compatibility rejected {comp.formula}; this chemistry cannot be placed "
             "on the corrected GGA/GGA+U scale"
         )
-    return float(processed.correction) / len(structure)
+    return float(processed.correction) / comp.num_atoms

@@ -188,3 +188,20 @@ def test_real_snapshot_hull_and_correction(shared_data: Path) -> None:
     off = np.flatnonzero(np.abs(corrections - stored) > 1e-9)
     assert len(off) == 7  # known gap: all have short O-O contacts, see the function docstring
     assert {oxide_type(structures[i]) for i in off} <= {"peroxide", "superoxide", "ozonide"}
+
+
+def test_mp2020_correction_cache_keeps_structural_oxide_type() -> None:
+    """Cached per (composition, oxide type): a peroxide O-O contact still changes the correction,
+    and a supercell (same reduced composition) gets the same per-atom value."""
+    from pymatgen.core import Lattice, Structure
+
+    peroxide = Structure(Lattice.cubic(6.0), ["Li", "Li", "O", "O"],
+                         [[0, 0, 0], [0.5, 0.5, 0.5], [0.25, 0.25, 0.25], [0.25, 0.25, 0.25 + 1.5 / 6]])
+    oxide = Structure(Lattice.cubic(6.0), ["Li", "Li", "O", "O"],
+                      [[0, 0, 0], [0.5, 0.5, 0.5], [0.25, 0.25, 0.25], [0.75, 0.75, 0.25]])
+    a, b = mp2020_correction_per_atom(peroxide), mp2020_correction_per_atom(oxide)
+    assert a != pytest.approx(b)
+    assert mp2020_correction_per_atom(peroxide, oxide_type="oxide") == pytest.approx(b)
+    big = oxide.copy()
+    big.make_supercell([2, 1, 1])
+    assert mp2020_correction_per_atom(big) == pytest.approx(b)
