@@ -51,11 +51,13 @@ def _rss_sampler(stop: threading.Event, peak: list[int]) -> None:
 
 
 def tiny_mace_model(workdir: Path, references: str) -> str:
-    """A calibrated 2-member ensemble on a random-weight tiny MACE (r_max 5 A, 16x0e+16x1o)."""
+    """A calibrated 2-member ensemble on a minimal random-weight MACE (r_max 4 A, 8x0e, l <= 1):
+    about 100 structures/s per core, so the pipeline rather than the model is measured."""
     from cathode_ray.testing.tiny_ensemble import build_tiny_ensemble
     from cathode_ray.testing.tiny_mace import build_tiny_mace
 
-    path = build_tiny_mace(workdir / "tiny.model", r_max=5.0, seed=0)
+    path = build_tiny_mace(workdir / "tiny.model", r_max=4.0, hidden_irreps="8x0e", max_ell=1,
+                           correlation=1, radial_mlp=(8,), seed=0)
     return str(build_tiny_ensemble(workdir / "ensemble", summary=SHARED / "mp_litmo_summary.jsonl.gz",
                                    references=references, backbone=f"mace:{path}"))
 

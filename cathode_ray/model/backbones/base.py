@@ -100,6 +100,15 @@ class Backbone(ABC):
         return {"name": self.name, "weights_sha256": self.weights_sha256, "cutoff": self.cutoff}
 
 
+def batch_to_device(batch: TrunkBatch, device: str | torch.device) -> TrunkBatch:
+    """Move a collated CPU batch to ``device``; to CUDA through pinned memory, asynchronously
+    (the copy overlaps the previous batch's kernels)."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return {k: v.to(dev) for k, v in batch.items()}
+    return {k: v.pin_memory().to(dev, non_blocking=True) for k, v in batch.items()}
+
+
 def readout_precision(x: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
     """Autocast off for an energy readout on ``x``'s device: per-atom energies of several eV
     need float32 (bfloat16 resolves only ~0.03 eV at 5 eV). Cast the readout's input with

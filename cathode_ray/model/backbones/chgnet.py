@@ -20,6 +20,7 @@ from .base import (
     LastBlock,
     TrunkBatch,
     TrunkFeatures,
+    batch_to_device,
     readout_precision,
     segment_mean,
     segment_sum,
@@ -171,7 +172,7 @@ class ChgnetBackbone(Backbone):
             "comp_energy": torch.cat([f["comp_energy"] for f in feats]),
         }
         batch["node_scalars"] = batch["atom_feas"]
-        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        return batch_to_device(batch, device)
 
     def new_last_block(self) -> ChgnetLastBlock:
         return ChgnetLastBlock(self.model).to(self.device)

@@ -43,6 +43,7 @@ from .base import (
     LastBlock,
     TrunkBatch,
     TrunkFeatures,
+    batch_to_device,
     readout_precision,
     segment_mean,
     segment_sum,
@@ -564,7 +565,7 @@ class MaceBackbone(Backbone):
             "e_frozen": torch.cat([f["e_frozen"] for f in feats]),  # [B] eV
             "node_scalars": node_feats[:, self._trunk_scalar_cols],  # [A, D']
         }
-        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        return batch_to_device(batch, device)
 
     def new_last_block(self) -> MaceLastBlock:
         return MaceLastBlock(self.model).to(self.device)
