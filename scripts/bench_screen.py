@@ -13,8 +13,9 @@
 
 Each configuration runs on a fresh private local Ray and reports wall time, structures/s, busy
 seconds per stage, the inference stage's own rate (results / busy inference seconds per actor)
-and the end-to-end rate as a share of it, and peak RSS of the driver + Ray worker processes
-(sampled every 0.5 s). Ratios are only fair between rows of one run.
+and the end-to-end rate as a share of it, and peak memory of the driver + Ray processes (sampled
+every 0.5 s): RSS, and PSS, which counts shared pages (object store, forked workers) once, with
+PSS per process at its peak. Ratios are only fair between rows of one run.
 """
 
 from __future__ import annotations
@@ -37,17 +38,37 @@ def _psutil() -> Any:
     return importlib.import_module("psutil")
 
 
-def _rss_sampler(stop: threading.Event, peak: list[int]) -> None:
+def _label(p: Any) -> str:
+    """Short process label: Ray worker title (``ray::MapBatches(GraphStage)``) or executable name."""
+    try:
+        cmd = p.cmdline()
+    except Exception:  # noqa: BLE001 - process gone or not readable
+        return "?"
+    title = cmd[0] if cmd else p.name()
+    return title.split(" ")[0][:40] if title.startswith("ray::") else p.name()[:20]
+
+
+def _memory_sampler(stop: threading.Event, peak: dict[str, Any]) -> None:
+    """Every 0.5 s: total RSS and PSS of this process tree; keeps the peaks and, at the PSS peak,
+    PSS per process label. PSS counts pages shared between processes (Ray's object store, forked
+    workers) once, so it is the machine's real memory use; RSS double-counts them."""
     psutil = _psutil()
     me = psutil.Process()
     while not stop.wait(0.5):
-        total = 0
+        rss = pss = 0
+        by_label: dict[str, int] = {}
         for p in [me, *me.children(recursive=True)]:
             try:
-                total += p.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
-        peak[0] = max(peak[0], total)
+                info = p.memory_full_info()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            rss += info.rss
+            pss += info.pss
+            label = _label(p)
+            by_label[label] = by_label.get(label, 0) + info.pss
+        peak["rss"] = max(peak.get("rss", 0), rss)
+        if pss > peak.get("pss", 0):
+            peak["pss"], peak["by_label"] = pss, by_label
 
 
 def tiny_mace_model(workdir: Path, references: str) -> str:
@@ -70,8 +91,8 @@ def bench(*, model: str, references: str, library: str, n: int, actors: int, gpu
     from cathode_ray.screen.pipeline import ScreenConfig, run
 
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    stop, peak = threading.Event(), [0]
-    sampler = threading.Thread(target=_rss_sampler, args=(stop, peak), daemon=True)
+    stop, peak = threading.Event(), {}
+    sampler = threading.Thread(target=_memory_sampler, args=(stop, peak), daemon=True)
     sampler.start()
     try:
         t0 = time.perf_counter()
@@ -89,7 +110,10 @@ def bench(*, model: str, references: str, library: str, n: int, actors: int, gpu
     infer_rate = s.n_results / max(s.stage_seconds["infer"], 1e-9) * pool
     return {"actors": pool, "n": s.n_inputs, "wall_s": wall, "structures_per_s": s.n_inputs / wall,
             "results": s.n_results, "rejects": s.n_rejects, "stage_s": s.stage_seconds,
-            "infer_rate": infer_rate, "peak_rss_gb": peak[0] / 1e9}
+            "infer_rate": infer_rate, "peak_rss_gb": peak.get("rss", 0) / 1e9,
+            "peak_pss_gb": peak.get("pss", 0) / 1e9,
+            "pss_by_process_gb": {k: v / 1e9 for k, v in sorted(peak.get("by_label", {}).items(),
+                                                               key=lambda kv: -kv[1])}}
 
 
 def main() -> None:
@@ -119,13 +143,16 @@ def main() -> None:
     print(f"\nmodel={args.model} precision={args.precision} stacked={not args.no_stack_members} "
           f"cpus={args.cpus}")
     print(f"{'actors':>6} {'inputs':>7} {'wall s':>8} {'struct/s':>9} {'infer/s':>8} {'e2e/infer':>9} "
-          f"{'peak RSS GB':>12}  busy s per stage (validate/graph/infer/calibrate)  library")
+          f"{'peak RSS GB':>12} {'peak PSS GB':>12}  busy s per stage (validate/graph/infer/calibrate)  library")
     for r, (lib, _) in zip(rows, [(lib, a) for lib in args.library for a in actors], strict=True):
         st = r["stage_s"]
         print(f"{r['actors']:>6} {r['n']:>7} {r['wall_s']:>8.1f} {r['structures_per_s']:>9.2f} "
               f"{r['infer_rate']:>8.2f} {r['structures_per_s'] / r['infer_rate']:>9.2f} "
-              f"{r['peak_rss_gb']:>12.2f}  {st['validate']:.1f}/{st['graph']:.1f}/"
+              f"{r['peak_rss_gb']:>12.2f} {r['peak_pss_gb']:>12.2f}  {st['validate']:.1f}/{st['graph']:.1f}/"
               f"{st['infer']:.1f}/{st['calibrate']:.1f}  {lib}")
+    for r, lib in zip(rows, [lib for lib in args.library for _ in actors], strict=True):
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in r["pss_by_process_gb"].items() if v >= 0.05)
+        print(f"  PSS at peak by process (GB), {r['n']} inputs from {lib}: {parts}")
 
 
 if __name__ == "__main__":

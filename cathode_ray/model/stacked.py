@@ -59,8 +59,11 @@ def precision_context(precision: str, device: str | torch.device) -> Iterator[No
 class StackedMembers:
     """M modules of identical structure called as one vectorised function over stacked weights.
 
+    The weights are copied into stacked tensors at construction (M x one member's last block +
+    head: a few MB for MACE-MP-0-medium); build it after the members are loaded.
+
     Args:
-        modules: the members (same class, same parameter shapes), in eval mode.
+        modules: the members (same class, same parameter shapes, same device), in eval mode.
         context: a context-manager factory entered around each call; a backbone whose library
             code is not vmap-safe supplies one that makes it so (``Backbone.vmap_context``).
     """

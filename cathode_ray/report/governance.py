@@ -251,7 +251,7 @@ def render_markdown(report: Mapping[str, Any], images: Sequence[str] = ()) -> st
                "the frozen trunk runs once per structure in every mode.", ""]
         md += _table(["model", "mode", "members", "members ms/structure", "split", *MODE_METRICS,
                       "checks"],
-                     [[m["model_id"], m["mode"], m["members"], m["members_ms_per_structure"], s,
+                     [[m["model_id"][:12], m["mode"], m["members"], m["members_ms_per_structure"], s,
                        *(v.get(k) for k in MODE_METRICS), "PASS" if m["passed"] else "FAIL"]
                       for m in modes for s, v in m["metrics"].items()])
         md += [""]

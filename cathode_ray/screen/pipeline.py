@@ -56,6 +56,10 @@ class ScreenConfig:
         cpu_actors: CPU inference actors when ``gpu_actors == 0``.
         cpus_per_actor: logical CPUs each CPU inference actor reserves.
         graph_actors: most graph-building CPU actors.
+        light_tasks: most concurrent read and validate tasks. Each runs in its own worker process
+            (pymatgen loaded, ~0.3-0.6 GB), so this bounds the screen's memory: unbounded, Ray
+            starts as many as fit in the free CPU fractions and peak memory grows with the run.
+            One validate task handles ~300 structures/s; raise it on large GPU nodes.
         max_edges_per_batch: edge budget of one inference sub-batch (directed graph edges).
         precision: inference precision of the last block(s): ``float32``, ``tf32`` (CUDA
             matmuls) or ``bf16`` (autocast). A reduced precision is checked against float32 on
@@ -81,6 +85,7 @@ class ScreenConfig:
     cpu_actors: int = 1
     cpus_per_actor: float = 1.0
     graph_actors: int = 1
+    light_tasks: int = 2
     max_edges_per_batch: int = 50_000
     precision: str = "float32"
     stack_members: bool = True
@@ -94,8 +99,8 @@ class ScreenConfig:
         for name in ("library", "model", "out", "references"):
             if not getattr(self, name):
                 raise ValueError(f"{name} must be given")
-        if self.gpu_actors < 0 or self.cpu_actors < 1 or self.graph_actors < 1:
-            raise ValueError("need gpu_actors >= 0, cpu_actors >= 1 and graph_actors >= 1")
+        if self.gpu_actors < 0 or self.cpu_actors < 1 or self.graph_actors < 1 or self.light_tasks < 1:
+            raise ValueError("need gpu_actors >= 0 and cpu_actors, graph_actors, light_tasks >= 1")
         if not self.cpus_per_actor > 0:
             raise ValueError(f"cpus_per_actor must be > 0, got {self.cpus_per_actor}")
         from cathode_ray.model.stacked import check_precision
@@ -259,9 +264,11 @@ def build_dataset(config: ScreenConfig, source: Source, *, run_id: str, ranks: d
     env = {"runtime_env": rt} if (rt := _worker_runtime_env()) else {}
     ds = _input_dataset(source)
     if source.files is not None:
-        ds = ds.flat_map(stages.read_file_rows, num_cpus=_LIGHT_CPUS, **env)
+        ds = ds.flat_map(stages.read_file_rows, num_cpus=_LIGHT_CPUS,
+                         compute=ray.data.TaskPoolStrategy(size=config.light_tasks), **env)
     ds = ds.map_batches(stages.ValidateStage(config=config.validation, ranks=ranks, done=done),
-                        batch_format="pandas", batch_size=_BATCH_ROWS, num_cpus=_LIGHT_CPUS, **env)
+                        batch_format="pandas", batch_size=_BATCH_ROWS, num_cpus=_LIGHT_CPUS,
+                        compute=ray.data.TaskPoolStrategy(size=config.light_tasks), **env)
     ds = ds.map_batches(
         stages.GraphStage, batch_format="pandas", batch_size=_BATCH_ROWS,
         fn_constructor_kwargs={"model": config.model, "references": config.references},
