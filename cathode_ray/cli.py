@@ -169,7 +169,7 @@ def screen(
     cpu_actors: int | None = None,
     max_edges_per_batch: int | None = None,
     precision: Annotated[str | None, typer.Option(help="float32 | tf32 | bf16 (checked vs float32)")] = None,
-    stack_members: Annotated[bool | None, typer.Option(help="one vectorised call for all members")] = None,
+    stack_members: Annotated[bool | None, typer.Option(help="one vectorised call for all members (off: measured slower on CPU)")] = None,
     demo_size: int | None = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with defaults for these options")] = None,
 ) -> None:

@@ -28,7 +28,7 @@ def main(
     cpu_actors: int = typer.Option(1, help="CPU inference actors (when no GPU actors)"),
     max_edges_per_batch: int = typer.Option(50_000, help="edge budget per inference sub-batch"),
     precision: str = typer.Option("float32", help="float32 | tf32 | bf16 (checked vs float32)"),
-    stack_members: bool = typer.Option(True, help="one vectorised call for all members"),
+    stack_members: bool = typer.Option(False, help="one vectorised call for all members (GPU option)"),
     demo_size: int = typer.Option(2000, help="structures of the demo library"),
 ) -> None:
     """Screen a library and print the summary table."""

@@ -97,7 +97,7 @@ def main() -> None:
         for p in m.last_block.parameters():  # members differ, as trained ones do
             p.add_(0.01 * torch.randn_like(p) * p.abs().mean())
         members.append(m)
-    ens = Ensemble(backbone=bb, members=members, normalizer=norm, uri="-", files={},
+    ens = Ensemble(backbone=bb, members=members, normalizer=norm, uri="-", files={}, stack_members=True,
                    manifest={"model_id": "bench", "config": {"train_last_block": True}})
     chunks = [graphs[i:i + args.batch] for i in range(0, len(graphs), args.batch)]
     th = {len(c): ThermoInputs(hull_pa=torch.zeros(len(c)), corr_pa=torch.zeros(len(c)),

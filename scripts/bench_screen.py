@@ -126,7 +126,7 @@ def main() -> None:
     ap.add_argument("--gpu-actors", type=int, default=0, help="GPU inference actors (replaces --actors)")
     ap.add_argument("--cpus", type=int, default=_psutil().cpu_count() or 2)
     ap.add_argument("--precision", default="float32")
-    ap.add_argument("--no-stack-members", action="store_true")
+    ap.add_argument("--stack-members", action="store_true")
     ap.add_argument("--out", default=None, help="DEST (default: a temporary directory)")
     args = ap.parse_args()
     out = args.out or tempfile.mkdtemp(prefix="bench_screen_")
@@ -138,9 +138,9 @@ def main() -> None:
     actors = [args.gpu_actors] if args.gpu_actors else args.actors
     rows = [bench(model=model, references=args.references, library=lib, n=args.n, actors=a,
                   gpu_actors=args.gpu_actors, out=out, cpus=args.cpus, precision=args.precision,
-                  stack_members=not args.no_stack_members)
+                  stack_members=args.stack_members)
             for lib in args.library for a in actors]
-    print(f"\nmodel={args.model} precision={args.precision} stacked={not args.no_stack_members} "
+    print(f"\nmodel={args.model} precision={args.precision} stacked={args.stack_members} "
           f"cpus={args.cpus}")
     print(f"{'actors':>6} {'inputs':>7} {'wall s':>8} {'struct/s':>9} {'infer/s':>8} {'e2e/infer':>9} "
           f"{'peak RSS GB':>12} {'peak PSS GB':>12}  busy s per stage (validate/graph/infer/calibrate)  library")

@@ -5,9 +5,11 @@ is read, checks that the installed backbone is the one the members were trained 
 the members. ``predict_feats`` runs all members on one collated trunk batch (shared trunk):
 
 - head-only ensembles: the pretrained last block once, M heads;
-- last-block ensembles: the M last blocks + heads stacked into one vectorised call
-  (:class:`~cathode_ray.model.stacked.StackedMembers`, ``stack_members=True``), or one after
-  another (``False``, and the automatic fallback when a backbone's ops cannot be vmapped).
+- last-block ensembles: the M last blocks + heads one after another (default), or stacked into
+  one vectorised call (:class:`~cathode_ray.model.stacked.StackedMembers`, ``stack_members=True``;
+  falls back to the loop when a backbone's ops cannot be vmapped). Measured on CPU the stacked
+  call is slower (0.72x the loop with CHGNet, 0.57x with a MACE-MP-0-medium-shaped model,
+  ``scripts/bench_ensemble.py``); it is offered for GPUs, where it is not yet measured.
 
 ``precision`` (``float32`` | ``tf32`` | ``bf16``) applies to the last block(s); heads stay float32.
 """
@@ -46,7 +48,7 @@ class Ensemble:
     uri: str
     files: dict[str, bytes]
     precision: str = "float32"
-    stack_members: bool = True
+    stack_members: bool = False
     _stacked: StackedMembers | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -63,7 +65,7 @@ class Ensemble:
 
     @classmethod
     def load(cls, uri: str, *, device: str = "cpu", backbone: Backbone | None = None,
-             precision: str = "float32", stack_members: bool = True) -> Ensemble:
+             precision: str = "float32", stack_members: bool = False) -> Ensemble:
         md = ModelDir(uri=uri)
         manifest = md.read_manifest(verify=False)
         files = md.verify(manifest)  # raises before anything is deserialised

@@ -67,6 +67,7 @@ class ScreenConfig:
             the actor falls back to float32 and logs why.
         stack_members: run last-block members as one vectorised call (``torch.func``) rather
             than one after another (same results; falls back by itself where unsupported).
+            Off by default: on CPU it measured slower than the loop (docs/performance.md).
         demo_size: structures of the ``demo`` library.
         min_rows_per_file: rows gathered before one Parquet file is written.
         lock_ttl_s: seconds without heartbeat before a run lock counts as abandoned.
@@ -88,7 +89,7 @@ class ScreenConfig:
     light_tasks: int = 2
     max_edges_per_batch: int = 50_000
     precision: str = "float32"
-    stack_members: bool = True
+    stack_members: bool = False
     demo_size: int = 2000
     min_rows_per_file: int = 20_000
     lock_ttl_s: float = 600.0

@@ -326,7 +326,7 @@ class InferenceStage:
     """
 
     def __init__(self, *, model: str, device: str = "cpu", max_edges: int = 50_000,
-                 run_id: str, precision: str = "float32", stack_members: bool = True) -> None:
+                 run_id: str, precision: str = "float32", stack_members: bool = False) -> None:
         from cathode_ray.calibrate.calibrator import Calibrator
         from cathode_ray.model.ensemble import Ensemble
 

@@ -32,7 +32,8 @@ def _ensemble(bb: Backbone, n_members: int = 3, *, head_only: bool = False) -> E
                 p.add_(0.02 * torch.randn_like(p) * p.abs().mean())
         members.append(m)
     manifest = {"model_id": "test", "config": {"train_last_block": not head_only}}
-    return Ensemble(backbone=bb, members=members, normalizer=norm, manifest=manifest, uri="-", files={})
+    return Ensemble(backbone=bb, members=members, normalizer=norm, manifest=manifest, uri="-", files={},
+                    stack_members=True)
 
 
 def _thermo(n: int) -> ThermoInputs:
