@@ -315,9 +315,10 @@ def mp2020_correction_per_atom(structure: Structure, *, oxide_type: str | None =
         ValueError: the compatibility scheme rejects the structure (e.g. unsupported mixing).
     """
     comp = structure.composition
+    symbols = {e.symbol for e in comp.elements}
     if oxide_type is None:
-        oxide_type = classify_oxide(structure, 1.05) if "O" in {e.symbol for e in comp.elements} else "oxide"
-    if "S" in {e.symbol for e in comp.elements}:  # sulfide type is structural too: not cached
+        oxide_type = classify_oxide(structure, 1.05) if "O" in symbols else "oxide"
+    if "S" in symbols:  # sulfide type is structural too: not cached
         return _correction_per_atom(structure, oxide_type)
     key = tuple(sorted((el.symbol, float(a)) for el, a in comp.reduced_composition.items()))
     return _cached_correction_per_atom(key, oxide_type)

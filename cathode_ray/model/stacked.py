@@ -21,12 +21,11 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-Precision = Literal["float32", "tf32", "bf16"]
 PRECISIONS: tuple[str, ...] = ("float32", "tf32", "bf16")
 
 
@@ -75,7 +74,6 @@ class StackedMembers:
         self.params, self.buffers = torch.func.stack_module_state(list(modules))  # each [M, ...]
         self.base = copy.deepcopy(modules[0]).to("meta")  # structure only; weights come from params
         self.context = context
-        self.n = len(modules)
 
     def __call__(self, *args: Any) -> Any:
         """``module(*args)`` for every member at once; output tensors gain a leading [M] axis."""

@@ -349,27 +349,25 @@ class InferenceStage:
             corr_pa=torch.tensor([float(df.at[i, "corr_pa"]) for i in idx], dtype=torch.float32),
             has_ref=torch.tensor([bool(df.at[i, "has_ref"]) for i in idx], dtype=torch.bool),
         )
-        graphs = [df.at[i, "graph"] for i in idx]
+        feats = self.ensemble.backbone.trunk([df.at[i, "graph"] for i in idx], device=self.device)
         if not self._precision_checked:
-            self._check_precision(graphs, thermo)
-        return self.ensemble.predict_graphs(graphs, thermo, device=self.device,
-                                            batch_size=len(idx))
+            self._check_precision(feats, thermo)
+        return self.ensemble.predict_feats(feats, thermo, device=self.device)
 
-    def _check_precision(self, graphs: list[Any], thermo: Any) -> None:
+    def _check_precision(self, feats: list[Any], thermo: Any) -> None:
         """First sub-batch: reduced precision vs float32; fall back above the seed-card bound."""
         from cathode_ray import seedcard
 
         self._precision_checked = True
-        feats = self.ensemble.backbone.trunk(graphs, device=self.device)
         dev = self.ensemble.precision_deviation(feats, thermo, device=self.device)
         limit = seedcard.PRECISION_MAX_DEVIATION
         if dev > limit:
             log.warning("precision %s moves predictions by %.2g eV/atom (> %.0g) on %d structures: "
-                        "this actor runs float32", self.ensemble.precision, dev, limit, len(graphs))
+                        "this actor runs float32", self.ensemble.precision, dev, limit, len(feats))
             self.ensemble.precision = "float32"
         else:
             log.info("precision %s: max deviation %.2g eV/atom vs float32 on %d structures",
-                     self.ensemble.precision, dev, len(graphs))
+                     self.ensemble.precision, dev, len(feats))
 
     def _predict_robust(self, df: pd.DataFrame, idx: list[int]) -> list[tuple[list[int], Any]]:
         try:
