@@ -168,6 +168,7 @@ def screen(
     gpu_actors: int | None = None,
     cpu_actors: int | None = None,
     max_edges_per_batch: int | None = None,
+    object_store_mb: Annotated[float | None, typer.Option(help="object-store budget (MB) of blocks queued between stages")] = None,
     precision: Annotated[str | None, typer.Option(help="float32 | tf32 | bf16 (checked vs float32)")] = None,
     stack_members: Annotated[bool | None, typer.Option(help="one vectorised call for all members (off: measured slower on CPU)")] = None,
     demo_size: int | None = None,
@@ -181,7 +182,7 @@ def screen(
                   {"library": library, "model": model, "out": out, "references": references,
                    "address": address, "run_id": run_id, "resume": resume, "gpu_actors": gpu_actors,
                    "cpu_actors": cpu_actors, "max_edges_per_batch": max_edges_per_batch,
-                   "precision": precision, "stack_members": stack_members, "demo_size": demo_size})
+                   "object_store_mb": object_store_mb, "precision": precision, "stack_members": stack_members, "demo_size": demo_size})
     run(ScreenConfig(**opts))
 
 

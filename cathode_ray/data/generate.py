@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from pymatgen.core import Lattice, Structure
 
 from cathode_ray import seedcard
-from cathode_ray.data.library import structure_from_untrusted_dict
+from cathode_ray.data.library import LIBRARY_ROW_GROUP_ROWS, structure_from_untrusted_dict
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +284,8 @@ class _ShardWriter:
             return
         name = f"candidates-{len(self.shards):05d}.parquet"
         table = pa.Table.from_pylist(self.rows, schema=CANDIDATE_SCHEMA)
-        pq.write_table(table, f"{self.root}/{name}", filesystem=self.fs)
+        pq.write_table(table, f"{self.root}/{name}", filesystem=self.fs,
+                       row_group_size=LIBRARY_ROW_GROUP_ROWS)
         self.shards.append(f"{self.out}/{name}")
         self.rows = []
 

@@ -72,6 +72,10 @@ PASSTHROUGH_FIELDS: tuple[str, ...] = (
 #: Raw-row ``fmt`` values.
 FORMATS: tuple[str, ...] = ("cif", "poscar", "extxyz", "pymatgen_json", "error")
 
+#: Rows per Parquet row group in the libraries this package writes, and per screen read task of
+#: a large Parquet file: a task then decodes only its own row group.
+LIBRARY_ROW_GROUP_ROWS = 1024
+
 _ID_FIELDS: tuple[str, ...] = ("structure_id", "material_id")
 _PARQUET_BATCH_ROWS = 1024
 _GENERIC_VASP_NAMES = ("POSCAR", "CONTCAR")
@@ -210,17 +214,23 @@ def _labels(item: dict[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- reading
-def read_library_file(path: str, fs: pafs.FileSystem | None = None) -> Iterator[dict[str, Any]]:
+def _resolve(path: str, fs: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
+    if fs is None:
+        return filesystem_for(path)
+    parsed = urlparse(path)
+    return fs, (f"{parsed.netloc}{parsed.path}" if parsed.scheme == "s3" else path)
+
+
+def read_library_file(path: str, fs: pafs.FileSystem | None = None, *,
+                      rows: tuple[int, int] | None = None) -> Iterator[dict[str, Any]]:
     """Yield raw rows for every structure in one library file; never raises on bad content.
 
     ``path`` is a local path or URI as returned by :func:`list_library_files`; ``fs`` (optional) is
-    the filesystem it lives on, else resolved with :func:`filesystem_for`.
+    the filesystem it lives on, else resolved with :func:`filesystem_for`. ``rows=(start, stop)``
+    reads only rows ``start <= index < stop`` of a Parquet file, so that one large file can be
+    read by several tasks; ids and indices stay those of the whole file.
     """
-    if fs is None:
-        fs, fs_path = filesystem_for(path)
-    else:
-        parsed = urlparse(path)
-        fs_path = f"{parsed.netloc}{parsed.path}" if parsed.scheme == "s3" else path
+    fs, fs_path = _resolve(path, fs)
     name = file_label(fs_path)
     fmt = library_format(fs_path)
     if fmt is None:
@@ -228,18 +238,24 @@ def read_library_file(path: str, fs: pafs.FileSystem | None = None) -> Iterator[
                         f"{path}: unsupported file type; use .cif, POSCAR/.vasp, .xyz/.extxyz, "
                         ".json/.jsonl, .parquet (optionally .gz)")
         return
+    if rows is not None and fmt != "parquet":
+        raise ValueError(f"{path}: row ranges are only supported for Parquet files")
+    start = 0 if rows is None else rows[0]
     count = 0
     try:
-        for row in _READERS[fmt](fs, fs_path, path, name):
+        reader = (_READERS[fmt](fs, fs_path, path, name) if rows is None
+                  else _read_parquet(fs, fs_path, path, name, rows=rows))
+        for row in reader:
             count += 1
             yield row
     except _READ_ERRORS as exc:
-        where = f" after {count} structures" if count else ""
-        yield error_row(name if not count else f"{name}#{count}", path, RejectCode.UNREADABLE_FILE,
+        where = f" after {start + count} structures" if start + count else ""
+        yield error_row(name if not start + count else f"{name}#{start + count}", path,
+                        RejectCode.UNREADABLE_FILE,
                         f"{path}: cannot read file{where} ({type(exc).__name__}: {exc}); "
                         "re-export or re-download it (a .gz may be truncated)")
         return
-    if count == 0:
+    if count == 0 and start == 0:
         yield error_row(name, path, RejectCode.EMPTY_SOURCE,
                         f"{path}: file contains no structures; remove it or check the export")
 
@@ -362,28 +378,48 @@ def _read_jsonl(fs: pafs.FileSystem, fs_path: str, source: str, name: str) -> It
         index += 1
 
 
-def _read_parquet(fs: pafs.FileSystem, fs_path: str, source: str, name: str) -> Iterator[dict]:
+def _payload_column(columns: set[str]) -> tuple[str | None, str]:
+    """(structure column, raw-row fmt) of a Parquet library file; (None, "") if it has none."""
+    return next(((c, f) for c, f in (("structure_json", "pymatgen_json"), ("cif", "cif"),
+                                     ("structure", "pymatgen_json")) if c in columns), (None, ""))
+
+
+def _read_parquet(fs: pafs.FileSystem, fs_path: str, source: str, name: str, *,
+                  rows: tuple[int, int] | None = None) -> Iterator[dict]:
     if fs_path.lower().endswith(".gz"):
         pfile = pq.ParquetFile(pa.BufferReader(_open_bytes(fs, fs_path)))
     else:
         pfile = pq.ParquetFile(fs.open_input_file(fs_path))
     columns = set(pfile.schema_arrow.names)
-    payload_col, fmt = next(
-        ((c, f) for c, f in (("structure_json", "pymatgen_json"), ("cif", "cif"),
-                             ("structure", "pymatgen_json")) if c in columns),
-        (None, ""),
-    )
+    payload_col, fmt = _payload_column(columns)
     if payload_col is None:
         yield error_row(name, source, RejectCode.UNREADABLE_FILE,
                         f"{source}: Parquet has no 'cif' or 'structure_json' column (columns: "
                         f"{sorted(columns)}); add one")
         return
     wanted = [payload_col] + [c for c in (*_ID_FIELDS, *PASSTHROUGH_FIELDS) if c in columns]
-    index = 0
-    for batch in pfile.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=wanted):
+    start, stop = rows if rows is not None else (0, pfile.metadata.num_rows)
+    # only the row groups that overlap [start, stop) are decoded
+    groups, index = [], None
+    offset = 0
+    for g in range(pfile.metadata.num_row_groups):
+        n = pfile.metadata.row_group(g).num_rows
+        if offset < stop and offset + n > start:
+            groups.append(g)
+            index = offset if index is None else index
+        offset += n
+    if not groups:
+        return
+    for batch in pfile.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=wanted, row_groups=groups):
+        if index + batch.num_rows <= start:
+            index += batch.num_rows
+            continue
         for record in batch.to_pylist():  # one dict per row of this batch only
-            yield _parquet_row(record, payload_col, fmt, source, name, index)
+            if start <= index < stop:
+                yield _parquet_row(record, payload_col, fmt, source, name, index)
             index += 1
+        if index >= stop:
+            return
 
 
 def _parquet_row(record: dict[str, Any], payload_col: str, fmt: str, source: str, name: str,

@@ -1,14 +1,19 @@
 """``cathode-ray screen``: stream a structure library through the calibrated ensemble on Ray Data.
 
-    read (one task per file) -> validate (+ duplicate marks, resume skips) -> graphs (CPU actors)
+    read (<= 1,024-row ranges of large Parquet files, else one task per file; 256-row blocks)
+    -> validate (+ duplicate marks, resume skips) -> graphs (CPU actors)
     -> ensemble + calibration/OOD/triage (actor pool; GPU or CPU) -> results + rejects Parquet
+
+Memory is bounded, not proportional to the library: reads are small tasks, blocks are at most
+16 MiB, and the blocks queued between stages share an object-store budget (``object_store_mb``).
 
 De-duplication is a separate *index pass* over ids only: every file is read once more for its
 structure ids (no parsing), a Ray Data ``groupby(structure_id).count()`` finds the repeated ids,
 and only the rows of those ids are brought to the driver to rank their occurrences by input
 order. The (small) ``{order: occurrence}`` map is shipped to the validate tasks, so later
 duplicates become ``duplicate_id`` rejects without ever holding all ids in one process. The same
-pass counts the inputs for the ``results + rejects == inputs`` invariant.
+pass counts the inputs for the ``results + rejects == inputs`` invariant, and the rows of each
+file, from which the read tasks are planned.
 
 See :mod:`.runs` for the DEST layout, locks and the run manifest.
 """
@@ -30,6 +35,10 @@ from cathode_ray.screen import runs, stages
 log = logging.getLogger(__name__)
 
 _BATCH_ROWS = 32  # rows per map_batches call (graphs / inference sub-batch by edges inside)
+#: Largest block a stage emits. Ray Data's 128 MiB default lets one graph-stage task build ~1,000
+#: graphs before handing them on; 16 MiB blocks kept the actors' memory a third lower and the
+#: screen faster (docs/performance.md).
+_MAX_BLOCK_BYTES = 16 << 20
 #: Logical CPUs of the light task stages (read, validate, write). Ray Data starts the actor pools
 #: eagerly; tasks that ask for a whole CPU next to them can starve forever on small machines.
 _LIGHT_CPUS = 0.25
@@ -61,6 +70,11 @@ class ScreenConfig:
             starts as many as fit in the free CPU fractions and peak memory grows with the run.
             One validate task handles ~300 structures/s; raise it on large GPU nodes.
         max_edges_per_batch: edge budget of one inference sub-batch (directed graph edges).
+        object_store_mb: object-store memory (MB) that blocks queued between the stages may use
+            (Ray Data backpressure). It bounds the screen's memory whatever the library size;
+            ``None`` leaves Ray Data's default, a share of the node's object store. Ray Data
+            reserves a share per stage: at 128 MB a 16 MiB graph block no longer fitted and the
+            screen crawled (docs/performance.md), so keep it >= 512 MB.
         precision: inference precision of the last block(s): ``float32``, ``tf32`` (CUDA
             matmuls) or ``bf16`` (autocast). A reduced precision is checked against float32 on
             each actor's first sub-batch; above ``seedcard.PRECISION_MAX_DEVIATION`` (1 meV/atom)
@@ -88,6 +102,7 @@ class ScreenConfig:
     graph_actors: int = 1
     light_tasks: int = 2
     max_edges_per_batch: int = 50_000
+    object_store_mb: float | None = 512.0
     precision: str = "float32"
     stack_members: bool = False
     demo_size: int = 2000
@@ -109,6 +124,8 @@ class ScreenConfig:
         check_precision(self.precision)
         if self.max_edges_per_batch < 1:
             raise ValueError("max_edges_per_batch must be >= 1")
+        if self.object_store_mb is not None and not self.object_store_mb > 0:
+            raise ValueError(f"object_store_mb must be > 0 or None, got {self.object_store_mb}")
         if self.demo_size < 0 or self.min_rows_per_file < 1 or self.lock_ttl_s <= 0:
             raise ValueError("need demo_size >= 0, min_rows_per_file >= 1, lock_ttl_s > 0")
         if self.resume and not self.run_id:
@@ -224,49 +241,69 @@ def _ensure_ray(address: str | None) -> bool:
     return True
 
 
-def _input_dataset(source: Source) -> Any:
+@dataclass(frozen=True, kw_only=True)
+class InputIndex:
+    """What the index pass learns: input count, later duplicates, rows per library file."""
+
+    n_inputs: int
+    ranks: dict[int, int]  # {order: occurrence} of later duplicates
+    rows_per_file: dict[int, int]  # {file index: raw rows}; empty for in-memory sources
+
+
+def _input_dataset(source: Source, rows_per_file: dict[int, int] | None = None) -> Any:
+    """Raw rows (in-memory sources) or read tasks: one per file for the index pass, row ranges
+    of large Parquet files once ``rows_per_file`` is known (:func:`stages.read_items`)."""
     import ray
 
     if source.rows is not None:
         blocks = max(1, min(len(source.rows) // _BATCH_ROWS, 200))
         return ray.data.from_items(source.rows, override_num_blocks=blocks)
-    items = [{"path": p, "file_index": i} for i, p in enumerate(source.files or [])]
+    files = source.files or []
+    items = (stages.read_items(files, rows_per_file) if rows_per_file is not None
+             else [{"path": p, "file_index": i} for i, p in enumerate(files)])
     return ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
 
 
-def index_inputs(source: Source) -> tuple[int, dict[int, int]]:
-    """(number of raw inputs, ``{order: occurrence}`` of later duplicates); see module doc."""
+def index_inputs(source: Source) -> InputIndex:
+    """Count the inputs and rank later duplicates (see the module docstring)."""
     if source.rows is not None:
         sids = [r["structure_id"] for r in source.rows]
         counts: dict[str, int] = {}
         for s in sids:
             counts[s] = counts.get(s, 0) + 1
         dup = [(r["structure_id"], r["order"]) for r in source.rows if counts[r["structure_id"]] > 1]
-        return len(sids), stages.duplicate_ranks([d[0] for d in dup], [d[1] for d in dup])
+        return InputIndex(n_inputs=len(sids), rows_per_file={},
+                          ranks=stages.duplicate_ranks([d[0] for d in dup], [d[1] for d in dup]))
     env = {"runtime_env": rt} if (rt := _worker_runtime_env()) else {}
     ids = _input_dataset(source).flat_map(stages.read_file_ids, **env).materialize()
     n_inputs = ids.count()
     if n_inputs == 0:
-        return 0, {}
+        return InputIndex(n_inputs=0, ranks={}, rows_per_file={})
+    rows_per_file: dict[int, int] = {}
+    for r in ids.map_batches(stages.count_rows_per_file, batch_format="pandas").take_all():
+        rows_per_file[int(r["file_index"])] = rows_per_file.get(int(r["file_index"]), 0) + int(r["rows"])
     repeated = {r["structure_id"] for r in ids.groupby("structure_id").count()
                 .filter(lambda r: r["count()"] > 1).take_all()}
     if not repeated:
-        return n_inputs, {}
+        return InputIndex(n_inputs=n_inputs, ranks={}, rows_per_file=rows_per_file)
     rows = ids.filter(lambda r: r["structure_id"] in repeated).take_all()
-    return n_inputs, stages.duplicate_ranks([r["structure_id"] for r in rows],
-                                            [r["order"] for r in rows])
+    return InputIndex(n_inputs=n_inputs, rows_per_file=rows_per_file,
+                      ranks=stages.duplicate_ranks([r["structure_id"] for r in rows],
+                                                   [r["order"] for r in rows]))
 
 
-def build_dataset(config: ScreenConfig, source: Source, *, run_id: str, ranks: dict[int, int],
+def build_dataset(config: ScreenConfig, source: Source, *, run_id: str, index: InputIndex,
                   done: frozenset[tuple[str, int]]) -> Any:
     """The lazy Ray Data pipeline from raw inputs to final rows (see the module docstring)."""
     import ray
 
     env = {"runtime_env": rt} if (rt := _worker_runtime_env()) else {}
-    ds = _input_dataset(source)
+    ds = _input_dataset(source, index.rows_per_file)
+    ranks = index.ranks
     if source.files is not None:
-        ds = ds.flat_map(stages.read_file_rows, num_cpus=_LIGHT_CPUS,
-                         compute=ray.data.TaskPoolStrategy(size=config.light_tasks), **env)
+        ds = ds.map_batches(stages.read_file_chunks, batch_format="pandas", batch_size=1,
+                            num_cpus=_LIGHT_CPUS,
+                            compute=ray.data.TaskPoolStrategy(size=config.light_tasks), **env)
     ds = ds.map_batches(stages.ValidateStage(config=config.validation, ranks=ranks, done=done),
                         batch_format="pandas", batch_size=_BATCH_ROWS, num_cpus=_LIGHT_CPUS,
                         compute=ray.data.TaskPoolStrategy(size=config.light_tasks), **env)
@@ -285,6 +322,12 @@ def build_dataset(config: ScreenConfig, source: Source, *, run_id: str, ranks: d
         compute=ray.data.ActorPoolStrategy(size=config.gpu_actors if gpu else config.cpu_actors),
         **({"num_gpus": 1} if gpu else {"num_cpus": config.cpus_per_actor}), **env,
     )
+    # the dataset's own context (a copy): other datasets of this process keep their settings
+    ds.context.target_max_block_size = _MAX_BLOCK_BYTES
+    if config.object_store_mb is not None:
+        limits = ds.context.execution_options.resource_limits
+        ds.context.execution_options.resource_limits = limits.copy(
+            object_store_memory=config.object_store_mb * 1e6)
     return ds
 
 
@@ -350,10 +393,11 @@ def _run_locked(config: ScreenConfig, paths: runs.RunPaths) -> ScreenSummary:
     model = _model_info(config.model)
     source = plan_source(config)
     t_plan = time.perf_counter()
-    n_inputs, ranks = index_inputs(source)
+    index = index_inputs(source)
+    n_inputs = index.n_inputs
     t_index = time.perf_counter()
     done = frozenset(runs.done_keys(paths)) if config.resume else frozenset()
-    ds = build_dataset(config, source, run_id=paths.run_id, ranks=ranks, done=done)
+    ds = build_dataset(config, source, run_id=paths.run_id, index=index, done=done)
     sink = stages.ScreenSink(results_uri=paths.results, rejects_uri=paths.rejects,
                              run_id=paths.run_id, min_rows=config.min_rows_per_file)
     ds.write_datasink(sink, ray_remote_args={"num_cpus": _LIGHT_CPUS})

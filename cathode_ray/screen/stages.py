@@ -23,7 +23,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +34,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from ray.data import Datasink
 
-from cathode_ray.data.library import read_library_file
+from cathode_ray.data.library import LIBRARY_ROW_GROUP_ROWS, library_format, read_library_file
 from cathode_ray.data.records import RejectCode
 from cathode_ray.data.validate import ValidationConfig, validate_row
 from cathode_ray.screen.schema import RESULT_SCHEMA, SCREEN_REJECT_SCHEMA, conform
@@ -46,6 +46,8 @@ ORDER_SHIFT = 32  # rows per file < 2**32
 RAW_COLUMNS: tuple[str, ...] = ("structure_id", "source", "fmt", "payload", "error", "order")
 STAGE_TIMES: tuple[str, ...] = ("t_validate", "t_graph", "t_infer", "t_calibrate")
 VALID, REJECT = "valid", "reject"
+READ_CHUNK_ROWS = 256  # raw rows per block read from one library file (~2 MB of pymatgen JSON)
+READ_TASK_ROWS = LIBRARY_ROW_GROUP_ROWS  # most rows one read task takes from a large Parquet file
 
 
 # --------------------------------------------------------------------------- inputs
@@ -61,15 +63,63 @@ def _raw(row: Mapping[str, Any], order: int) -> dict[str, Any]:
             "error": str(row.get("error", "") or ""), "order": order}
 
 
-def read_file_rows(item: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Flat-map: raw rows (RAW_COLUMNS) of one library file ``{"path", "file_index"}``."""
-    fi = int(item["file_index"])
-    return [_raw(r, order_key(fi, i)) for i, r in enumerate(read_library_file(str(item["path"])))]
+def read_items(files: Sequence[str], rows_per_file: Mapping[int, int],
+               task_rows: int = READ_TASK_ROWS) -> list[dict[str, Any]]:
+    """Read tasks for ``files``: ``{"path", "file_index", "row_start", "row_stop"}``.
+
+    A plain Parquet file with more than ``task_rows`` rows (``rows_per_file``, counted by the
+    index pass) is split into row ranges, so no read task holds more than ``task_rows`` inputs
+    and the pipeline's object-store budget can pace reading; any other file is one task
+    (``row_stop = -1``: the whole file).
+    """
+    items = []
+    for i, path in enumerate(files):
+        n = int(rows_per_file.get(i, 0))
+        if n > task_rows and library_format(path) == "parquet" and not path.lower().endswith(".gz"):
+            items += [{"path": path, "file_index": i, "row_start": a, "row_stop": min(a + task_rows, n)}
+                      for a in range(0, n, task_rows)]
+        else:
+            items.append({"path": path, "file_index": i, "row_start": 0, "row_stop": -1})
+    return items
+
+
+def iter_file_rows(item: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    """Raw rows (RAW_COLUMNS) of one read task (see :func:`read_items`; ``{"path",
+    "file_index"}`` alone reads the whole file), one at a time."""
+    fi, start, stop = int(item["file_index"]), int(item.get("row_start", 0)), int(item.get("row_stop", -1))
+    rows = None if stop < 0 else (start, stop)
+    for i, r in enumerate(read_library_file(str(item["path"]), rows=rows), start=start):
+        yield _raw(r, order_key(fi, i))
+
+
+def read_file_chunks(items: pd.DataFrame, chunk_rows: int = READ_CHUNK_ROWS) -> Iterator[pd.DataFrame]:
+    """Generator ``map_batches`` UDF: raw rows of the library files in ``items``, yielded
+    ``chunk_rows`` at a time. Each chunk becomes its own block, so a 10,000-structure file
+    streams through the pipeline in bounded pieces instead of arriving as one burst."""
+    for item in items.to_dict("records"):
+        chunk: list[dict[str, Any]] = []
+        for row in iter_file_rows(item):
+            chunk.append(row)
+            if len(chunk) >= chunk_rows:
+                yield pd.DataFrame(chunk, columns=list(RAW_COLUMNS))
+                chunk = []
+        if chunk:
+            yield pd.DataFrame(chunk, columns=list(RAW_COLUMNS))
 
 
 def read_file_ids(item: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Flat-map: ``{"structure_id", "order"}`` of every raw row of one file (index pass)."""
-    return [{"structure_id": r["structure_id"], "order": r["order"]} for r in read_file_rows(item)]
+    """Flat-map: ``{"structure_id", "order", "file_index"}`` of every raw row of one file
+    (index pass)."""
+    fi = int(item["file_index"])
+    return [{"structure_id": r["structure_id"], "order": r["order"], "file_index": fi}
+            for r in iter_file_rows(item)]
+
+
+def count_rows_per_file(ids: pd.DataFrame) -> pd.DataFrame:
+    """``map_batches`` over index-pass rows: ``{"file_index", "rows"}`` per file in the batch."""
+    counts = ids.groupby("file_index").size()
+    return pd.DataFrame({"file_index": counts.index.to_numpy(np.int64),
+                         "rows": counts.to_numpy(np.int64)})
 
 
 def demo_raw_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

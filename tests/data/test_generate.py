@@ -131,3 +131,13 @@ def test_generate_from_real_snapshot(tmp_path: Path) -> None:
     assert result.n_parents > 1200 and result.n_candidates == 300
     rows = _read(tmp_path / "mp")
     assert all(re.fullmatch(r"mp-\d+", r["parent_id"]) for r in rows)
+
+
+def test_shards_are_written_in_read_task_row_groups(parents: Path, tmp_path: Path, monkeypatch) -> None:
+    import cathode_ray.data.generate as generate
+
+    monkeypatch.setattr(generate, "LIBRARY_ROW_GROUP_ROWS", 16)
+    result = run(GenerateConfig(source=str(parents), n=40, out=str(tmp_path / "a"), seed=7,
+                                shard_size=40, workers=1))
+    meta = pq.ParquetFile(result.shards[0]).metadata
+    assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [16, 16, 8]

@@ -225,3 +225,16 @@ def test_gzipped_parquet_and_unsupported_explicit_file(tmp_path: Path) -> None:
     assert list_library_files(str(tmp_path / "notes.txt")) == [str(tmp_path / "notes.txt")]
     (row,) = read_library_file(str(tmp_path / "notes.txt"))
     assert row["error"] == RejectCode.UNREADABLE_FILE and "unsupported file type" in row["payload"]
+
+
+def test_parquet_row_ranges_read_like_the_whole_file(tmp_path: Path) -> None:
+    n = 12
+    pq.write_table(pa.table({"material_id": [f"m{i}" for i in range(n)], "structure_json": ["{}"] * n}),
+                   tmp_path / "a.parquet", row_group_size=5)
+    path = str(tmp_path / "a.parquet")
+    whole = list(read_library_file(path))
+    assert list(read_library_file(path, rows=(3, 11))) == whole[3:11]
+    assert list(read_library_file(path, rows=(12, 20))) == []  # past the end: nothing, no empty_source
+    (tmp_path / "x.cif").write_text("data_x")
+    with pytest.raises(ValueError, match="only supported for Parquet"):
+        list(read_library_file(str(tmp_path / "x.cif"), rows=(0, 1)))

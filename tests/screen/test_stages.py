@@ -17,10 +17,15 @@ from cathode_ray.screen.schema import RESULT_SCHEMA, SCREEN_REJECT_SCHEMA, Schem
 from cathode_ray.screen.stages import (
     ValidateStage,
     count_edges,
+    count_rows_per_file,
     demo_raw_rows,
     duplicate_ranks,
     edge_batches,
+    iter_file_rows,
     order_key,
+    read_file_chunks,
+    read_file_ids,
+    read_items,
     split_output,
 )
 
@@ -120,7 +125,7 @@ def test_run_lock_is_exclusive_and_released(tmp_path) -> None:
 
 def test_abandoned_lock_is_taken_over(tmp_path) -> None:
     uri = str(tmp_path / "_runs" / "r.lock")
-    runs.write_json(uri, {"owner": "ghost", "host": "elsewhere", "pid": 1, "expires": 0})
+    runs.write_json(uri, {"owner": "ghost", "host": "elsewhere", "pid": 1, "expires_at": 0})
     lock = runs.RunLock(uri=uri, run_id="r").acquire()
     assert json.loads(open(uri).read())["owner"] == lock.owner
     lock.release()
@@ -144,6 +149,32 @@ def test_screen_config_validation() -> None:
         ScreenConfig(**base, cpu_actors=0)
     with pytest.raises(ValueError):
         ScreenConfig(**base, max_edges_per_batch=0)
+    with pytest.raises(ValueError):
+        ScreenConfig(**base, object_store_mb=0)
+    assert ScreenConfig(**base, object_store_mb=None).object_store_mb is None
+
+
+def test_read_file_chunks_streams_bounded_blocks_in_input_order(tmp_path) -> None:
+    import pyarrow.parquet as pq
+
+    n = 23
+    pq.write_table(pa.table({"structure_id": [f"s{i}" for i in range(n)],
+                             "structure_json": ["{}"] * n}), tmp_path / "a.parquet")
+    (tmp_path / "b.cif").write_text("not a cif")
+    items = pd.DataFrame({"path": [str(tmp_path / "a.parquet"), str(tmp_path / "b.cif")],
+                          "file_index": [0, 1]})
+    chunks = list(read_file_chunks(items, chunk_rows=10))
+    assert [len(c) for c in chunks] == [10, 10, 3, 1]  # one file's chunks never mix with the next
+    rows = pd.concat(chunks, ignore_index=True)
+    assert list(rows.columns) == ["structure_id", "source", "fmt", "payload", "error", "order"]
+    assert rows["structure_id"].tolist()[:n] == [f"s{i}" for i in range(n)]
+    assert rows["order"].tolist() == [order_key(0, i) for i in range(n)] + [order_key(1, 0)]
+    # the index pass sees exactly the same ids and orders
+    ids = [r for _, item in items.iterrows() for r in read_file_ids(item.to_dict())]
+    assert [(r["structure_id"], r["order"]) for r in ids] == list(
+        zip(rows["structure_id"], rows["order"], strict=True))
+    counts = count_rows_per_file(pd.DataFrame(ids))
+    assert dict(zip(counts["file_index"], counts["rows"], strict=True)) == {0: n, 1: 1}
 
 
 @pytest.mark.parametrize(("limit", "expected"), [(0.0, "float32"), (1.0, "bf16")])
@@ -168,3 +199,21 @@ def test_inference_stage_checks_reduced_precision_on_first_batch(
 def test_screen_config_rejects_unknown_precision() -> None:
     with pytest.raises(ValueError, match="precision"):
         ScreenConfig(library="demo", model="m", out="o", references="snapshot:x", precision="fp16")
+
+
+def test_read_items_split_large_parquet_into_ranges_that_read_like_the_whole_file(tmp_path) -> None:
+    import pyarrow.parquet as pq
+
+    n = 25
+    pq.write_table(pa.table({"structure_id": [f"s{i}" for i in range(n)],
+                             "structure_json": ["{}"] * n}), tmp_path / "big.parquet", row_group_size=7)
+    (tmp_path / "one.cif").write_text("not a cif")
+    files = [str(tmp_path / "big.parquet"), str(tmp_path / "one.cif")]
+    items = read_items(files, {0: n, 1: 1}, task_rows=10)
+    assert [(i["file_index"], i["row_start"], i["row_stop"]) for i in items] == [
+        (0, 0, 10), (0, 10, 20), (0, 20, 25), (1, 0, -1)]
+    ranged = [r for item in items for r in iter_file_rows(item)]
+    whole = [r for i, f in enumerate(files) for r in iter_file_rows({"path": f, "file_index": i})]
+    assert ranged == whole and len(whole) == n + 1
+    # small files and non-Parquet files stay one task each
+    assert [i["row_stop"] for i in read_items(files, {0: n, 1: 1}, task_rows=100)] == [-1, -1]
