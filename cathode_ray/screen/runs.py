@@ -7,12 +7,10 @@ DEST layout (local path or ``s3://bucket/prefix``)::
     DEST/_runs/RUN.json                      run manifest (one entry per attempt)
     DEST/_runs/RUN.lock                      held while a run (or resume) of RUN is active
 
-Locks are created atomically: ``O_CREAT | O_EXCL`` locally, an S3 conditional PUT
-(``If-None-Match: *``) on S3. A lock names its owner and expires ``ttl_s`` after its last
-heartbeat (a background thread refreshes it), so a crashed run can be resumed once the lock has
-expired, or at once from the same host when the owning process is gone. Taking over an expired
-lock deletes it and creates a new one conditionally; two processes that both saw the same
-expired lock can race between the delete and the create (documented window, seconds wide).
+A run lock is an :class:`~cathode_ray.screen.state.ExpiringLock` (atomic create; names its
+owner; expires ``ttl_s`` after its last heartbeat; compare-and-swap take-over), so a crashed run
+can be resumed once the lock has expired, or at once from the same host when the owning process
+is gone.
 """
 
 from __future__ import annotations
@@ -21,20 +19,17 @@ import json
 import logging
 import os
 import re
-import socket
-import threading
-import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from cathode_ray.storage import filesystem_for, join, s3_client
+from cathode_ray.screen.state import ExpiringLock
+from cathode_ray.storage import filesystem_for, join
 
 log = logging.getLogger(__name__)
 
@@ -112,141 +107,25 @@ def write_json(uri: str, obj: dict[str, Any]) -> None:
         fh.write(data)
 
 
-def delete(uri: str) -> None:
-    """Delete a file/object if it exists."""
-    fs, path = filesystem_for(uri)
-    try:
-        fs.delete_file(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:  # S3 reports a missing key as a generic OSError on some versions
-        if fs.get_file_info(path).type != pafs.FileType.NotFound:
-            raise exc
-
-
 # --------------------------------------------------------------------------- locks
-def _create_exclusive(uri: str, data: bytes) -> bool:
-    """Create ``uri`` only if absent (atomically). True when created, False when it existed."""
-    if uri.startswith("s3://"):
-        return _s3_create_exclusive(uri, data)
-    fs, path = filesystem_for(uri)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    return True
-
-
-def _s3_create_exclusive(uri: str, data: bytes) -> bool:
-    """S3 conditional create (``If-None-Match: *``); False on 412 Precondition Failed."""
-    from botocore.exceptions import ClientError
-
-    parsed = urlparse(uri)
-    try:
-        s3_client().put_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"), Body=data,
-                                IfNoneMatch="*")
-    except ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
-            return False
-        raise
-    return True
-
-
 @dataclass(kw_only=True)
-class RunLock:
-    """An exclusive, expiring lock on one run id (see the module docstring).
+class RunLock(ExpiringLock):
+    """The lock of one run id at ``uri`` (``RunPaths.lock``); raises :class:`RunLockedError`
+    while another live owner runs the same id. Same storage rules as the re-screen lock
+    (:class:`cathode_ray.screen.state.ExpiringLock`)."""
 
-    Use as a context manager; :meth:`acquire` raises :class:`RunLockedError` when another live
-    owner holds it. ``ttl_s`` is seconds without heartbeat before the lock counts as abandoned.
-    """
-
-    uri: str
     run_id: str
     ttl_s: float = 600.0
-    owner: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:"
-                       f"{uuid.uuid4().hex[:8]}")
-    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
-    _thread: threading.Thread | None = field(default=None, repr=False)
 
-    def __post_init__(self) -> None:
-        if self.ttl_s <= 0:
-            raise ValueError(f"ttl_s must be > 0 s, got {self.ttl_s}")
+    def body(self) -> dict[str, Any]:
+        return {**super().body(), "run_id": self.run_id}
 
-    def _body(self) -> bytes:
-        now = time.time()
-        return json.dumps({"run_id": self.run_id, "owner": self.owner, "host": socket.gethostname(),
-                           "pid": os.getpid(), "heartbeat": now, "expires": now + self.ttl_s,
-                           "created": utc_now()}).encode()
-
-    def acquire(self) -> RunLock:
-        """Take the lock (taking over an abandoned one) and start the heartbeat thread."""
-        if not _create_exclusive(self.uri, self._body()):
-            held = read_json(self.uri)
-            if held is not None and not _abandoned(held):
-                raise RunLockedError(
-                    f"run {self.run_id!r} is already running (lock {self.uri} held by "
-                    f"{held.get('owner')} until {datetime.fromtimestamp(held['expires'], UTC):%c} "
-                    "UTC); wait for it, or pick another --run-id")
-            log.warning("taking over abandoned lock %s (owner %s)", self.uri,
-                        (held or {}).get("owner"))
-            delete(self.uri)  # race window: see module docstring
-            if not _create_exclusive(self.uri, self._body()):
-                raise RunLockedError(f"run {self.run_id!r}: lost the race for lock {self.uri}")
-        self._thread = threading.Thread(target=self._heartbeat, name="run-lock-heartbeat",
-                                        daemon=True)
-        self._thread.start()
-        return self
-
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(self.ttl_s / 3):
-            try:
-                held = read_json(self.uri)
-                if held is None or held.get("owner") != self.owner:
-                    log.error("lock %s was taken by %s", self.uri, (held or {}).get("owner"))
-                    return
-                fs, path = filesystem_for(self.uri)
-                with fs.open_output_stream(path) as fh:
-                    fh.write(self._body())
-            except OSError as exc:  # transient storage error: try again next beat
-                log.warning("lock heartbeat failed: %s", exc)
-
-    def release(self) -> None:
-        """Stop the heartbeat and delete the lock if this owner still holds it."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        try:
-            held = read_json(self.uri)
-            if held is not None and held.get("owner") == self.owner:
-                delete(self.uri)
-        except OSError as e:  # storage unreachable: keep the original error; the lock expires
-            log.warning("could not release run lock %s (%s); it expires after its ttl or when "
-                        "this process has exited", self.uri, e)
-
-    def __enter__(self) -> RunLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-def _abandoned(held: dict[str, Any]) -> bool:
-    """True when a lock expired, or its owner ran on this host and is no longer alive."""
-    if float(held.get("expires", 0)) < time.time():
-        return True
-    if held.get("host") == socket.gethostname():
-        try:
-            os.kill(int(held["pid"]), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, KeyError, ValueError):
-            return False
-    return False
+    def busy_error(self, held: dict[str, Any] | None) -> Exception:
+        held = held or {}
+        return RunLockedError(
+            f"run {self.run_id!r} is already running (lock {self.uri} held by "
+            f"{held.get('owner', '?')} until {held.get('expires_at_iso', '?')} UTC); wait for it, "
+            "or pick another --run-id")
 
 
 # --------------------------------------------------------------------------- resume state

@@ -1,4 +1,5 @@
-"""Durable state and an expiring lock for scheduled re-screens (``cathode-ray rescreen``).
+"""Durable state for scheduled re-screens (``cathode-ray rescreen``), and the expiring lock that
+re-screens and screen runs (:mod:`.runs`) hold.
 
 The state directory (default ``DEST/_state``; local path or ``s3://bucket/prefix``) holds::
 
@@ -15,7 +16,8 @@ PUT (``If-Match`` on the ETag read before, or ``If-None-Match: *`` for the first
 concurrent writers exactly one commits. A crash at any point leaves readers on the previous
 complete state; an orphaned versioned key is harmless (never pointed at; safe to delete).
 
-**Lock.** ``STATE/LOCK`` is created atomically: ``O_CREAT | O_EXCL`` locally, a conditional
+**Lock** (:class:`ExpiringLock`: ``STATE/LOCK`` here, ``DEST/_runs/RUN.lock`` for a screen run).
+The lock object is created atomically: ``O_CREAT | O_EXCL`` locally, a conditional
 ``PutObject(IfNoneMatch="*")`` on S3 (supported by AWS S3 since 2024 and by moto). It names its
 owner and expires ``ttl_s`` after its last refresh (a daemon thread refreshes it every
 ``ttl_s / 3``). A lock that has expired, or whose owner ran on this host and is gone, may be
@@ -42,7 +44,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Self
 from urllib.parse import urlparse
 
 from cathode_ray.storage import s3_client
@@ -65,7 +67,7 @@ class RescreenBusy(RuntimeError):
 
 
 class LockLost(RuntimeError):
-    """This owner's lock was taken over (it had expired) while the re-screen was running."""
+    """This owner's lock was taken over (it had expired) while its holder was running."""
 
 
 def utc_iso(ts: float | None = None) -> str:
@@ -289,11 +291,14 @@ def lock_is_stale(held: dict[str, Any], *, now: float | None = None) -> bool:
 
 
 @dataclass(kw_only=True)
-class StateLock:
-    """Exclusive, expiring lock ``STATE/LOCK`` (see the module docstring).
+class ExpiringLock:
+    """Exclusive, expiring lock object at ``uri`` (local path or ``s3://``; see the module
+    docstring). Screen runs (:class:`cathode_ray.screen.runs.RunLock`) and re-screens
+    (:class:`StateLock`) both use it.
 
-    Use as a context manager. :meth:`acquire` raises :class:`RescreenBusy` while another live
-    owner holds it. ``heartbeat=False`` skips the refresh thread (tests, short holds).
+    Use as a context manager. :meth:`acquire` raises :meth:`busy_error` while another live owner
+    holds it. ``ttl_s``: seconds without refresh before the lock counts as abandoned.
+    ``heartbeat=False`` skips the refresh thread (tests, short holds).
     """
 
     uri: str
@@ -311,7 +316,7 @@ class StateLock:
     @property
     def lock_uri(self) -> str:
         """URI of the lock object."""
-        return f"{self.uri.rstrip('/')}/{LOCK}"
+        return self.uri
 
     def body(self) -> dict[str, Any]:
         """The lock document for now: owner, host, pid, acquired/expiry times."""
@@ -319,6 +324,12 @@ class StateLock:
         return {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
                 "refreshed_at": utc_iso(now), "expires_at": now + self.ttl_s,
                 "expires_at_iso": utc_iso(now + self.ttl_s)}
+
+    def busy_error(self, held: dict[str, Any] | None) -> Exception:
+        """The error :meth:`acquire` raises when ``held`` (another owner's lock) is live."""
+        held = held or {}
+        return RuntimeError(f"lock {self.lock_uri} is held by {held.get('owner', '?')} until "
+                            f"{held.get('expires_at_iso', '?')} (UTC)")
 
     def read(self) -> dict[str, Any] | None:
         """The lock document currently stored (anyone's), or None."""
@@ -328,27 +339,21 @@ class StateLock:
         return _read_local_json(_local_path(self.lock_uri))
 
     # -- acquire -----------------------------------------------------------------------------
-    def acquire(self) -> StateLock:
+    def acquire(self) -> Self:
         """Take the lock (taking over a stale one) and start the refresh thread.
 
         Raises:
-            RescreenBusy: another owner holds a live lock.
+            Exception: :meth:`busy_error` when another owner holds a live lock.
         """
         taken = self._acquire_s3() if _is_s3(self.uri) else self._acquire_local()
         if not taken:
-            raise RescreenBusy(self._busy_message(self.read()))
+            raise self.busy_error(self.read())
         if self.heartbeat:
             self._stop.clear()
             self._thread = threading.Thread(target=self._refresh_loop, daemon=True,
-                                            name="rescreen-lock-refresh")
+                                            name="lock-refresh")
             self._thread.start()
         return self
-
-    def _busy_message(self, held: dict[str, Any] | None) -> str:
-        held = held or {}
-        return (f"another re-screen is running: lock {self.lock_uri} is held by "
-                f"{held.get('owner', '?')} until {held.get('expires_at_iso', '?')} (UTC); "
-                "wait for it to finish, or remove the lock if that run is certainly dead")
 
     def _acquire_s3(self) -> bool:
         data = _dumps(self.body())
@@ -358,7 +363,7 @@ class StateLock:
             if found is None:  # released in between: try once more
                 etag = s3_put(self.lock_uri, data, if_none_match=True)
             elif lock_is_stale(json.loads(found[0])):
-                log.warning("taking over stale re-screen lock %s", self.lock_uri)
+                log.warning("taking over stale lock %s", self.lock_uri)
                 etag = s3_put(self.lock_uri, data, if_match=found[1])
         self._etag = etag
         return etag is not None
@@ -372,7 +377,7 @@ class StateLock:
             return self._create_local(path)
         if not lock_is_stale(held):
             return False
-        log.warning("taking over stale re-screen lock %s (owner %s)", path, held.get("owner"))
+        log.warning("taking over stale lock %s (owner %s)", path, held.get("owner"))
         return self._take_over_local(path, held)
 
     def _create_local(self, path: str) -> bool:
@@ -414,12 +419,12 @@ class StateLock:
         if _is_s3(self.uri):
             etag = s3_put(self.lock_uri, _dumps(self.body()), if_match=self._etag)
             if etag is None:
-                raise LockLost(f"re-screen lock {self.lock_uri} was taken over")
+                raise LockLost(f"lock {self.lock_uri} was taken over")
             self._etag = etag
             return
         held = self.read()
         if held is None or held.get("owner") != self.owner:
-            raise LockLost(f"re-screen lock {self.lock_uri} was taken over by "
+            raise LockLost(f"lock {self.lock_uri} was taken over by "
                            f"{(held or {}).get('owner')}")
         write_atomic_local(_local_path(self.lock_uri), _dumps(self.body()))
 
@@ -427,7 +432,7 @@ class StateLock:
         """Raise :class:`LockLost` unless this owner still holds the lock."""
         held = self.read()
         if held is None or held.get("owner") != self.owner:
-            raise LockLost(f"re-screen lock {self.lock_uri} is no longer held by {self.owner} "
+            raise LockLost(f"lock {self.lock_uri} is no longer held by {self.owner} "
                            f"(now {(held or {}).get('owner')}); not committing the state")
 
     def _refresh_loop(self) -> None:
@@ -438,28 +443,51 @@ class StateLock:
                 log.error("%s", exc)
                 return
             except Exception as exc:  # transient storage error: try again next beat
-                log.warning("re-screen lock refresh failed: %s", exc)
+                log.warning("lock refresh of %s failed: %s", self.lock_uri, exc)
 
     def release(self) -> None:
-        """Stop refreshing and delete the lock if this owner still holds it."""
+        """Stop refreshing and delete the lock if this owner still holds it. Storage errors
+        are logged, not raised (release runs while another error may be propagating; an
+        undeleted lock expires after ``ttl_s``, or at once for a dead process on this host)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
-        if _is_s3(self.uri):
-            if self._etag is not None:
-                s3_delete(self.lock_uri, if_match=self._etag)
-            self._etag = None
-            return
-        held = self.read()
-        if held is not None and held.get("owner") == self.owner:
-            try:
+        try:
+            if _is_s3(self.uri):
+                if self._etag is not None:
+                    s3_delete(self.lock_uri, if_match=self._etag)
+                self._etag = None
+                return
+            held = self.read()
+            if held is not None and held.get("owner") == self.owner:
                 os.unlink(_local_path(self.lock_uri))
-            except FileNotFoundError:
-                pass
+        except FileNotFoundError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - storage unreachable: keep the original error
+            log.warning("could not release lock %s (%s); it expires after its ttl (%.0f s) or "
+                        "when this process has exited", self.lock_uri, exc, self.ttl_s)
 
-    def __enter__(self) -> StateLock:
+    def __enter__(self) -> Self:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+@dataclass(kw_only=True)
+class StateLock(ExpiringLock):
+    """The re-screen lock ``STATE/LOCK`` of the state directory ``uri``; raises
+    :class:`RescreenBusy` while another re-screen holds it."""
+
+    @property
+    def lock_uri(self) -> str:
+        """URI of the lock object."""
+        return f"{self.uri.rstrip('/')}/{LOCK}"
+
+    def busy_error(self, held: dict[str, Any] | None) -> Exception:
+        held = held or {}
+        return RescreenBusy(f"another re-screen is running: lock {self.lock_uri} is held by "
+                            f"{held.get('owner', '?')} until {held.get('expires_at_iso', '?')} "
+                            "(UTC); wait for it to finish, or remove the lock if that run is "
+                            "certainly dead")

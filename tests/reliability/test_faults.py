@@ -237,7 +237,7 @@ def test_s3_unreachable_mid_write_then_resume(env: Env, model: str, references: 
         held = runs.read_json(runs.RunPaths(dest=out, run_id=run_id).lock)
         if held is not None:  # release failed during the outage (docs/reliability.md, bug 2)
             print(f"S3 outage: lock left behind by {held['owner']}; waiting for it to expire")
-            time.sleep(max(0.0, float(held["expires"]) - time.time() + 1.0))
+            time.sleep(max(0.0, float(held["expires_at"]) - time.time() + 1.0))
         summary = run(_config(env, model, references, out, run_id, resume=True))
         # How much the resume can skip depends on which write the outage hit (a results object
         # may or may not have been committed); what matters is the final output below.
