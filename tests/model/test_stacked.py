@@ -136,3 +136,17 @@ def test_ensemble_load_rejects_unknown_precision(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="precision"):
         Ensemble(backbone=chgnet(), members=[], normalizer=Normalizer(mean=0.0, std=1.0),
                  manifest={}, uri="-", files={}, precision="half")
+
+
+def test_predict_graphs_chunks_equal_one_call_on_trunk_features(tiny_mace: MaceBackbone) -> None:
+    """The notebook entry point (graphs -> prediction, chunked) equals trunk + predict_feats."""
+    structures = small_cathode_structures()
+    graphs = [tiny_mace.build_graph(s) for s in structures]
+    ens = _ensemble(tiny_mace)
+    ens.stack_members = False
+    th = _thermo(len(structures))
+    chunked = ens.predict_graphs(graphs, th, batch_size=2)
+    whole = ens.predict_feats(tiny_mace.trunk(graphs), th)
+    assert chunked.q50.shape == (3, len(structures))
+    for k in ("q10", "q50", "q90", "p_stable"):
+        np.testing.assert_allclose(getattr(chunked, k), getattr(whole, k), atol=1e-5)
