@@ -1,7 +1,8 @@
 """Benchmark screening: structures/s end to end and per stage, 1 vs 2 inference actors, peak RSS.
 
     PYTHONPATH=. python scripts/bench_screen.py --model MODEL_DIR --references snapshot:PATH \
-        [--library demo|PATH ...] [--n 1000] [--actors 1 2] [--gpu-actors 0] [--precision float32]
+        [--library demo|PATH ...] [--n 1000] [--actors 1 2 | --cores 1 2] [--gpu-actors 0] \
+        [--precision float32] [--object-store-mb 512] [--trace DIR]
 
 - ``--library demo`` (default) screens ``--n`` generated demo structures (built in memory);
   give one or more library paths (e.g. shards of ``cathode-ray library generate``) to screen
@@ -10,23 +11,30 @@
 - ``--model tiny-mace`` trains a 2-member ensemble on a random-weight tiny MACE backbone first
   (about a minute): inference is then cheap, so the run measures the pipeline itself
   (reading, validation, graph building, batching, writing) and its memory at scale.
+- ``--cores 1 2`` measures parallel efficiency: each run pins the whole screen (driver and every
+  Ray process) to that many cores with one graph actor and one inference actor per core, so
+  2 cores should screen twice as fast as 1.
 
 Each configuration runs on a fresh private local Ray and reports wall time, structures/s, busy
 seconds per stage, the inference stage's own rate (results / busy inference seconds per actor)
 and the end-to-end rate as a share of it, and peak memory of the driver + Ray processes (sampled
-every 0.5 s): RSS, and PSS, which counts shared pages (object store, forked workers) once, with
-PSS per process at its peak. Ratios are only fair between rows of one run.
+every 0.5 s): RSS, and PSS, which counts shared pages (forked workers) once, with PSS per process
+at its peak, and the peak use of /dev/shm, where Ray's object store keeps the queued blocks.
+Ratios are only fair between rows of one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from cathode_ray.screen.pipeline import ScreenConfig
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -48,15 +56,19 @@ def _label(p: Any) -> str:
     return title.split(" ")[0][:40] if title.startswith("ray::") else p.name()[:20]
 
 
-def _memory_sampler(stop: threading.Event, peak: dict[str, Any]) -> None:
+def _memory_sampler(stop: threading.Event, peak: dict[str, Any], trace: Path | None = None) -> None:
     """Every 0.5 s: total RSS and PSS of this process tree; keeps the peaks and, at the PSS peak,
     PSS per process label. PSS counts pages shared between processes (Ray's object store, forked
-    workers) once, so it is the machine's real memory use; RSS double-counts them."""
+    workers) once, so it is the machine's real memory use; RSS double-counts them. With ``trace``,
+    every sample's per-process PSS and USS (private pages) are appended to that CSV."""
     psutil = _psutil()
     me = psutil.Process()
+    t0 = time.perf_counter()
+    out = trace.open("a") if trace is not None else None
     while not stop.wait(0.5):
         rss = pss = 0
         by_label: dict[str, int] = {}
+        now = time.perf_counter() - t0
         for p in [me, *me.children(recursive=True)]:
             try:
                 info = p.memory_full_info()
@@ -66,9 +78,15 @@ def _memory_sampler(stop: threading.Event, peak: dict[str, Any]) -> None:
             pss += info.pss
             label = _label(p)
             by_label[label] = by_label.get(label, 0) + info.pss
+            if out is not None:
+                out.write(f"{now:.1f},{p.pid},{label},{info.pss},{info.uss}\n")
         peak["rss"] = max(peak.get("rss", 0), rss)
+        # Ray's object store lives in /dev/shm: queued blocks are memory too
+        peak["shm"] = max(peak.get("shm", 0), psutil.disk_usage("/dev/shm").used)
         if pss > peak.get("pss", 0):
             peak["pss"], peak["by_label"] = pss, by_label
+    if out is not None:
+        out.close()
 
 
 def tiny_mace_model(workdir: Path, references: str) -> str:
@@ -84,34 +102,50 @@ def tiny_mace_model(workdir: Path, references: str) -> str:
 
 
 def bench(*, model: str, references: str, library: str, n: int, actors: int, gpu_actors: int,
-          out: str, cpus: int, precision: str, stack_members: bool) -> dict[str, Any]:
-    """One configuration on a fresh local Ray; returns the figures."""
+          out: str, cpus: int, precision: str, stack_members: bool, object_store_mb: float | None,
+          cores: int | None = None, trace: Path | None = None) -> dict[str, Any]:
+    """One configuration on a fresh local Ray; returns the figures.
+
+    ``cores``: pin the driver, and so every Ray process it starts, to the first ``cores`` CPU
+    cores, with ``cores`` graph actors and ``cores`` inference actors and ``2 * cores`` logical
+    CPUs (a worker = one core's share of every stage). ``trace``: per-process memory samples CSV
+    (``seconds,pid,process,pss_bytes,uss_bytes``).
+    """
     import ray
 
     from cathode_ray.screen.pipeline import ScreenConfig, run
 
+    graph_actors = 1
+    all_cores = os.sched_getaffinity(0)
+    if cores is not None:
+        os.sched_setaffinity(0, sorted(all_cores)[:cores])
+        cpus, actors, graph_actors = 2 * cores, cores, cores
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     stop, peak = threading.Event(), {}
-    sampler = threading.Thread(target=_memory_sampler, args=(stop, peak), daemon=True)
+    sampler = threading.Thread(target=_memory_sampler, args=(stop, peak, trace), daemon=True)
     sampler.start()
     try:
         t0 = time.perf_counter()
-        # on a small box each CPU actor reserves a fraction so that graph + validate still fit
-        per_actor = min(1.0, (cpus - 0.75) / actors)
+        # each CPU inference actor reserves what graph actors (0.5 each) and light tasks leave
+        per_actor = min(1.0, (cpus - 0.5 * graph_actors - 0.25) / actors)
         s = run(ScreenConfig(library=library, demo_size=n, model=model, out=out,
                              references=references, run_id=f"bench-a{actors}-g{gpu_actors}-{int(t0)}",
                              cpu_actors=actors, cpus_per_actor=per_actor, gpu_actors=gpu_actors,
+                             graph_actors=graph_actors, object_store_mb=object_store_mb,
                              precision=precision, stack_members=stack_members, verbose=True))
         wall = time.perf_counter() - t0
     finally:
         stop.set()
+        sampler.join()
         ray.shutdown()
+        os.sched_setaffinity(0, all_cores)
     pool = gpu_actors or actors
     infer_rate = s.n_results / max(s.stage_seconds["infer"], 1e-9) * pool
-    return {"actors": pool, "n": s.n_inputs, "wall_s": wall, "structures_per_s": s.n_inputs / wall,
-            "results": s.n_results, "rejects": s.n_rejects, "stage_s": s.stage_seconds,
-            "infer_rate": infer_rate, "peak_rss_gb": peak.get("rss", 0) / 1e9,
-            "peak_pss_gb": peak.get("pss", 0) / 1e9,
+    return {"library": library, "cores": cores, "actors": pool, "n": s.n_inputs, "wall_s": wall,
+            "structures_per_s": s.n_inputs / wall, "results": s.n_results, "rejects": s.n_rejects,
+            "stage_s": s.stage_seconds, "infer_rate": infer_rate,
+            "peak_rss_gb": peak.get("rss", 0) / 1e9, "peak_pss_gb": peak.get("pss", 0) / 1e9,
+            "peak_shm_gb": peak.get("shm", 0) / 1e9,
             "pss_by_process_gb": {k: v / 1e9 for k, v in sorted(peak.get("by_label", {}).items(),
                                                                key=lambda kv: -kv[1])}}
 
@@ -123,36 +157,61 @@ def main() -> None:
     ap.add_argument("--library", nargs="+", default=["demo"], help="'demo' or library paths, one run each")
     ap.add_argument("--n", type=int, default=1000, help="structures of the demo library")
     ap.add_argument("--actors", type=int, nargs="+", default=[1, 2], help="CPU inference actors")
+    ap.add_argument("--cores", type=int, nargs="+", default=None,
+                    help="scaling runs: the whole screen pinned to N cores, N graph + N inference "
+                         "actors (replaces --actors and --cpus); prints parallel efficiency")
     ap.add_argument("--gpu-actors", type=int, default=0, help="GPU inference actors (replaces --actors)")
-    ap.add_argument("--cpus", type=int, default=_psutil().cpu_count() or 2)
+    ap.add_argument("--cpus", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--precision", default="float32")
     ap.add_argument("--stack-members", action="store_true")
+    ap.add_argument("--object-store-mb", type=float, default=ScreenConfig.object_store_mb,
+                    help="object-store budget of the queued blocks (0: Ray Data's default)")
     ap.add_argument("--out", default=None, help="DEST (default: a temporary directory)")
+    ap.add_argument("--trace", type=Path, default=None,
+                    help="folder for per-process memory samples, one CSV per configuration")
     args = ap.parse_args()
     out = args.out or tempfile.mkdtemp(prefix="bench_screen_")
+    if args.trace is not None:
+        args.trace.mkdir(parents=True, exist_ok=True)
     model = args.model
     if model == "tiny-mace":
         t0 = time.perf_counter()
         model = tiny_mace_model(Path(tempfile.mkdtemp(prefix="tiny_mace_")), args.references)
         print(f"tiny MACE ensemble built in {time.perf_counter() - t0:.0f} s: {model}", flush=True)
-    actors = [args.gpu_actors] if args.gpu_actors else args.actors
+    if args.cores:
+        configs = [(lib, c, c) for lib in args.library for c in args.cores]
+    else:
+        configs = [(lib, a, None) for lib in args.library
+                   for a in ([args.gpu_actors] if args.gpu_actors else args.actors)]
     rows = [bench(model=model, references=args.references, library=lib, n=args.n, actors=a,
                   gpu_actors=args.gpu_actors, out=out, cpus=args.cpus, precision=args.precision,
-                  stack_members=args.stack_members)
-            for lib in args.library for a in actors]
+                  stack_members=args.stack_members, object_store_mb=args.object_store_mb or None,
+                  cores=c, trace=None if args.trace is None
+                  else args.trace / f"memory-{i}-{Path(lib).name}-a{a}-c{c}.csv")
+            for i, (lib, a, c) in enumerate(configs)]
+    if args.trace is not None:
+        print(f"memory samples: {args.trace}/memory-*.csv")
     print(f"\nmodel={args.model} precision={args.precision} stacked={args.stack_members} "
-          f"cpus={args.cpus}")
-    print(f"{'actors':>6} {'inputs':>7} {'wall s':>8} {'struct/s':>9} {'infer/s':>8} {'e2e/infer':>9} "
-          f"{'peak RSS GB':>12} {'peak PSS GB':>12}  busy s per stage (validate/graph/infer/calibrate)  library")
-    for r, (lib, _) in zip(rows, [(lib, a) for lib in args.library for a in actors], strict=True):
+          f"cpus={'2 x cores' if args.cores else args.cpus} object_store_mb={args.object_store_mb}")
+    print(f"{'cores':>5} {'actors':>6} {'inputs':>7} {'wall s':>8} {'struct/s':>9} {'infer/s':>8} "
+          f"{'e2e/infer':>9} {'peak RSS GB':>12} {'peak PSS GB':>12} {'shm GB':>7}  busy s per stage "
+          "(validate/graph/infer/calibrate)  library")
+    for r in rows:
         st = r["stage_s"]
-        print(f"{r['actors']:>6} {r['n']:>7} {r['wall_s']:>8.1f} {r['structures_per_s']:>9.2f} "
-              f"{r['infer_rate']:>8.2f} {r['structures_per_s'] / r['infer_rate']:>9.2f} "
-              f"{r['peak_rss_gb']:>12.2f} {r['peak_pss_gb']:>12.2f}  {st['validate']:.1f}/{st['graph']:.1f}/"
-              f"{st['infer']:.1f}/{st['calibrate']:.1f}  {lib}")
-    for r, lib in zip(rows, [lib for lib in args.library for _ in actors], strict=True):
+        print(f"{r['cores'] or 'all':>5} {r['actors']:>6} {r['n']:>7} {r['wall_s']:>8.1f} "
+              f"{r['structures_per_s']:>9.2f} {r['infer_rate']:>8.2f} "
+              f"{r['structures_per_s'] / r['infer_rate']:>9.2f} {r['peak_rss_gb']:>12.2f} "
+              f"{r['peak_pss_gb']:>12.2f} {r['peak_shm_gb']:>7.2f}  {st['validate']:.1f}/{st['graph']:.1f}/"
+              f"{st['infer']:.1f}/{st['calibrate']:.1f}  {r['library']}")
+    for r in rows:
         parts = ", ".join(f"{k} {v:.2f}" for k, v in r["pss_by_process_gb"].items() if v >= 0.05)
-        print(f"  PSS at peak by process (GB), {r['n']} inputs from {lib}: {parts}")
+        print(f"  PSS at peak by process (GB), {r['n']} inputs from {r['library']}: {parts}")
+    if args.cores and len(rows) > 1:
+        base = rows[0]
+        for r in rows[1:]:
+            speedup = r["structures_per_s"] / base["structures_per_s"]
+            print(f"parallel efficiency {base['cores']} -> {r['cores']} cores: speed-up {speedup:.2f}x, "
+                  f"efficiency {speedup * base['cores'] / r['cores']:.2f}")
 
 
 if __name__ == "__main__":
