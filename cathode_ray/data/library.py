@@ -214,13 +214,6 @@ def _labels(item: dict[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- reading
-def _resolve(path: str, fs: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
-    if fs is None:
-        return filesystem_for(path)
-    parsed = urlparse(path)
-    return fs, (f"{parsed.netloc}{parsed.path}" if parsed.scheme == "s3" else path)
-
-
 def read_library_file(path: str, fs: pafs.FileSystem | None = None, *,
                       rows: tuple[int, int] | None = None) -> Iterator[dict[str, Any]]:
     """Yield raw rows for every structure in one library file; never raises on bad content.
@@ -230,7 +223,11 @@ def read_library_file(path: str, fs: pafs.FileSystem | None = None, *,
     reads only rows ``start <= index < stop`` of a Parquet file, so that one large file can be
     read by several tasks; ids and indices stay those of the whole file.
     """
-    fs, fs_path = _resolve(path, fs)
+    if fs is None:
+        fs, fs_path = filesystem_for(path)
+    else:
+        parsed = urlparse(path)
+        fs_path = f"{parsed.netloc}{parsed.path}" if parsed.scheme == "s3" else path
     name = file_label(fs_path)
     fmt = library_format(fs_path)
     if fmt is None:
@@ -378,12 +375,6 @@ def _read_jsonl(fs: pafs.FileSystem, fs_path: str, source: str, name: str) -> It
         index += 1
 
 
-def _payload_column(columns: set[str]) -> tuple[str | None, str]:
-    """(structure column, raw-row fmt) of a Parquet library file; (None, "") if it has none."""
-    return next(((c, f) for c, f in (("structure_json", "pymatgen_json"), ("cif", "cif"),
-                                     ("structure", "pymatgen_json")) if c in columns), (None, ""))
-
-
 def _read_parquet(fs: pafs.FileSystem, fs_path: str, source: str, name: str, *,
                   rows: tuple[int, int] | None = None) -> Iterator[dict]:
     if fs_path.lower().endswith(".gz"):
@@ -391,7 +382,11 @@ def _read_parquet(fs: pafs.FileSystem, fs_path: str, source: str, name: str, *,
     else:
         pfile = pq.ParquetFile(fs.open_input_file(fs_path))
     columns = set(pfile.schema_arrow.names)
-    payload_col, fmt = _payload_column(columns)
+    payload_col, fmt = next(
+        ((c, f) for c, f in (("structure_json", "pymatgen_json"), ("cif", "cif"),
+                             ("structure", "pymatgen_json")) if c in columns),
+        (None, ""),
+    )
     if payload_col is None:
         yield error_row(name, source, RejectCode.UNREADABLE_FILE,
                         f"{source}: Parquet has no 'cif' or 'structure_json' column (columns: "

@@ -108,16 +108,14 @@ def read_file_chunks(items: pd.DataFrame, chunk_rows: int = READ_CHUNK_ROWS) -> 
 
 
 def read_file_ids(item: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Flat-map: ``{"structure_id", "order", "file_index"}`` of every raw row of one file
-    (index pass)."""
-    fi = int(item["file_index"])
-    return [{"structure_id": r["structure_id"], "order": r["order"], "file_index": fi}
-            for r in iter_file_rows(item)]
+    """Flat-map: ``{"structure_id", "order"}`` of every raw row of one file (index pass)."""
+    return [{"structure_id": r["structure_id"], "order": r["order"]} for r in iter_file_rows(item)]
 
 
 def count_rows_per_file(ids: pd.DataFrame) -> pd.DataFrame:
-    """``map_batches`` over index-pass rows: ``{"file_index", "rows"}`` per file in the batch."""
-    counts = ids.groupby("file_index").size()
+    """``map_batches`` over index-pass rows: ``{"file_index", "rows"}`` per file in the batch
+    (the file index is the high part of ``order``, see :func:`order_key`)."""
+    counts = pd.Series(ids["order"].to_numpy(np.int64) >> ORDER_SHIFT).value_counts().sort_index()
     return pd.DataFrame({"file_index": counts.index.to_numpy(np.int64),
                          "rows": counts.to_numpy(np.int64)})
 
