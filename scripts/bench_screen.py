@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python scripts/bench_screen.py --model MODEL_DIR --references snapshot:PATH \
         [--library demo|PATH ...] [--n 1000] [--actors 1 2 | --cores 1 2] [--gpu-actors 0] \
-        [--precision float32] [--object-store-mb 512] [--trace DIR]
+        [--precision float32] [--object-store-mb 128] [--trace DIR]
 
 - ``--library demo`` (default) screens ``--n`` generated demo structures (built in memory);
   give one or more library paths (e.g. shards of ``cathode-ray library generate``) to screen
@@ -107,8 +107,8 @@ def bench(*, model: str, references: str, library: str, n: int, actors: int, gpu
     """One configuration on a fresh local Ray; returns the figures.
 
     ``cores``: pin the driver, and so every Ray process it starts, to the first ``cores`` CPU
-    cores, with ``cores`` graph actors and ``cores`` inference actors and ``2 * cores`` logical
-    CPUs (a worker = one core's share of every stage). ``trace``: per-process memory samples CSV
+    cores, with ``cores`` read/validate tasks, graph actors and inference actors and ``2 * cores``
+    logical CPUs (a worker = one core's share of every stage). ``trace``: per-process memory samples CSV
     (``seconds,pid,process,pss_bytes,uss_bytes``).
     """
     import ray
@@ -131,7 +131,8 @@ def bench(*, model: str, references: str, library: str, n: int, actors: int, gpu
         s = run(ScreenConfig(library=library, demo_size=n, model=model, out=out,
                              references=references, run_id=f"bench-a{actors}-g{gpu_actors}-{int(t0)}",
                              cpu_actors=actors, cpus_per_actor=per_actor, gpu_actors=gpu_actors,
-                             graph_actors=graph_actors, object_store_mb=object_store_mb,
+                             graph_actors=graph_actors, light_tasks=graph_actors,
+                             object_store_mb=object_store_mb,
                              precision=precision, stack_members=stack_members, verbose=True))
         wall = time.perf_counter() - t0
     finally:

@@ -127,7 +127,7 @@ class Ensemble:
         th = thermo.to(device)
         try:
             return precision_deviation(lambda p: self.member_outputs(batch, th, p), precision)
-        except Exception as exc:  # noqa: BLE001 - e.g. e3nn contractions under bf16 autocast
+        except Exception as exc:  # noqa: BLE001 - ops without a kernel for that dtype
             log.warning("%s inference is not supported by backbone %s (%s: %s)", precision,
                         self.backbone.name, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             return float("inf")

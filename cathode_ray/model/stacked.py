@@ -11,6 +11,8 @@ rounding (tested).
 - ``float32``: as trained;
 - ``tf32``: TF32 matmuls and convolutions on CUDA (no effect on CPU);
 - ``bf16``: ``torch.autocast`` to bfloat16 (CPU and CUDA). Energy sums stay in float64/float32.
+  A backbone whose ops mix dtypes under autocast casts its last block's weights instead (MACE:
+  e3nn contractions; see ``backbones.mace``).
 
 :func:`precision_deviation` measures how far a precision moves predictions against float32 on a
 batch; the screen checks it on its first batch and falls back to float32 above the bound.

@@ -5,7 +5,7 @@
     -> ensemble + calibration/OOD/triage (actor pool; GPU or CPU) -> results + rejects Parquet
 
 Memory is bounded, not proportional to the library: reads are small tasks, blocks are at most
-16 MiB, and the blocks queued between stages share an object-store budget (``object_store_mb``).
+4 MiB, and the blocks queued between stages share an object-store budget (``object_store_mb``).
 
 De-duplication is a separate *index pass* over ids only: every file is read once more for its
 structure ids (no parsing), a Ray Data ``groupby(structure_id).count()`` finds the repeated ids,
@@ -36,10 +36,11 @@ log = logging.getLogger(__name__)
 
 _BATCH_ROWS = 32  # rows per map_batches call (graphs / inference sub-batch by edges inside)
 #: Largest block a stage emits. Ray Data's 128 MiB default lets one graph-stage task build ~1,000
-#: graphs before handing them on; 16 MiB blocks kept the actors' memory a third lower and the
-#: screen faster (docs/performance.md).
-_MAX_BLOCK_BYTES = 16 << 20
-#: Logical CPUs of the light task stages (read, validate, write). Ray Data starts the actor pools
+#: graphs before handing them on (16 MiB kept the actors' memory a third lower). 4 MiB blocks fit
+#: Ray Data's per-stage share of a 128 MB budget, so reads can no longer run far ahead of graph
+#: building and the object store's pages stop growing with the library (docs/performance.md).
+_MAX_BLOCK_BYTES = 4 << 20
+#: Logical CPUs of the light task stages (read, validate). Ray Data starts the actor pools
 #: eagerly; tasks that ask for a whole CPU next to them can starve forever on small machines.
 _LIGHT_CPUS = 0.25
 
@@ -66,15 +67,17 @@ class ScreenConfig:
         cpus_per_actor: logical CPUs each CPU inference actor reserves.
         graph_actors: most graph-building CPU actors.
         light_tasks: most concurrent read and validate tasks. Each runs in its own worker process
-            (pymatgen loaded, ~0.3-0.6 GB), so this bounds the screen's memory: unbounded, Ray
+            (pymatgen loaded, ~0.25-0.4 GB), so this bounds the screen's memory: unbounded, Ray
             starts as many as fit in the free CPU fractions and peak memory grows with the run.
-            One validate task handles ~300 structures/s; raise it on large GPU nodes.
+            One validate task handles ~300 structures/s, faster than one graph actor (CHGNet
+            ~50/s, MACE ~170/s with hull inputs): raise it with ``graph_actors`` on large nodes.
         max_edges_per_batch: edge budget of one inference sub-batch (directed graph edges).
         object_store_mb: object-store memory (MB) that blocks queued between the stages may use
             (Ray Data backpressure). It bounds the screen's memory whatever the library size;
             ``None`` leaves Ray Data's default, a share of the node's object store. Ray Data
-            reserves a share per stage: at 128 MB a 16 MiB graph block no longer fitted and the
-            screen crawled (docs/performance.md), so keep it >= 512 MB.
+            reserves a share per stage (budget / 8 for each stage's outputs), which must hold a
+            few 4 MiB blocks: below ~64 MB the screen crawls. Raise it on GPU nodes, where more
+            graph blocks are in flight per second (docs/performance.md).
         precision: inference precision of the last block(s): ``float32``, ``tf32`` (CUDA
             matmuls) or ``bf16`` (autocast). A reduced precision is checked against float32 on
             each actor's first sub-batch; above ``seedcard.PRECISION_MAX_DEVIATION`` (1 meV/atom)
@@ -100,9 +103,9 @@ class ScreenConfig:
     cpu_actors: int = 1
     cpus_per_actor: float = 1.0
     graph_actors: int = 1
-    light_tasks: int = 2
+    light_tasks: int = 1
     max_edges_per_batch: int = 50_000
-    object_store_mb: float | None = 512.0
+    object_store_mb: float | None = 128.0
     precision: str = "float32"
     stack_members: bool = False
     demo_size: int = 2000
@@ -398,16 +401,17 @@ def _run_locked(config: ScreenConfig, paths: runs.RunPaths) -> ScreenSummary:
     t_index = time.perf_counter()
     done = frozenset(runs.done_keys(paths)) if config.resume else frozenset()
     ds = build_dataset(config, source, run_id=paths.run_id, index=index, done=done)
-    sink = stages.ScreenSink(results_uri=paths.results, rejects_uri=paths.rejects,
-                             run_id=paths.run_id, min_rows=config.min_rows_per_file)
-    ds.write_datasink(sink, ray_remote_args={"num_cpus": _LIGHT_CPUS})
+    writer = stages.ScreenWriter(results_uri=paths.results, rejects_uri=paths.rejects,
+                                 run_id=paths.run_id)
+    for batch in ds.iter_batches(batch_size=config.min_rows_per_file, batch_format="pandas"):
+        writer.write(batch)
     t_write = time.perf_counter()
     out = runs.output_stats(paths)
     seconds = t_write - t0
-    processed = int(sink.stats.get("rows", 0))
+    processed = int(writer.stats.get("rows", 0))
     stage_seconds = {"list_library": t_plan - t0, "index_ids": t_index - t_plan,
                      "pipeline_wall": t_write - t_index}
-    stage_seconds |= {s.removeprefix("t_"): float(sink.stats.get(s, 0.0))
+    stage_seconds |= {s.removeprefix("t_"): float(writer.stats.get(s, 0.0))
                       for s in stages.STAGE_TIMES}
     ok = (out["n_results"] + out["n_rejects"] == n_inputs and not out["duplicate_inputs"]
           and not out["duplicate_result_ids"])

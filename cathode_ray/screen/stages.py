@@ -1,5 +1,5 @@
 """Per-batch stages of the screening pipeline: pure functions and callable classes over pandas
-batches, plus the two-way Parquet datasink. Nothing here starts Ray; :mod:`.pipeline` wires them.
+batches, plus the two-way Parquet writer. Nothing here starts Ray; :mod:`.pipeline` wires them.
 
 Row flow (one row per input occurrence; ``kind`` says what it is)::
 
@@ -7,12 +7,12 @@ Row flow (one row per input occurrence; ``kind`` says what it is)::
       -> ValidateStage       kind = valid | reject  (+ formula, chemsys, nsites, structure_json)
       -> GraphStage          valid rows get graph, n_edges, hull inputs, soap_cluster, composition
       -> InferenceStage      valid rows become results (RESULT_COLUMNS) or inference_failed rejects
-      -> ScreenSink          results -> DEST/results/run_id=RUN/, rejects -> DEST/rejects/run_id=RUN/
+      -> ScreenWriter        results -> DEST/results/run_id=RUN/, rejects -> DEST/rejects/run_id=RUN/
 
 ``order`` is a deterministic input position (file index << 32 | row index in the file) used for
 "first occurrence wins" de-duplication; ``occurrence`` is 0 for the first input with an id and k
 for its k-th later duplicate, so (structure_id, occurrence) addresses every input (resume key).
-Per-row ``t_<stage>`` columns carry each batch's wall time split over its rows; the sink sums them
+Per-row ``t_<stage>`` columns carry each batch's wall time split over its rows; the writer sums them
 into busy seconds per stage and drops them.
 """
 
@@ -32,7 +32,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from ray.data import Datasink
 
 from cathode_ray.data.library import LIBRARY_ROW_GROUP_ROWS, library_format, read_library_file
 from cathode_ray.data.records import RejectCode
@@ -510,51 +509,36 @@ def _write_parquet(table: pa.Table, fs: pafs.FileSystem, path: str) -> None:
     pq.write_table(table, path, filesystem=fs, compression="zstd")
 
 
-class ScreenSink(Datasink):
-    """Two-way Parquet sink: result rows to ``results_uri``, rejects to ``rejects_uri``.
+class ScreenWriter:
+    """Two-way Parquet writer: result rows to ``results_uri``, rejects to ``rejects_uri``.
 
-    Each write task gets at least ``min_rows_per_write`` rows (sensible file sizes) and writes at
-    most one results file and one rejects file named ``part-<attempt>-<task>.parquet``; a retried
-    task overwrites its own files (idempotent). ``stats`` holds the summed per-task statistics
-    after ``write_datasink`` returns (counts and busy seconds per stage).
+    The driver feeds it the pipeline's output in batches of ``min_rows_per_file`` rows (sensible
+    file sizes); each batch becomes at most one results file and one rejects file named
+    ``part-<attempt>-<seq>.parquet``. Writing where the output is consumed needs no write-task
+    process (~0.2 GB each, started per file by a ``Datasink``; docs/performance.md). ``stats``
+    sums the per-batch statistics (rows, results, rejects, busy seconds per stage).
     """
 
     def __init__(self, *, results_uri: str, rejects_uri: str, run_id: str,
-                 min_rows: int = 20_000, attempt: str | None = None) -> None:
-        # filesystems resolved on the driver (S3 endpoint/region from its environment) and
-        # pickled to the write tasks, so workers need no AWS_* variables of their own
+                 attempt: str | None = None) -> None:
         self.results_fs, self.results_path = filesystem_for(results_uri)
         self.rejects_fs, self.rejects_path = filesystem_for(rejects_uri)
         self.run_id = run_id
-        self.min_rows = min_rows
         self.attempt = attempt or uuid.uuid4().hex[:12]
-        self.stats: dict[str, Any] = {}
+        self.files = 0
+        self.stats: dict[str, Any] = {"rows": 0, "results": 0, "rejects": 0}
 
-    @property
-    def min_rows_per_write(self) -> int:
-        return self.min_rows
-
-    def get_name(self) -> str:
-        return "ScreenParquet"
-
-    def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, Any]:
-        frames = [b.to_pandas() if isinstance(b, pa.Table) else b for b in blocks]
-        frames = [f for f in frames if len(f)]
-        if not frames:
-            return {"rows": 0, "results": 0, "rejects": 0}
-        df = pd.concat(frames, ignore_index=True)
+    def write(self, df: pd.DataFrame) -> None:
+        """Write one batch of final rows (results and rejects mixed)."""
+        if not len(df):
+            return
         res, rej, stats = split_output(df, run_id=self.run_id)
-        name = f"part-{self.attempt}-{ctx.task_idx:06d}.parquet"
+        name = f"part-{self.attempt}-{self.files:06d}.parquet"
         if res.num_rows:
             _write_parquet(res, self.results_fs, f"{self.results_path}/{name}")
         if rej.num_rows:
             _write_parquet(rej, self.rejects_fs, f"{self.rejects_path}/{name}")
+        self.files += 1
         stats.update(results=res.num_rows, rejects=rej.num_rows)
-        return stats
-
-    def on_write_complete(self, write_result: Any) -> None:
-        total: dict[str, Any] = {}
-        for part in getattr(write_result, "write_returns", []) or []:
-            for k, v in (part or {}).items():
-                total[k] = total.get(k, 0) + v
-        self.stats = total
+        for k, v in stats.items():
+            self.stats[k] = self.stats.get(k, 0) + v

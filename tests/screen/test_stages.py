@@ -15,6 +15,7 @@ from cathode_ray.screen import runs
 from cathode_ray.screen.pipeline import ScreenConfig
 from cathode_ray.screen.schema import RESULT_SCHEMA, SCREEN_REJECT_SCHEMA, SchemaError, conform
 from cathode_ray.screen.stages import (
+    ScreenWriter,
     ValidateStage,
     count_edges,
     count_rows_per_file,
@@ -110,6 +111,28 @@ def test_split_output_routes_rows() -> None:
     assert rejects.schema == SCREEN_REJECT_SCHEMA and rejects.num_rows == 1
     assert rejects.column("run_id").to_pylist() == ["r1"]
     assert stats["t_infer"] == 0.5 and stats["t_validate"] == 0.25 and stats["rows"] == 2
+
+
+def test_screen_writer_writes_one_file_pair_per_batch_and_sums_stats(tmp_path) -> None:
+    import pyarrow.parquet as pq
+
+    res = _result_row() | {"kind": "valid", "source": "x", "occurrence": 0, "t_infer": 0.5,
+                           "reason": None, "message": None}  # every pipeline batch has all columns
+    rej = {"structure_id": "s2", "source": "x", "kind": "reject", "occurrence": 0,
+           "reason": "invalid_structure", "message": "m", "t_validate": 0.25}
+    w = ScreenWriter(results_uri=str(tmp_path / "res"), rejects_uri=str(tmp_path / "rej"),
+                     run_id="r1", attempt="a")
+    w.write(pd.DataFrame([res, rej]))
+    w.write(pd.DataFrame([res | {"structure_id": "s3"}]))  # results only: no rejects file
+    w.write(pd.DataFrame())  # nothing to write, no file, no count
+    assert sorted(p.name for p in (tmp_path / "res").iterdir()) == [
+        "part-a-000000.parquet", "part-a-000001.parquet"]
+    assert [p.name for p in (tmp_path / "rej").iterdir()] == ["part-a-000000.parquet"]
+    assert pq.read_table(tmp_path / "res" / "part-a-000001.parquet").column(
+        "structure_id").to_pylist() == ["s3"]
+    assert pq.read_table(tmp_path / "rej" / "part-a-000000.parquet").schema == SCREEN_REJECT_SCHEMA
+    assert (w.stats["rows"], w.stats["results"], w.stats["rejects"]) == (3, 2, 1)
+    assert w.stats["t_infer"] == 1.0 and w.stats["t_validate"] == 0.25
 
 
 def test_run_lock_is_exclusive_and_released(tmp_path) -> None:

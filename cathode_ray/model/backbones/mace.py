@@ -301,6 +301,32 @@ def _interact(
     return product(node_feats=node_feats, sc=sc, node_attrs=node_attrs)
 
 
+def _autocast_low_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype of an autocast active on ``device`` (e.g. bfloat16), or None."""
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+def _in_dtype(module: nn.Module, dtype: torch.dtype) -> Any:
+    """``module`` callable with its weights and floating inputs cast to ``dtype``.
+
+    e3nn's contractions mix dtypes under ``torch.autocast`` (some operands are cast, some are
+    not), so a reduced precision for MACE casts whole modules instead: a cast copy of the
+    parameters and buffers per call (``torch.func.functional_call``), leaving the float32
+    weights that are trained and saved untouched. Works inside ``vmap`` (stacked members).
+    """
+
+    def call(**kwargs: Any) -> Any:
+        state = {k: v.to(dtype) if v.is_floating_point() else v
+                 for k, v in [*module.named_parameters(), *module.named_buffers()]}
+        kw = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+              for k, v in kwargs.items()}
+        return torch.func.functional_call(module, state, (), kw)
+
+    return call
+
+
 # --------------------------------------------------------------------------- last block
 
 
@@ -328,11 +354,16 @@ class MaceLastBlock(LastBlock):
         edge_index = batch["edge_index"]  # [2, E] batch-global (sender, receiver)
         node_heads = batch["node_heads"]  # [A]
         edge_attrs, edge_feats, cutoff = self.edge_embedding(batch["edge_vectors"], node_attrs, edge_index)
-        node_feats = _interact(
-            self.interaction, self.product, node_attrs=node_attrs, node_feats=batch["node_feats"],
-            edge_attrs=edge_attrs, edge_feats=edge_feats, edge_index=edge_index, cutoff=cutoff,
-            first_layer=self.first_layer,
-        )  # [A, last hidden irreps dim]
+        interaction, product = self.interaction, self.product
+        device = node_attrs.device
+        if (low := _autocast_low_dtype(device)) is not None:  # bf16: cast modules, not ops
+            interaction, product = _in_dtype(interaction, low), _in_dtype(product, low)
+        with torch.autocast(device_type=device.type, enabled=False):
+            node_feats = _interact(
+                interaction, product, node_attrs=node_attrs, node_feats=batch["node_feats"],
+                edge_attrs=edge_attrs, edge_feats=edge_feats, edge_index=edge_index, cutoff=cutoff,
+                first_layer=self.first_layer,
+            )  # [A, last hidden irreps dim], in the low dtype under a bf16 autocast
         arange = torch.arange(node_feats.shape[0], device=node_feats.device)
         with readout_precision(node_feats):  # the readout stays float32 under a bf16 autocast
             node_feats = node_feats.to(torch.promote_types(node_feats.dtype, torch.float32))
