@@ -10,7 +10,9 @@ import os
 from typing import Any
 from urllib.parse import urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 
 def s3_filesystem() -> pafs.S3FileSystem:
@@ -49,6 +51,27 @@ def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
     if parsed.scheme and len(parsed.scheme) > 1:  # not a Windows drive letter
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri)).rstrip("/") or "/"
+
+
+IN_PROGRESS_SUFFIX = ".in-progress"
+
+
+def write_parquet(table: pa.Table, fs: pafs.FileSystem, path: str) -> None:
+    """Write ``table`` to ``path`` so that no reader ever sees a partial file.
+
+    On a local filesystem the file is written as ``.<name>.in-progress`` beside ``path`` and then
+    renamed (atomic), so a process killed mid-write leaves only a hidden temporary that readers
+    skip (pyarrow and Ray ignore names starting with '.') and a resume deletes. An object store
+    (S3) makes the object visible only when its upload completes, so it is written in place.
+    """
+    parent, name = path.rsplit("/", 1)
+    fs.create_dir(parent, recursive=True)
+    if fs.type_name != "local":
+        pq.write_table(table, path, filesystem=fs, compression="zstd")
+        return
+    tmp = f"{parent}/.{name}{IN_PROGRESS_SUFFIX}"
+    pq.write_table(table, tmp, filesystem=fs, compression="zstd")
+    fs.move(tmp, path)
 
 
 def is_remote(uri: str) -> bool:

@@ -29,7 +29,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from cathode_ray.screen.state import ExpiringLock
-from cathode_ray.storage import filesystem_for, join
+from cathode_ray.storage import IN_PROGRESS_SUFFIX, filesystem_for, join
 
 log = logging.getLogger(__name__)
 
@@ -129,21 +129,27 @@ class RunLock(ExpiringLock):
 
 
 # --------------------------------------------------------------------------- resume state
-def _parquet_files(uri: str) -> tuple[pafs.FileSystem, list[str]]:
+def _parquet_files(uri: str, *, delete_in_progress: bool = False
+                   ) -> tuple[pafs.FileSystem, list[str]]:
     fs, path = filesystem_for(uri)
     selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
-    files = sorted(i.path for i in fs.get_file_info(selector)
-                   if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
-    return fs, files
+    paths = sorted(i.path for i in fs.get_file_info(selector) if i.type == pafs.FileType.File)
+    if delete_in_progress:
+        for p in paths:
+            if p.endswith(IN_PROGRESS_SUFFIX):
+                log.warning("deleting %s, left by an interrupted write", p)
+                fs.delete_file(p)
+    return fs, [p for p in paths if p.endswith(".parquet")]
 
 
 def read_columns(uri: str, columns: list[str], *, drop_corrupt: bool = False) -> dict[str, list]:
     """Columns of every Parquet file under ``uri`` (empty lists when there is none).
 
-    With ``drop_corrupt`` an unreadable file (an interrupted local write) is deleted, so that a
-    resume redoes its rows; otherwise it raises.
+    With ``drop_corrupt`` (a resume, which holds the run's lock) the temporaries of interrupted
+    writes and any unreadable file are deleted, so that their rows are redone; otherwise an
+    unreadable file raises.
     """
-    fs, files = _parquet_files(uri)
+    fs, files = _parquet_files(uri, delete_in_progress=drop_corrupt)
     out: dict[str, list] = {c: [] for c in columns}
     for path in files:
         try:

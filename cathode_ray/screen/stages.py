@@ -30,14 +30,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from cathode_ray.data.library import LIBRARY_ROW_GROUP_ROWS, library_format, read_library_file
 from cathode_ray.data.records import RejectCode
 from cathode_ray.data.validate import ValidationConfig, validate_row
 from cathode_ray.screen.schema import RESULT_SCHEMA, SCREEN_REJECT_SCHEMA, conform
-from cathode_ray.storage import filesystem_for
+from cathode_ray.storage import filesystem_for, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -504,11 +502,6 @@ def _to_arrow(df: pd.DataFrame, schema: pa.Schema) -> pa.Table:
     return pa.table(cols) if cols else pa.table({})
 
 
-def _write_parquet(table: pa.Table, fs: pafs.FileSystem, path: str) -> None:
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    pq.write_table(table, path, filesystem=fs, compression="zstd")
-
-
 class ScreenWriter:
     """Two-way Parquet writer: result rows to ``results_uri``, rejects to ``rejects_uri``.
 
@@ -535,9 +528,9 @@ class ScreenWriter:
         res, rej, stats = split_output(df, run_id=self.run_id)
         name = f"part-{self.attempt}-{self.files:06d}.parquet"
         if res.num_rows:
-            _write_parquet(res, self.results_fs, f"{self.results_path}/{name}")
+            write_parquet(res, self.results_fs, f"{self.results_path}/{name}")
         if rej.num_rows:
-            _write_parquet(rej, self.rejects_fs, f"{self.rejects_path}/{name}")
+            write_parquet(rej, self.rejects_fs, f"{self.rejects_path}/{name}")
         self.files += 1
         stats.update(results=res.num_rows, rejects=rej.num_rows)
         for k, v in stats.items():

@@ -1,0 +1,55 @@
+"""Unit tests for cathode_ray.storage: URIs to filesystems, and Parquet writes no reader sees half of."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from cathode_ray import storage
+from cathode_ray.screen import runs
+
+
+def test_filesystem_for_local_and_s3(tmp_path: Path) -> None:
+    fs, path = storage.filesystem_for(str(tmp_path / "out/"))
+    assert fs.type_name == "local" and path == str(tmp_path / "out")
+    fs, path = storage.filesystem_for("s3://bucket/a/b/")
+    assert fs.type_name == "s3" and path == "bucket/a/b"
+    assert storage.join("s3://bucket/", "/results/", "run_id=x") == "s3://bucket/results/run_id=x"
+
+
+def test_write_parquet_renames_a_complete_file(tmp_path: Path) -> None:
+    table = pa.table({"structure_id": ["a", "b"], "x": [1.0, 2.0]})
+    target = f"{tmp_path}/results/run_id=r/part-0.parquet"
+    storage.write_parquet(table, pafs.LocalFileSystem(), target)
+    assert pq.read_table(target).equals(table)
+    assert sorted(p.name for p in Path(target).parent.iterdir()) == ["part-0.parquet"]
+
+
+def test_write_killed_mid_file_leaves_no_parquet_and_resume_deletes_the_temporary(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    good = pa.table({"structure_id": ["a"]})
+    results = tmp_path / "results"
+    storage.write_parquet(good, pafs.LocalFileSystem(), f"{results}/part-0.parquet")
+
+    def dies_half_way(table: pa.Table, where: str, **kwargs: object) -> None:
+        Path(where).write_bytes(b"PAR1 half a file")  # what a killed writer leaves
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(storage.pq, "write_table", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        storage.write_parquet(pa.table({"structure_id": ["b"]}), pafs.LocalFileSystem(),
+                              f"{results}/part-1.parquet")
+    monkeypatch.undo()
+    names = sorted(p.name for p in results.iterdir())
+    assert names == [f".part-1.parquet{storage.IN_PROGRESS_SUFFIX}", "part-0.parquet"]
+    # a reader (and Ray's read_parquet) sees only the complete file
+    assert runs.read_columns(str(results), ["structure_id"]) == {"structure_id": ["a"]}
+    assert pq.read_table(str(results)).column("structure_id").to_pylist() == ["a"]
+    # a resume (drop_corrupt) removes the temporary so its rows are redone
+    assert runs.read_columns(str(results), ["structure_id"], drop_corrupt=True) == {
+        "structure_id": ["a"]}
+    assert sorted(p.name for p in results.iterdir()) == ["part-0.parquet"]
