@@ -15,7 +15,7 @@
   Ray process) to that many cores with one graph actor and one inference actor per core, so
   2 cores should screen twice as fast as 1.
 
-Each configuration runs on a fresh private local Ray and reports wall time, structures/s, busy
+Each configuration runs in a fresh Python process on a fresh private local Ray and reports wall time, structures/s, busy
 seconds per stage, the inference stage's own rate (results / busy inference seconds per actor)
 and the end-to-end rate as a share of it, and peak memory of the driver + Ray processes (sampled
 every 0.5 s): RSS, and PSS, which counts shared pages (forked workers) once, with PSS per process
@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import multiprocessing
 import os
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +153,18 @@ def bench(*, model: str, references: str, library: str, n: int, actors: int, gpu
                                                                key=lambda kv: -kv[1])}}
 
 
+def _in_fresh_process(fn: Any, **kwargs: Any) -> Any:
+    """``fn(**kwargs)`` in a new (spawned) Python process, as a user runs one screen per process.
+
+    One driver process for every configuration would carry the previous screens' memory (loaded
+    modules, allocator caches: +60 MB after a 10k screen) into the next one and bias the memory
+    comparison of the rows.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        return pool.submit(fn, **kwargs).result()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", required=True, help="model directory, or 'tiny-mace'")
@@ -184,12 +198,13 @@ def main() -> None:
     else:
         configs = [(lib, a, None) for lib in args.library
                    for a in ([args.gpu_actors] if args.gpu_actors else args.actors)]
-    rows = [bench(model=model, references=args.references, library=lib, n=args.n, actors=a,
-                  gpu_actors=args.gpu_actors, out=out, cpus=args.cpus, precision=args.precision,
-                  stack_members=args.stack_members, object_store_mb=args.object_store_mb or None,
-                  cores=c, trace=None if args.trace is None
-                  else args.trace / f"memory-{i}-{Path(lib).name}-a{a}-c{c}.csv")
-            for i, (lib, a, c) in enumerate(configs)]
+    rows = [_in_fresh_process(
+        bench, model=model, references=args.references, library=lib, n=args.n, actors=a,
+        gpu_actors=args.gpu_actors, out=out, cpus=args.cpus, precision=args.precision,
+        stack_members=args.stack_members, object_store_mb=args.object_store_mb or None,
+        cores=c, trace=None if args.trace is None
+        else args.trace / f"memory-{i}-{Path(lib).name}-a{a}-c{c}.csv")
+        for i, (lib, a, c) in enumerate(configs)]
     if args.trace is not None:
         print(f"memory samples: {args.trace}/memory-*.csv")
     print(f"\nmodel={args.model} precision={args.precision} stacked={args.stack_members} "
