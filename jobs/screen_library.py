@@ -26,7 +26,10 @@ def main(
     resume: bool = typer.Option(False, help="skip inputs already written for --run-id"),
     gpu_actors: int = typer.Option(0, help="inference actors with one GPU each"),
     cpu_actors: int = typer.Option(1, help="CPU inference actors (when no GPU actors)"),
-    max_edges_per_batch: int = typer.Option(50_000, help="edge budget per inference sub-batch"),
+    max_edges_per_batch: int | None = typer.Option(
+        None, help="edge budget per inference sub-batch (default: 50,000 CPU, 400,000 GPU)"),
+    inference_batch_rows: int | None = typer.Option(
+        None, help="rows per inference call (default: 32 CPU, 256 GPU)"),
     object_store_mb: float | None = typer.Option(
         None, help="object-store budget (MB) of queued blocks (default: ScreenConfig's)"),
     precision: str = typer.Option("float32", help="float32 | tf32 | bf16 (checked vs float32)"),
@@ -39,6 +42,7 @@ def main(
     run(ScreenConfig(library=library, model=model, out=out, references=references,
                      address=address, run_id=run_id, resume=resume, gpu_actors=gpu_actors,
                      cpu_actors=cpu_actors, max_edges_per_batch=max_edges_per_batch,
+                     inference_batch_rows=inference_batch_rows,
                      **({} if object_store_mb is None else {"object_store_mb": object_store_mb}),
                      precision=precision, stack_members=stack_members, demo_size=demo_size))
 

@@ -29,12 +29,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from cathode_ray import seedcard
 from cathode_ray.data.validate import ValidationConfig
 from cathode_ray.screen import runs, stages
 
 log = logging.getLogger(__name__)
 
-_BATCH_ROWS = 32  # rows per map_batches call (graphs / inference sub-batch by edges inside)
+_BATCH_ROWS = 32  # rows per validate / graph call (inference: ScreenConfig.batch_rows)
 #: Largest block a stage emits. Ray Data's 128 MiB default lets one graph-stage task build ~1,000
 #: graphs before handing them on (16 MiB kept the actors' memory a third lower). 4 MiB blocks fit
 #: Ray Data's per-stage share of a 128 MB budget, so reads can no longer run far ahead of graph
@@ -71,7 +72,10 @@ class ScreenConfig:
             starts as many as fit in the free CPU fractions and peak memory grows with the run.
             One validate task handles ~300 structures/s, faster than one graph actor (CHGNet
             ~50/s, MACE ~170/s with hull inputs): raise it with ``graph_actors`` on large nodes.
-        max_edges_per_batch: edge budget of one inference sub-batch (directed graph edges).
+        max_edges_per_batch: edge budget of one inference sub-batch (directed graph edges);
+            None: ``seedcard.MAX_EDGES_PER_BATCH_CPU`` (50,000) or ``_GPU`` (400,000) by actor kind.
+        inference_batch_rows: rows handed to an inference actor per call (split inside by the
+            edge budget); None: ``seedcard.INFERENCE_BATCH_ROWS_CPU`` (32) or ``_GPU`` (256).
         object_store_mb: object-store memory (MB) that blocks queued between the stages may use
             (Ray Data backpressure). It bounds the screen's memory whatever the library size;
             ``None`` leaves Ray Data's default, a share of the node's object store. Ray Data
@@ -104,7 +108,8 @@ class ScreenConfig:
     cpus_per_actor: float = 1.0
     graph_actors: int = 1
     light_tasks: int = 1
-    max_edges_per_batch: int = 50_000
+    max_edges_per_batch: int | None = None
+    inference_batch_rows: int | None = None
     object_store_mb: float | None = 128.0
     precision: str = "float32"
     stack_members: bool = False
@@ -125,8 +130,10 @@ class ScreenConfig:
         from cathode_ray.model.stacked import check_precision
 
         check_precision(self.precision)
-        if self.max_edges_per_batch < 1:
-            raise ValueError("max_edges_per_batch must be >= 1")
+        for name in ("max_edges_per_batch", "inference_batch_rows"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         if self.object_store_mb is not None and not self.object_store_mb > 0:
             raise ValueError(f"object_store_mb must be > 0 or None, got {self.object_store_mb}")
         if self.demo_size < 0 or self.min_rows_per_file < 1 or self.lock_ttl_s <= 0:
@@ -135,6 +142,20 @@ class ScreenConfig:
             raise ValueError("--resume needs the --run-id of the run to continue")
         if self.run_id is not None:
             runs.check_run_id(self.run_id)
+
+    @property
+    def edge_budget(self) -> int:
+        """Directed-edge budget of one inference sub-batch (explicit, else by actor kind)."""
+        if self.max_edges_per_batch is not None:
+            return self.max_edges_per_batch
+        return seedcard.MAX_EDGES_PER_BATCH_GPU if self.gpu_actors else seedcard.MAX_EDGES_PER_BATCH_CPU
+
+    @property
+    def batch_rows(self) -> int:
+        """Rows per inference call (explicit, else by actor kind)."""
+        if self.inference_batch_rows is not None:
+            return self.inference_batch_rows
+        return seedcard.INFERENCE_BATCH_ROWS_GPU if self.gpu_actors else seedcard.INFERENCE_BATCH_ROWS_CPU
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -318,9 +339,9 @@ def build_dataset(config: ScreenConfig, source: Source, *, run_id: str, index: I
     )
     gpu = config.gpu_actors > 0
     ds = ds.map_batches(
-        stages.InferenceStage, batch_format="pandas", batch_size=_BATCH_ROWS,
+        stages.InferenceStage, batch_format="pandas", batch_size=config.batch_rows,
         fn_constructor_kwargs={"model": config.model, "device": "cuda" if gpu else "cpu",
-                               "max_edges": config.max_edges_per_batch, "run_id": run_id,
+                               "max_edges": config.edge_budget, "run_id": run_id,
                                "precision": config.precision, "stack_members": config.stack_members},
         compute=ray.data.ActorPoolStrategy(size=config.gpu_actors if gpu else config.cpu_actors),
         **({"num_gpus": 1} if gpu else {"num_cpus": config.cpus_per_actor}), **env,

@@ -30,7 +30,7 @@ def small_docs(summary: str | Path, n: int = 60, max_sites: int = 16) -> list[di
 
 
 def build_tiny_ensemble(workdir: Path, *, summary: str | Path, references: str, n: int = 60,
-                        members: int = 2, backbone: str = "chgnet") -> Path:
+                        members: int = 2, backbone: str = "chgnet", device: str = "cpu") -> Path:
     """Ingest ``n`` small materials of ``summary`` and train a calibrated ensemble.
 
     Args:
@@ -38,6 +38,7 @@ def build_tiny_ensemble(workdir: Path, *, summary: str | Path, references: str, 
         summary: MP summary JSON lines (``../shared/data/mp_litmo_summary.jsonl.gz``).
         references: reference entries for hulls, ``snapshot:PATH``.
         backbone: backbone spec (``chgnet`` or ``mace:PATH``).
+        device: where the trunk and the members run (``cpu``, ``cuda``).
 
     Returns:
         The model directory.
@@ -59,5 +60,5 @@ def build_tiny_ensemble(workdir: Path, *, summary: str | Path, references: str, 
     model = workdir / "model"
     train(EnsembleTrainConfig(data=str(data), out=str(model), references=references,
                               backbone=backbone, members=members, max_epochs=2, runner="local",
-                              cache_dir=None))
+                              cache_dir=None, device=device))
     return model

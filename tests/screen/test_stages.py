@@ -10,6 +10,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
+from cathode_ray import seedcard
 from cathode_ray.data.validate import ValidationConfig
 from cathode_ray.screen import runs
 from cathode_ray.screen.pipeline import ScreenConfig
@@ -175,6 +176,20 @@ def test_screen_config_validation() -> None:
     with pytest.raises(ValueError):
         ScreenConfig(**base, object_store_mb=0)
     assert ScreenConfig(**base, object_store_mb=None).object_store_mb is None
+    with pytest.raises(ValueError, match="inference_batch_rows"):
+        ScreenConfig(**base, inference_batch_rows=0)
+
+
+def test_screen_config_inference_batches_follow_the_actor_kind() -> None:
+    base = {"library": "demo", "model": "m", "out": "o", "references": "snapshot:x"}
+    cpu, gpu = ScreenConfig(**base), ScreenConfig(**base, gpu_actors=1)
+    assert (cpu.batch_rows, cpu.edge_budget) == (seedcard.INFERENCE_BATCH_ROWS_CPU,
+                                                 seedcard.MAX_EDGES_PER_BATCH_CPU)
+    assert (gpu.batch_rows, gpu.edge_budget) == (seedcard.INFERENCE_BATCH_ROWS_GPU,
+                                                 seedcard.MAX_EDGES_PER_BATCH_GPU)
+    assert gpu.batch_rows > cpu.batch_rows and gpu.edge_budget > cpu.edge_budget
+    explicit = ScreenConfig(**base, gpu_actors=1, inference_batch_rows=8, max_edges_per_batch=123)
+    assert (explicit.batch_rows, explicit.edge_budget) == (8, 123)
 
 
 def test_read_file_chunks_streams_bounded_blocks_in_input_order(tmp_path) -> None:
