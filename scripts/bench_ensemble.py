@@ -50,12 +50,9 @@ def _structures(n: int) -> list[Structure]:
 
 def _backbone(spec: str, device: str) -> Backbone:
     if spec == "mace-medium-shape":
-        from cathode_ray.testing.tiny_mace import build_tiny_mace
+        from cathode_ray.testing.tiny_mace import build_medium_shape_mace
 
-        path = Path(tempfile.mkdtemp()) / "medium_shape.model"
-        build_tiny_mace(path, r_max=6.0, hidden_irreps="128x0e + 128x1o", max_ell=3, correlation=3,
-                        num_interactions=2, radial_mlp=(64, 64, 64))
-        spec = f"mace:{path}"
+        spec = f"mace:{build_medium_shape_mace(Path(tempfile.mkdtemp()) / 'medium_shape.model')}"
     return load_backbone(spec, device=device)
 
 

@@ -73,18 +73,15 @@ def raw_batches(library: str, n: int, rows: int) -> list[pd.DataFrame]:
     """The first ``n`` rows of a library Parquet file as raw-row batches of ``rows`` rows."""
     items = pd.DataFrame([{"path": library, "file_index": 0, "row_start": 0,
                            "row_stop": min(n, pq.ParquetFile(library).metadata.num_rows)}])
-    df = pd.concat(list(stages.read_file_chunks(items, chunk_rows=rows)), ignore_index=True)
-    return [df.iloc[i:i + rows].reset_index(drop=True) for i in range(0, len(df), rows)]
+    return list(stages.read_file_chunks(items, chunk_rows=rows))
 
 
 def medium_shape_model(workdir: Path, references: str, device: str) -> str:
-    """A calibrated 5-member ensemble on a random-weight MACE-MP-0-medium-shaped backbone
-    (128x0e+128x1o, r_max 6 A, l_max 3, correlation 3, 2 interactions)."""
+    """A calibrated 5-member ensemble on a random-weight MACE-MP-0-medium-shaped backbone."""
     from cathode_ray.testing.tiny_ensemble import build_tiny_ensemble
-    from cathode_ray.testing.tiny_mace import build_tiny_mace
+    from cathode_ray.testing.tiny_mace import build_medium_shape_mace
 
-    path = build_tiny_mace(workdir / "medium_shape.model", r_max=6.0, hidden_irreps="128x0e + 128x1o",
-                           max_ell=3, correlation=3, num_interactions=2, radial_mlp=(64, 64, 64))
+    path = build_medium_shape_mace(workdir / "medium_shape.model")
     return str(build_tiny_ensemble(workdir / "ensemble", summary=SHARED / "mp_litmo_summary.jsonl.gz",
                                    references=references, backbone=f"mace:{path}", members=5,
                                    device=device))

@@ -5,8 +5,7 @@ MACE ships a trained model as the whole pickled ``torch.nn.Module`` (``torch.sav
 ``mace:PATH`` backbone path without downloading MACE-MP-0. The weights are random: energies
 are plausible in size (a few eV/atom from the atomic reference energies E0) but meaningless.
 
-With ``hidden_irreps="128x0e+128x1o", max_ell=3, correlation=3, r_max=6.0,
-radial_mlp=(64, 64, 64)`` it has the shape of MACE-MP-0 "medium" (used for timings).
+:func:`build_medium_shape_mace` gives it the shape of MACE-MP-0 "medium" (used for timings).
 """
 
 from __future__ import annotations
@@ -126,3 +125,11 @@ def build_tiny_mace(
     model.eval()
     torch.save(model, out)
     return out
+
+
+def build_medium_shape_mace(path: str | Path, *, seed: int = 0) -> Path:
+    """A random-weight model with the shape of MACE-MP-0 "medium" (4.69M parameters: 128x0e+128x1o,
+    r_max 6 A, l_max 3, correlation 3, 2 interactions, radial MLP 64x64x64): random weights cost
+    the same as trained ones, so it stands in for the real model in benchmarks."""
+    return build_tiny_mace(path, r_max=6.0, seed=seed, hidden_irreps="128x0e + 128x1o", max_ell=3,
+                           correlation=3, num_interactions=2, radial_mlp=(64, 64, 64))
