@@ -169,6 +169,7 @@ def screen(
     cpu_actors: int | None = None,
     max_edges_per_batch: Annotated[int | None, typer.Option(help="edge budget per inference sub-batch (default: 50,000 CPU, 400,000 GPU)")] = None,
     inference_batch_rows: Annotated[int | None, typer.Option(help="rows per inference call (default: 32 CPU, 256 GPU)")] = None,
+    inference_calls_per_actor: Annotated[int | None, typer.Option(help="concurrent calls per inference actor; batching overlaps the model (default: 1 CPU, 2 GPU)")] = None,
     object_store_mb: Annotated[float | None, typer.Option(help="object-store budget (MB) of blocks queued between stages")] = None,
     precision: Annotated[str | None, typer.Option(help="float32 | tf32 | bf16 (checked vs float32)")] = None,
     stack_members: Annotated[bool | None, typer.Option(help="one vectorised call for all members (off: measured slower on CPU)")] = None,
@@ -183,7 +184,8 @@ def screen(
                   {"library": library, "model": model, "out": out, "references": references,
                    "address": address, "run_id": run_id, "resume": resume, "gpu_actors": gpu_actors,
                    "cpu_actors": cpu_actors, "max_edges_per_batch": max_edges_per_batch,
-                   "inference_batch_rows": inference_batch_rows, "object_store_mb": object_store_mb, "precision": precision, "stack_members": stack_members, "demo_size": demo_size})
+                   "inference_batch_rows": inference_batch_rows,
+                   "inference_calls_per_actor": inference_calls_per_actor, "object_store_mb": object_store_mb, "precision": precision, "stack_members": stack_members, "demo_size": demo_size})
     run(ScreenConfig(**opts))
 
 

@@ -45,6 +45,13 @@ INFERENCE_BATCH_ROWS_CPU: int = 32
 INFERENCE_BATCH_ROWS_GPU: int = 256
 MAX_EDGES_PER_BATCH_CPU: int = 50_000
 MAX_EDGES_PER_BATCH_GPU: int = 400_000
+#: Concurrent calls per inference actor (Ray Data ``max_concurrent_calls_per_actor``): with 2,
+#: the next call's input batch is assembled (blocks fetched, graphs unpickled into a DataFrame)
+#: and the last call's output serialised while the model runs; the model itself still runs one
+#: call at a time. GPU actors use 2 (Ray's recommendation for CPU batching around GPU work, not
+#: yet measured on a GPU here); CPU actors 1, where the threads would only share the same cores.
+INFERENCE_CALLS_PER_ACTOR_CPU: int = 1
+INFERENCE_CALLS_PER_ACTOR_GPU: int = 2
 
 #: Head and optimisation.
 HEAD_HIDDEN: int = 128

@@ -30,6 +30,8 @@ def main(
         None, help="edge budget per inference sub-batch (default: 50,000 CPU, 400,000 GPU)"),
     inference_batch_rows: int | None = typer.Option(
         None, help="rows per inference call (default: 32 CPU, 256 GPU)"),
+    inference_calls_per_actor: int | None = typer.Option(
+        None, help="concurrent calls per inference actor (default: 1 CPU, 2 GPU)"),
     object_store_mb: float | None = typer.Option(
         None, help="object-store budget (MB) of queued blocks (default: ScreenConfig's)"),
     precision: str = typer.Option("float32", help="float32 | tf32 | bf16 (checked vs float32)"),
@@ -43,6 +45,7 @@ def main(
                      address=address, run_id=run_id, resume=resume, gpu_actors=gpu_actors,
                      cpu_actors=cpu_actors, max_edges_per_batch=max_edges_per_batch,
                      inference_batch_rows=inference_batch_rows,
+                     inference_calls_per_actor=inference_calls_per_actor,
                      **({} if object_store_mb is None else {"object_store_mb": object_store_mb}),
                      precision=precision, stack_members=stack_members, demo_size=demo_size))
 

@@ -2,8 +2,13 @@
 
     python scripts/bench_ensemble.py --n 64 [--backbone chgnet|mace-medium-shape|mace:PATH] [--device cuda]
 
+Every mode runs the trunk as the screen does (``Backbone.trunk_batch``: its output stays on the
+device), except *shared via host*, which splits it per structure into host memory and re-collates
+it (``collate(trunk(...))``, the path of cached training features and of the screen before).
+
 - naive: every member runs the whole backbone (trunk + its last block + head), one after another;
 - shared loop: the frozen trunk runs once, the five last blocks + heads on its output in turn;
+- shared via host: the shared loop with the trunk's output round-tripped through host memory;
 - shared stacked: trunk once, the five last blocks + heads as one vectorised call (``Ensemble``
   with ``stack_members=True``, ``torch.func.vmap`` over stacked weights);
 - head-only: trunk once, the pretrained last block once, five heads;
@@ -103,14 +108,20 @@ def main() -> None:
 
     def one_member() -> None:
         for c in chunks:
-            members[0](bb.collate(bb.trunk(c, device=args.device), args.device), th[len(c)])
+            members[0](bb.trunk_batch(c, args.device), th[len(c)])
 
     def naive() -> None:
         for m in members:
             for c in chunks:
-                m(bb.collate(bb.trunk(c, device=args.device), args.device), th[len(c)])
+                m(bb.trunk_batch(c, args.device), th[len(c)])
 
     def shared() -> None:
+        for c in chunks:
+            batch = bb.trunk_batch(c, args.device)
+            for m in members:
+                m(batch, th[len(c)])
+
+    def shared_via_host() -> None:  # the trunk's output split per structure and re-collated
         for c in chunks:
             batch = bb.collate(bb.trunk(c, device=args.device), args.device)
             for m in members:
@@ -118,12 +129,12 @@ def main() -> None:
 
     def stacked(precision: str = "float32") -> None:
         for c in chunks:
-            batch = bb.collate(bb.trunk(c, device=args.device), args.device)
+            batch = bb.trunk_batch(c, args.device)
             ens.member_outputs(batch, th[len(c)], precision)
 
     def head_only() -> None:
         for c in chunks:
-            batch = bb.collate(bb.trunk(c, device=args.device), args.device)
+            batch = bb.trunk_batch(c, args.device)
             x, zs, e = members[0].head_inputs(batch, th[len(c)])
             for m in members:
                 m.outputs(x, zs, e, th[len(c)].has_ref)
@@ -136,7 +147,7 @@ def main() -> None:
 
     def trunk_only() -> None:
         for c in chunks:
-            bb.trunk(c, device=args.device)
+            bb.trunk_batch(c, args.device)
 
     batches = [bb.collate(f, args.device) for f in trunk_cache]
     inputs = [members[0].head_inputs(b, th[len(c)]) for b, c in zip(batches, chunks, strict=True)]
@@ -152,11 +163,12 @@ def main() -> None:
     for name, fn in (("trunk", trunk_only), ("last block", last_block_only), ("head", head_only_cached)):
         print(f"per structure, one member, {name:>10}: {1e3 * _timed(fn, args.repeats) / args.n:8.2f} ms")
     modes = [("one_member", one_member), ("naive_5", naive), ("shared_loop_5", shared),
+             ("shared_via_host_5", shared_via_host),
              ("shared_stacked_5", stacked), ("head_only_5", head_only), ("cached_trunk_5", last_blocks_only)]
     deviations = {}
     for p in precisions:
-        deviations[p] = max(ens.precision_deviation(f, th[len(c)], device=args.device, precision=p)
-                            for f, c in zip(trunk_cache, chunks, strict=True))
+        deviations[p] = max(ens.precision_deviation(b, th[len(c)], precision=p)
+                            for b, c in zip(batches, chunks, strict=True))
         if deviations[p] != float("inf"):
             modes.append((f"stacked_5_{p}", lambda p=p: stacked(p)))
     rates = {name: args.n / _timed(fn, args.repeats) for name, fn in modes}

@@ -105,7 +105,9 @@ def tiny_mace_model(workdir: Path, references: str) -> str:
 
 def bench(*, model: str, references: str, library: str, n: int, actors: int, gpu_actors: int,
           out: str, cpus: int, precision: str, stack_members: bool, object_store_mb: float | None,
-          cores: int | None = None, trace: Path | None = None) -> dict[str, Any]:
+          cores: int | None = None, trace: Path | None = None,
+          rows_per_file: int = ScreenConfig.min_rows_per_file,
+          calls_per_actor: int | None = None) -> dict[str, Any]:
     """One configuration on a fresh local Ray; returns the figures.
 
     ``cores``: pin the driver, and so every Ray process it starts, to the first ``cores`` CPU
@@ -134,7 +136,8 @@ def bench(*, model: str, references: str, library: str, n: int, actors: int, gpu
                              references=references, run_id=f"bench-a{actors}-g{gpu_actors}-{int(t0)}",
                              cpu_actors=actors, cpus_per_actor=per_actor, gpu_actors=gpu_actors,
                              graph_actors=graph_actors, light_tasks=graph_actors,
-                             object_store_mb=object_store_mb,
+                             object_store_mb=object_store_mb, min_rows_per_file=rows_per_file,
+                             inference_calls_per_actor=calls_per_actor,
                              precision=precision, stack_members=stack_members, verbose=True))
         wall = time.perf_counter() - t0
     finally:
@@ -181,6 +184,10 @@ def main() -> None:
     ap.add_argument("--stack-members", action="store_true")
     ap.add_argument("--object-store-mb", type=float, default=ScreenConfig.object_store_mb,
                     help="object-store budget of the queued blocks (0: Ray Data's default)")
+    ap.add_argument("--calls-per-actor", type=int, default=None,
+                    help="concurrent calls per inference actor (default: ScreenConfig's, by actor kind)")
+    ap.add_argument("--rows-per-file", type=int, default=ScreenConfig.min_rows_per_file,
+                    help="rows the driver gathers per output file")
     ap.add_argument("--out", default=None, help="DEST (default: a temporary directory)")
     ap.add_argument("--trace", type=Path, default=None,
                     help="folder for per-process memory samples, one CSV per configuration")
@@ -202,13 +209,15 @@ def main() -> None:
         bench, model=model, references=args.references, library=lib, n=args.n, actors=a,
         gpu_actors=args.gpu_actors, out=out, cpus=args.cpus, precision=args.precision,
         stack_members=args.stack_members, object_store_mb=args.object_store_mb or None,
-        cores=c, trace=None if args.trace is None
+        cores=c, rows_per_file=args.rows_per_file,
+        calls_per_actor=args.calls_per_actor, trace=None if args.trace is None
         else args.trace / f"memory-{i}-{Path(lib).name}-a{a}-c{c}.csv")
         for i, (lib, a, c) in enumerate(configs)]
     if args.trace is not None:
         print(f"memory samples: {args.trace}/memory-*.csv")
     print(f"\nmodel={args.model} precision={args.precision} stacked={args.stack_members} "
-          f"cpus={'2 x cores' if args.cores else args.cpus} object_store_mb={args.object_store_mb}")
+          f"cpus={'2 x cores' if args.cores else args.cpus} object_store_mb={args.object_store_mb} "
+          f"rows_per_file={args.rows_per_file} calls_per_actor={args.calls_per_actor or 'default'}")
     print(f"{'cores':>5} {'actors':>6} {'inputs':>7} {'wall s':>8} {'struct/s':>9} {'infer/s':>8} "
           f"{'e2e/infer':>9} {'peak RSS GB':>12} {'peak PSS GB':>12} {'shm GB':>7}  busy s per stage "
           "(validate/graph/infer/calibrate)  library")

@@ -2,14 +2,17 @@
 
 ``Ensemble.load(model_dir)`` verifies every file's sha256 against the manifest before any tensor
 is read, checks that the installed backbone is the one the members were trained on, and builds
-the members. ``predict_feats`` runs all members on one collated trunk batch (shared trunk):
+the members. ``predict_batch`` runs all members on one collated trunk batch (shared trunk), from
+cached features (``predict_feats``, training) or straight from graphs with the trunk's output kept
+on the device (``predict_graphs``, the screen):
 
 - head-only ensembles: the pretrained last block once, M heads;
 - last-block ensembles: the M last blocks + heads one after another (default), or stacked into
   one vectorised call (:class:`~cathode_ray.model.stacked.StackedMembers`, ``stack_members=True``;
   falls back to the loop when a backbone's ops cannot be vmapped). Measured on CPU the stacked
   call is slower (0.72x the loop with CHGNet, 0.57x with a MACE-MP-0-medium-shaped model,
-  ``scripts/bench_ensemble.py``); it is offered for GPUs, where it is not yet measured.
+  ``scripts/bench_ensemble.py``); on an H100 it gains 6 % for CHGNet, and MACE falls back to the
+  loop (its TorchScript ops fail under ``vmap`` on CUDA).
 
 ``precision`` (``float32`` | ``tf32`` | ``bf16``) applies to the last block(s); heads stay float32.
 """
@@ -116,15 +119,15 @@ class Ensemble:
         return {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
 
     @torch.inference_mode()
-    def precision_deviation(self, feats: Sequence[TrunkFeatures], thermo: ThermoInputs, *,
-                            device: str = "cpu", precision: str | None = None) -> float:
-        """Largest |q50 or energy| change (eV/atom) of ``precision`` against float32 on one batch.
+    def precision_deviation(self, batch: TrunkBatch, thermo: ThermoInputs, *,
+                            precision: str | None = None) -> float:
+        """Largest |q50 or energy| change (eV/atom) of ``precision`` against float32 on one
+        collated batch (``backbone.trunk_batch`` or ``collate``).
 
         ``inf`` when the backbone's ops cannot run at that precision (logged).
         """
         precision = self.precision if precision is None else check_precision(precision)
-        batch = self.backbone.collate(feats, device)
-        th = thermo.to(device)
+        th = thermo.to(batch["n_atoms"].device)
         try:
             return precision_deviation(lambda p: self.member_outputs(batch, th, p), precision)
         except Exception as exc:  # noqa: BLE001 - ops without a kernel for that dtype
@@ -133,11 +136,9 @@ class Ensemble:
             return float("inf")
 
     @torch.inference_mode()
-    def predict_feats(self, feats: Sequence[TrunkFeatures], thermo: ThermoInputs, *,
-                      device: str = "cpu") -> EnsemblePrediction:
-        """All members on one batch of cached trunk features (the trunk is shared)."""
-        batch = self.backbone.collate(feats, device)
-        out = self.member_outputs(batch, thermo.to(device))
+    def predict_batch(self, batch: TrunkBatch, thermo: ThermoInputs) -> EnsemblePrediction:
+        """All members on one collated trunk batch (the trunk is shared); numpy out."""
+        out = self.member_outputs(batch, thermo.to(batch["n_atoms"].device))
         arr = lambda k: out[k].float().cpu().numpy()  # noqa: E731  [M, B]
         return EnsemblePrediction(
             q10=arr("q10"), q50=arr("q50"), q90=arr("q90"), p_stable=arr("p_stable"),
@@ -146,6 +147,11 @@ class Ensemble:
             zero_shot_ehull=arr("zero_shot")[0],  # [B] (member 0's last block)
             has_reference=thermo.has_ref.cpu().numpy().astype(bool),
         )
+
+    def predict_feats(self, feats: Sequence[TrunkFeatures], thermo: ThermoInputs, *,
+                      device: str = "cpu") -> EnsemblePrediction:
+        """All members on one batch of cached trunk features (training and reports)."""
+        return self.predict_batch(self.backbone.collate(feats, device), thermo)
 
     def predict_feats_batched(self, feats: Sequence[TrunkFeatures], thermo: ThermoInputs, *,
                               device: str = "cpu", batch_size: int = 64) -> EnsemblePrediction:
@@ -159,13 +165,15 @@ class Ensemble:
 
     def predict_graphs(self, graphs: Sequence[Any], thermo: ThermoInputs, *, device: str = "cpu",
                        batch_size: int = 32) -> EnsemblePrediction:
-        """Trunk then members, in chunks of ``batch_size`` structures."""
+        """Trunk then members, in chunks of ``batch_size`` structures; the trunk's output stays
+        on ``device`` (``backbone.trunk_batch``)."""
         parts = []
         for s in range(0, len(graphs), batch_size):
             sl = slice(s, s + batch_size)
-            feats = self.backbone.trunk(graphs[sl], device=device)
             th = ThermoInputs(hull_pa=thermo.hull_pa[sl], corr_pa=thermo.corr_pa[sl], has_ref=thermo.has_ref[sl])
-            parts.append(self.predict_feats(feats, th, device=device))
+            with torch.inference_mode():
+                batch = self.backbone.trunk_batch(graphs[sl], device)
+            parts.append(self.predict_batch(batch, th))
         return EnsemblePrediction.concat(parts)
 
 

@@ -76,6 +76,9 @@ class ScreenConfig:
             None: ``seedcard.MAX_EDGES_PER_BATCH_CPU`` (50,000) or ``_GPU`` (400,000) by actor kind.
         inference_batch_rows: rows handed to an inference actor per call (split inside by the
             edge budget); None: ``seedcard.INFERENCE_BATCH_ROWS_CPU`` (32) or ``_GPU`` (256).
+        inference_calls_per_actor: calls an inference actor takes at once: input batching and
+            output serialisation overlap the model, which still runs one call at a time; None:
+            ``seedcard.INFERENCE_CALLS_PER_ACTOR_CPU`` (1) or ``_GPU`` (2).
         object_store_mb: object-store memory (MB) that blocks queued between the stages may use
             (Ray Data backpressure). It bounds the screen's memory whatever the library size;
             ``None`` leaves Ray Data's default, a share of the node's object store. Ray Data
@@ -110,6 +113,7 @@ class ScreenConfig:
     light_tasks: int = 1
     max_edges_per_batch: int | None = None
     inference_batch_rows: int | None = None
+    inference_calls_per_actor: int | None = None
     object_store_mb: float | None = 128.0
     precision: str = "float32"
     stack_members: bool = False
@@ -130,7 +134,7 @@ class ScreenConfig:
         from cathode_ray.model.stacked import check_precision
 
         check_precision(self.precision)
-        for name in ("max_edges_per_batch", "inference_batch_rows"):
+        for name in ("max_edges_per_batch", "inference_batch_rows", "inference_calls_per_actor"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -156,6 +160,14 @@ class ScreenConfig:
         if self.inference_batch_rows is not None:
             return self.inference_batch_rows
         return seedcard.INFERENCE_BATCH_ROWS_GPU if self.gpu_actors else seedcard.INFERENCE_BATCH_ROWS_CPU
+
+    @property
+    def calls_per_actor(self) -> int:
+        """Concurrent calls per inference actor (explicit, else by actor kind)."""
+        if self.inference_calls_per_actor is not None:
+            return self.inference_calls_per_actor
+        return (seedcard.INFERENCE_CALLS_PER_ACTOR_GPU if self.gpu_actors
+                else seedcard.INFERENCE_CALLS_PER_ACTOR_CPU)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -343,7 +355,8 @@ def build_dataset(config: ScreenConfig, source: Source, *, run_id: str, index: I
         fn_constructor_kwargs={"model": config.model, "device": "cuda" if gpu else "cpu",
                                "max_edges": config.edge_budget, "run_id": run_id,
                                "precision": config.precision, "stack_members": config.stack_members},
-        compute=ray.data.ActorPoolStrategy(size=config.gpu_actors if gpu else config.cpu_actors),
+        compute=ray.data.ActorPoolStrategy(size=config.gpu_actors if gpu else config.cpu_actors,
+                                           max_concurrent_calls_per_actor=config.calls_per_actor),
         **({"num_gpus": 1} if gpu else {"num_cpus": config.cpus_per_actor}), **env,
     )
     # the dataset's own context (a copy): other datasets of this process keep their settings

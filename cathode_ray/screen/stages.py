@@ -394,25 +394,26 @@ class InferenceStage:
             corr_pa=torch.tensor([float(df.at[i, "corr_pa"]) for i in idx], dtype=torch.float32),
             has_ref=torch.tensor([bool(df.at[i, "has_ref"]) for i in idx], dtype=torch.bool),
         )
-        feats = self.ensemble.backbone.trunk([df.at[i, "graph"] for i in idx], device=self.device)
+        with torch.inference_mode():  # the trunk's output stays on the device
+            batch = self.ensemble.backbone.trunk_batch([df.at[i, "graph"] for i in idx], self.device)
         if not self._precision_checked:
-            self._check_precision(feats, thermo)
-        return self.ensemble.predict_feats(feats, thermo, device=self.device)
+            self._check_precision(batch, thermo)
+        return self.ensemble.predict_batch(batch, thermo)
 
-    def _check_precision(self, feats: list[Any], thermo: Any) -> None:
+    def _check_precision(self, batch: Any, thermo: Any) -> None:
         """First sub-batch: reduced precision vs float32; fall back above the seed-card bound."""
         from cathode_ray import seedcard
 
         self._precision_checked = True
-        dev = self.ensemble.precision_deviation(feats, thermo, device=self.device)
+        dev = self.ensemble.precision_deviation(batch, thermo)
         limit = seedcard.PRECISION_MAX_DEVIATION
         if dev > limit:
             log.warning("precision %s moves predictions by %.2g eV/atom (> %.0g) on %d structures: "
-                        "this actor runs float32", self.ensemble.precision, dev, limit, len(feats))
+                        "this actor runs float32", self.ensemble.precision, dev, limit, len(thermo.has_ref))
             self.ensemble.precision = "float32"
         else:
             log.info("precision %s: max deviation %.2g eV/atom vs float32 on %d structures",
-                     self.ensemble.precision, dev, len(feats))
+                     self.ensemble.precision, dev, len(thermo.has_ref))
 
     def _predict_robust(self, df: pd.DataFrame, idx: list[int]) -> list[tuple[list[int], Any]]:
         try:

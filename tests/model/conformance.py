@@ -115,11 +115,31 @@ def _assert_fresh_copy(backbone: Backbone, last: LastBlock, feats: Sequence[Trun
     assert torch.allclose(e_fresh, e_pa, atol=BATCH_ATOL), "new_last_block shares weights with a trained copy"
 
 
+def _assert_trunk_batch_equals_collate(backbone: Backbone, graphs: Sequence[Any],
+                                       batch: dict[str, torch.Tensor], device: Any) -> None:
+    """The device-resident inference path (``trunk_batch``) gives the batch ``collate`` builds
+    from cached features: the same keys, dtypes, shapes and values (extra keys may carry what the
+    trunk already computed), and the same last-block outputs."""
+    direct = backbone.trunk_batch(graphs, device)
+    assert batch.keys() <= direct.keys(), f"keys missing: {sorted(set(batch) - set(direct))}"
+    for k, v in batch.items():
+        d = direct[k]
+        assert d.dtype == v.dtype and d.shape == v.shape, f"{k}: {d.dtype}{tuple(d.shape)} vs {v.dtype}{tuple(v.shape)}"
+        assert d.device.type == torch.device(device).type, f"{k} left the device: {d.device}"
+        assert torch.equal(d, v) if not v.is_floating_point() else torch.allclose(d, v, atol=1e-6), \
+            f"{k}: trunk_batch differs from collate(trunk)"
+    last = backbone.new_last_block()
+    with torch.no_grad():
+        (e1, m1), (e2, m2) = last(direct), last(batch)
+    assert torch.allclose(e1, e2, atol=BATCH_ATOL) and torch.allclose(m1, m2, atol=BATCH_ATOL), \
+        "the last block gives other outputs on trunk_batch than on collate(trunk)"
+
+
 def check_backbone(backbone: Backbone, structures: Sequence[Structure]) -> dict[str, float]:
     """Assert the Backbone contract on ``structures`` (>= 2); returns the measured errors.
 
     Checks: graphs build; trunk gives one CPU TrunkFeatures per structure (saveable with
-    ``weights_only=True``); collate + new_last_block give finite e_pa [B] (eV/atom) and embedding
+    ``weights_only=True``); ``trunk_batch`` equals ``collate(trunk)``; collate + new_last_block give finite e_pa [B] (eV/atom) and embedding
     [B, embedding_dim]; trunk_embedding is finite [B, D']; the split reproduces
     ``backbone.reference_energy`` within :data:`ENERGY_ATOL`; outputs do not depend on batch
     composition (:data:`BATCH_ATOL`); trunk frozen, last block trainable with gradients; the
@@ -139,6 +159,7 @@ def check_backbone(backbone: Backbone, structures: Sequence[Structure]) -> dict[
     device = getattr(backbone, "device", "cpu")
     batch = backbone.collate(feats, device)
     assert batch["n_atoms"].tolist() == [len(s) for s in structures]
+    _assert_trunk_batch_equals_collate(backbone, graphs, batch, device)
     last = backbone.new_last_block()
     e_pa, emb = _run(backbone, last, feats)
     assert e_pa.shape == (n,) and torch.isfinite(e_pa).all(), f"bad e_pa {e_pa}"

@@ -113,10 +113,10 @@ def test_precision_deviation_chgnet(head_only: bool) -> None:
     ens = _ensemble(chgnet(), 2, head_only=head_only)
     data = member_data(6, seed=2)
     th = _thermo(6)
-    assert ens.precision_deviation(data.feats, th, precision="float32") == 0.0
-    dev = ens.precision_deviation(data.feats, th, precision="bf16")
-    assert 0.0 < dev < 0.05  # eV/atom: bf16 perturbs, but the float32 readout keeps it small
     batch = chgnet().collate(data.feats)
+    assert ens.precision_deviation(batch, th, precision="float32") == 0.0
+    dev = ens.precision_deviation(batch, th, precision="bf16")
+    assert 0.0 < dev < 0.05  # eV/atom: bf16 perturbs, but the float32 readout keeps it small
     out = ens.member_outputs(batch, th, "bf16")
     assert out["energy_pa"].dtype == torch.float32 and out["q50"].dtype == torch.float32
 
@@ -129,11 +129,11 @@ def test_mace_bf16_casts_the_last_block_and_keeps_float32_weights(tiny_mace: Mac
     feats = tiny_mace.trunk([tiny_mace.build_graph(s) for s in structures])
     ens = _ensemble(tiny_mace, 2)
     th = _thermo(3)
-    stacked = ens.precision_deviation(feats, th, precision="bf16")
+    stacked = ens.precision_deviation(tiny_mace.collate(feats), th, precision="bf16")
     assert ens.stack_members is True
     assert 0.0 < stacked < 0.05  # eV/atom: finite (it runs) and bf16 really was used
     ens.stack_members = False
-    assert ens.precision_deviation(feats, th, precision="bf16") == pytest.approx(stacked, abs=1e-6)
+    assert ens.precision_deviation(tiny_mace.collate(feats), th, precision="bf16") == pytest.approx(stacked, abs=1e-6)
     out = ens.member_outputs(tiny_mace.collate(feats), th, "bf16")
     assert out["energy_pa"].dtype == torch.float32 and out["q50"].dtype == torch.float32
     assert all(p.dtype == torch.float32 for m in ens.members for p in m.parameters())
@@ -155,7 +155,7 @@ def test_precision_a_backbone_cannot_run_reports_inf(tiny_mace: MaceBackbone,
         return real(self, batch, thermo, precision, **kw)
 
     monkeypatch.setattr(Ensemble, "member_outputs", failing)
-    assert ens.precision_deviation(feats, _thermo(2), precision="bf16") == float("inf")
+    assert ens.precision_deviation(tiny_mace.collate(feats), _thermo(2), precision="bf16") == float("inf")
     assert ens.stack_members is True
 
 
@@ -165,15 +165,18 @@ def test_ensemble_load_rejects_unknown_precision(tmp_path: Path) -> None:
                  manifest={}, uri="-", files={}, precision="half")
 
 
-def test_predict_graphs_chunks_equal_one_call_on_trunk_features(tiny_mace: MaceBackbone) -> None:
-    """The notebook entry point (graphs -> prediction, chunked) equals trunk + predict_feats."""
+@pytest.mark.parametrize("stack", [True, False])
+def test_predict_graphs_chunks_equal_one_call_on_trunk_features(tiny_mace: MaceBackbone, stack: bool) -> None:
+    """The screen's path (graphs -> trunk_batch on the device -> members, chunked) equals cached
+    trunk features + predict_feats, with members stacked or looped."""
     structures = small_cathode_structures()
     graphs = [tiny_mace.build_graph(s) for s in structures]
     ens = _ensemble(tiny_mace)
-    ens.stack_members = False
+    ens.stack_members = stack
     th = _thermo(len(structures))
     chunked = ens.predict_graphs(graphs, th, batch_size=2)
+    assert ens.stack_members is stack, "stacking fell back to the loop on trunk_batch's batch"
     whole = ens.predict_feats(tiny_mace.trunk(graphs), th)
     assert chunked.q50.shape == (3, len(structures))
-    for k in ("q10", "q50", "q90", "p_stable"):
+    for k in ("q10", "q50", "q90", "p_stable", "embedding", "zero_shot_ehull"):
         np.testing.assert_allclose(getattr(chunked, k), getattr(whole, k), atol=1e-5)

@@ -31,7 +31,7 @@ def _config(model: Path, references: str, **kw) -> ScreenConfig:
 def test_demo_library_to_s3(s3_server, local_ray, tiny_model, references) -> None:
     out = "s3://screen/prefix"
     summary = run(_config(tiny_model, references, library="demo", demo_size=24, out=out,
-                          run_id="demo1", inference_batch_rows=8))
+                          run_id="demo1", inference_batch_rows=8, inference_calls_per_actor=2))
     paths = runs.RunPaths(dest=out, run_id="demo1")
     results = _read(paths.results)
     assert results.schema.remove_metadata() == RESULT_SCHEMA

@@ -178,6 +178,8 @@ def test_screen_config_validation() -> None:
     assert ScreenConfig(**base, object_store_mb=None).object_store_mb is None
     with pytest.raises(ValueError, match="inference_batch_rows"):
         ScreenConfig(**base, inference_batch_rows=0)
+    with pytest.raises(ValueError, match="inference_calls_per_actor"):
+        ScreenConfig(**base, inference_calls_per_actor=0)
 
 
 def test_screen_config_inference_batches_follow_the_actor_kind() -> None:
@@ -188,8 +190,11 @@ def test_screen_config_inference_batches_follow_the_actor_kind() -> None:
     assert (gpu.batch_rows, gpu.edge_budget) == (seedcard.INFERENCE_BATCH_ROWS_GPU,
                                                  seedcard.MAX_EDGES_PER_BATCH_GPU)
     assert gpu.batch_rows > cpu.batch_rows and gpu.edge_budget > cpu.edge_budget
-    explicit = ScreenConfig(**base, gpu_actors=1, inference_batch_rows=8, max_edges_per_batch=123)
-    assert (explicit.batch_rows, explicit.edge_budget) == (8, 123)
+    assert (cpu.calls_per_actor, gpu.calls_per_actor) == (seedcard.INFERENCE_CALLS_PER_ACTOR_CPU,
+                                                          seedcard.INFERENCE_CALLS_PER_ACTOR_GPU)
+    explicit = ScreenConfig(**base, gpu_actors=1, inference_batch_rows=8, max_edges_per_batch=123,
+                            inference_calls_per_actor=3)
+    assert (explicit.batch_rows, explicit.edge_budget, explicit.calls_per_actor) == (8, 123, 3)
 
 
 def test_read_file_chunks_streams_bounded_blocks_in_input_order(tmp_path) -> None:

@@ -10,6 +10,11 @@ Flow for N structures::
     batch  = bb.collate(feats, device)                     # one padded/concatenated batch
     e_pa, emb = last_block(batch)                          # [B] eV/atom, [B, D]
 
+Training caches ``feats`` (the trunk runs once per structure for every member and epoch).
+Inference needs no cache: ``bb.trunk_batch(graphs, device)`` equals ``collate(trunk(graphs))``
+but keeps the trunk's output on ``device``, skipping the per-structure split to host memory
+and the re-collation (host work that starves a GPU).
+
 ``feats`` are plain dicts of CPU tensors, so they can be cached in memory, in Ray's object store
 or on disk with ``torch.save`` (loaded with ``weights_only=True``).
 """
@@ -75,6 +80,14 @@ class Backbone(ABC):
     @abstractmethod
     def collate(self, feats: Sequence[TrunkFeatures], device: str | torch.device = "cpu") -> TrunkBatch:
         """Concatenate per-structure trunk features into one batch on ``device``."""
+
+    def trunk_batch(self, graphs: Sequence[Any], device: str | torch.device = "cpu") -> TrunkBatch:
+        """Frozen trunk straight into one collated batch on ``device`` (inference path).
+
+        Must equal ``collate(trunk(graphs), device)`` (the conformance check compares them).
+        This default does exactly that; adapters override it to skip the host round trip.
+        """
+        return self.collate(self.trunk(graphs, device=device), device)
 
     @abstractmethod
     def new_last_block(self) -> LastBlock:

@@ -97,6 +97,29 @@ class ChgnetBackbone(Backbone):
 
     @torch.no_grad()
     def trunk(self, graphs: Sequence[Any], *, device: str | torch.device | None = None) -> list[TrunkFeatures]:
+        graphs, _, atom_feas, bond_feas, bond_weights, comp_energy = self._trunk_outputs(graphs, device)
+        return self._split(graphs, atom_feas, bond_feas, bond_weights, comp_energy)
+
+    @torch.no_grad()
+    def trunk_batch(self, graphs: Sequence[Any], device: str | torch.device = "cpu") -> TrunkBatch:
+        """:meth:`trunk` + :meth:`collate` without leaving ``device`` (same keys and values)."""
+        graphs, g, atom_feas, bond_feas, bond_weights, comp_energy = self._trunk_outputs(graphs, device)
+        n_atoms = torch.tensor([int(gr.atomic_number.shape[0]) for gr in graphs], dtype=torch.long)
+        return {
+            "atom_feas": atom_feas,  # [A, D]
+            "bond_feas": bond_feas,  # [U, D] undirected bonds
+            "bond_weights": bond_weights,  # [U, D]
+            "atom_graph": g.batched_atom_graph.long(),  # [E, 2] batch-global (center, neighbour)
+            "directed2undirected": g.directed2undirected.long(),  # [E]
+            "atom_owners": g.atom_owners.long(),  # [A]
+            "n_atoms": n_atoms.to(atom_feas.device),  # [B]
+            "comp_energy": comp_energy.float(),  # [B] eV/atom
+            "node_scalars": atom_feas,
+        }
+
+    def _trunk_outputs(self, graphs: Sequence[Any], device: str | torch.device | None) -> tuple[Any, ...]:
+        """(graphs on device, BatchedGraph, atom_feas [A, D], bond_feas [U, D], bond weights
+        [U, D], composition energy [B] eV/atom) after the first n_conv-1 convolutions."""
         from chgnet.model.model import BatchedGraph
 
         m = self.model
@@ -129,7 +152,7 @@ class ChgnetBackbone(Backbone):
                         atom_feas=atom_feas, bond_feas=bond_feas, angle_feas=angle_feas,
                         bond_graph=g.batched_bond_graph,
                     )
-        return self._split(graphs, atom_feas, bond_feas, bond_weights_ag, comp_energy)
+        return graphs, g, atom_feas, bond_feas, bond_weights_ag, comp_energy
 
     @staticmethod
     def _split(graphs: Sequence[Any], atom_feas: torch.Tensor, bond_feas: torch.Tensor,

@@ -353,7 +353,10 @@ class MaceLastBlock(LastBlock):
         node_attrs = batch["node_attrs"]  # [A, n_elements] one-hot
         edge_index = batch["edge_index"]  # [2, E] batch-global (sender, receiver)
         node_heads = batch["node_heads"]  # [A]
-        edge_attrs, edge_feats, cutoff = self.edge_embedding(batch["edge_vectors"], node_attrs, edge_index)
+        if "edge_attrs" in batch:  # computed once by the trunk for every member (trunk_batch)
+            edge_attrs, edge_feats, cutoff = batch["edge_attrs"], batch["edge_feats"], batch.get("edge_cutoff")
+        else:  # cached features keep only the edge vectors (4x less memory per edge)
+            edge_attrs, edge_feats, cutoff = self.edge_embedding(batch["edge_vectors"], node_attrs, edge_index)
         interaction, product = self.interaction, self.product
         device = node_attrs.device
         if (low := _autocast_low_dtype(device)) is not None:  # bf16: cast modules, not ops
@@ -495,6 +498,33 @@ class MaceBackbone(Backbone):
     @torch.no_grad()
     def trunk(self, graphs: Sequence[Any], *, device: str | torch.device | None = None) -> list[TrunkFeatures]:
         """Frozen layers 0..L-2 and frozen energy terms; one CPU TrunkFeatures per graph."""
+        _, node_feats, vectors, e_frozen, _ = self._trunk_outputs(graphs, device)
+        return self._split(graphs, node_feats, vectors, e_frozen)
+
+    @torch.no_grad()
+    def trunk_batch(self, graphs: Sequence[Any], device: str | torch.device = "cpu") -> TrunkBatch:
+        """:meth:`trunk` + :meth:`collate` without leaving ``device`` (same keys and values),
+        plus the frozen edge embedding the trunk computed (``edge_attrs`` [E, (l_max+1)^2],
+        ``edge_feats`` [E, n_bessel], ``edge_cutoff``), so members do not recompute it."""
+        data, node_feats, vectors, e_frozen, edges = self._trunk_outputs(graphs, device)
+        owners = data["batch"]  # [A]
+        return edges | {
+            "node_feats": node_feats,  # [A, F]
+            "node_attrs": data["node_attrs"],  # [A, n_elements] one-hot, model dtype
+            "edge_index": data["edge_index"],  # [2, E] batch-global
+            "edge_vectors": vectors,  # [E, 3] Angstrom
+            "node_heads": data["head"][owners],  # [A]
+            "atom_owners": owners,
+            "n_atoms": data["ptr"][1:] - data["ptr"][:-1],  # [B]
+            "e_frozen": e_frozen,  # [B] eV, float64
+            "node_scalars": node_feats[:, self._trunk_scalar_cols.to(node_feats.device)],  # [A, D']
+        }
+
+    def _trunk_outputs(
+        self, graphs: Sequence[Any], device: str | torch.device | None,
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Batch dict, node features [A, F] after layer L-2, edge vectors [E, 3] (Angstrom),
+        frozen energy [B] (eV, float64) and the edge embedding, all on ``device``."""
         from mace.modules.utils import get_edge_vectors_and_lengths
 
         m = self.model
@@ -524,7 +554,10 @@ class MaceBackbone(Backbone):
                 node_inter = node_inter + readout(feats_list[i], node_heads)[arange, node_heads]
         node_frozen = node_e0.double() + _scale_shift(m, node_inter, node_heads).double()  # [A] eV
         e_frozen = segment_sum(node_frozen, data["batch"], len(graphs))  # [B] eV
-        return self._split(graphs, node_feats, vectors, e_frozen)
+        edges = {"edge_attrs": edge_attrs, "edge_feats": edge_feats}
+        if cutoff is not None:
+            edges["edge_cutoff"] = cutoff
+        return data, node_feats, vectors, e_frozen, edges
 
     def _pair_energy(
         self, lengths: torch.Tensor, node_attrs: torch.Tensor, edge_index: torch.Tensor, like: torch.Tensor
