@@ -389,13 +389,15 @@ class InferenceStage:
 
         from cathode_ray.model.member import ThermoInputs
 
+        rows = np.asarray(idx, dtype=np.int64)  # positions (the batch's index is 0..n-1)
+        column = lambda name: df[name].to_numpy()[rows]  # noqa: E731 - whole columns, not df.at per row
         thermo = ThermoInputs(
-            hull_pa=torch.tensor([float(df.at[i, "hull_pa"]) for i in idx], dtype=torch.float32),
-            corr_pa=torch.tensor([float(df.at[i, "corr_pa"]) for i in idx], dtype=torch.float32),
-            has_ref=torch.tensor([bool(df.at[i, "has_ref"]) for i in idx], dtype=torch.bool),
+            hull_pa=torch.from_numpy(column("hull_pa").astype(np.float32)),  # [B] eV/atom
+            corr_pa=torch.from_numpy(column("corr_pa").astype(np.float32)),  # [B] eV/atom
+            has_ref=torch.from_numpy(column("has_ref").astype(bool)),  # [B]
         )
         with torch.inference_mode():  # the trunk's output stays on the device
-            batch = self.ensemble.backbone.trunk_batch([df.at[i, "graph"] for i in idx], self.device)
+            batch = self.ensemble.backbone.trunk_batch(list(column("graph")), self.device)
         if not self._precision_checked:
             self._check_precision(batch, thermo)
         return self.ensemble.predict_batch(batch, thermo)
@@ -433,7 +435,7 @@ class InferenceStage:
         t0 = time.perf_counter()
         df = batch.reset_index(drop=True)
         valid = [int(i) for i in np.flatnonzero(df["kind"].to_numpy() == VALID)]
-        edges = [int(df.at[i, "n_edges"]) for i in valid]
+        edges = df["n_edges"].to_numpy()[valid].astype(np.int64).tolist()
         parts: list[tuple[list[int], Any]] = []
         for sub in edge_batches(edges, self.max_edges):
             parts.extend(self._predict_robust(df, [valid[j] for j in sub]))
@@ -456,10 +458,10 @@ class InferenceStage:
 
     def _calibrate(self, df: pd.DataFrame, rows: list[int], pred: Any,
                    result: dict[str, list[Any]]) -> None:
-        clusters_raw = [df.at[i, "soap_cluster"] for i in rows]
+        clusters_raw = df["soap_cluster"].to_numpy()[rows]
         clusters = (None if any(c is None or pd.isna(c) for c in clusters_raw)
                     else np.asarray(clusters_raw, dtype=int))
-        comps = [json.loads(df.at[i, "composition"]) for i in rows]
+        comps = [json.loads(c) for c in df["composition"].to_numpy()[rows]]
         try:
             cols = self.calibrator.apply(pred, clusters, comps)
         except Exception as exc:  # noqa: BLE001 - calibration failure rejects the rows

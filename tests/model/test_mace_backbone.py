@@ -17,6 +17,7 @@ from pymatgen.core import Lattice, Structure
 from cathode_ray.model.backbones import load_backbone
 from cathode_ray.model.backbones.base import sha256_file
 from cathode_ray.model.backbones.mace import (
+    GRAPH_FIELDS,
     BackboneUnavailableError,
     MaceBackbone,
     WeightsMismatchError,
@@ -44,6 +45,30 @@ def test_conformance_plain_mace_three_layers(tmp_path: Path) -> None:
     """Plain MACE (no scale/shift) with two frozen readouts in the trunk."""
     path = build_tiny_mace(tmp_path / "plain.model", num_interactions=3, scale_shift=False, seed=1)
     check_backbone(MaceBackbone.from_spec(f"mace:{path}"), small_cathode_structures()[:3])
+
+
+def test_graphs_keep_only_what_the_model_reads_in_its_dtype(tiny: MaceBackbone) -> None:
+    """Training labels and weights are dropped and floats stored in the model's dtype, so graphs
+    cost less to pickle between stages; the edges are mace's own (float64 neighbour list)."""
+    import pickle
+
+    from mace.data import AtomicData, config_from_atoms
+    from mace.tools import torch_tools
+    from mace.tools.utils import AtomicNumberTable
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    s = small_cathode_structures()[3]
+    graph = tiny.build_graph(s)
+    assert set(graph.keys) == set(GRAPH_FIELDS)
+    assert all(graph[k].dtype == torch.float32 for k in graph.keys if graph[k].is_floating_point())
+    with torch_tools.default_dtype(torch.float64):
+        full = AtomicData.from_config(config_from_atoms(AseAtomsAdaptor.get_atoms(s), head_name=tiny.head),
+                                      z_table=AtomicNumberTable(tiny.z_list), cutoff=tiny.cutoff,
+                                      heads=tiny.heads)
+    assert len(full.keys) > 2 * len(graph.keys)
+    assert torch.equal(graph.edge_index, full.edge_index)
+    assert torch.allclose(graph.shifts.double(), full.shifts, atol=1e-5)
+    assert len(pickle.dumps(graph)) < 0.6 * len(pickle.dumps(full))
 
 
 def test_identity_and_features(tiny: MaceBackbone, tiny_path: Path) -> None:

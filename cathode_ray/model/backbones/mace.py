@@ -67,6 +67,10 @@ FOUNDATION_ALIASES: dict[str, str] = {
     "mace-mpa-0-medium": "medium-mpa-0",
 }
 
+#: ``AtomicData`` fields the trunk and the full model (``reference_energy``) read; the trunk
+#: needs all but ``cell``. Models with charge/spin embeddings also keep their ``embedding_specs``.
+GRAPH_FIELDS: tuple[str, ...] = ("edge_index", "positions", "shifts", "cell", "node_attrs", "head")
+
 _FALLBACK_HINT = (
     "use '--backbone chgnet' (weights ship with the chgnet wheel) or download the model file "
     "elsewhere and pass '--backbone mace:PATH'"
@@ -467,7 +471,15 @@ class MaceBackbone(Backbone):
     # ------------------------------------------------------------------ graphs
 
     def build_graph(self, structure: Structure) -> Any:
-        """MACE ``AtomicData`` (matscipy neighbour list, cutoff ``r_max``), float64 positions."""
+        """MACE ``AtomicData`` (matscipy neighbour list in float64, cutoff ``r_max``) holding only
+        what the model reads (:data:`GRAPH_FIELDS` plus the model's extra embedding inputs), floats
+        in the model's dtype.
+
+        mace's ``AtomicData`` also carries training labels and their weights (forces, stress,
+        dipole, ...: 31 fields). Dropping them and storing float32 rather than float64 makes a
+        graph ~3x smaller to pickle through Ray's object store and mace's ``Batch`` collation ~2x
+        faster (``docs/performance.md``); the trunk casts floats to the model's dtype anyway.
+        """
         from mace.data import AtomicData, config_from_atoms
         from mace.tools import torch_tools
         from mace.tools.utils import AtomicNumberTable
@@ -479,9 +491,17 @@ class MaceBackbone(Backbone):
         atoms = AseAtomsAdaptor.get_atoms(structure)
         with torch_tools.default_dtype(torch.float64):
             config = config_from_atoms(atoms, head_name=self.head)
-            return AtomicData.from_config(
+            graph = AtomicData.from_config(
                 config, z_table=AtomicNumberTable(self.z_list), cutoff=self.cutoff, heads=self.heads
             )
+        keep = {*GRAPH_FIELDS, *getattr(self.model, "embedding_specs", {})}
+        for key in list(graph.keys):
+            value = graph[key]
+            if key not in keep:
+                graph[key] = None  # None fields are not part of the graph (its ``keys``)
+            elif torch.is_tensor(value) and value.is_floating_point():
+                graph[key] = value.to(self.dtype)
+        return graph
 
     def _batch_dict(self, graphs: Sequence[Any], device: torch.device) -> dict[str, torch.Tensor]:
         """Concatenate AtomicData graphs (mace's Batch) on ``device``, floats in model dtype."""
