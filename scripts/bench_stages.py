@@ -24,8 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
-
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -43,13 +41,13 @@ def main() -> None:
     if args.tree:
         sys.path.insert(0, str(Path(args.tree).resolve()))
     import torch
+    from bench_feed import raw_batches  # after --tree: its cathode_ray is the one timed
 
     from cathode_ray.data.validate import ValidationConfig
     from cathode_ray.screen import stages
 
     torch.set_num_threads(1)
-    items = pd.DataFrame([{"path": args.library, "file_index": 0, "row_start": 0, "row_stop": args.n}])
-    raw = list(stages.read_file_chunks(items, chunk_rows=args.rows))
+    raw = raw_batches(args.library, args.n, args.rows)
     validate = stages.ValidateStage(config=ValidationConfig())
     graph = stages.GraphStage(model=args.model, references=args.references)
     graph(validate(raw[0].copy()))  # warm-up: model load, first hulls

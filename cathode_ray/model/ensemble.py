@@ -171,9 +171,7 @@ class Ensemble:
         for s in range(0, len(graphs), batch_size):
             sl = slice(s, s + batch_size)
             th = ThermoInputs(hull_pa=thermo.hull_pa[sl], corr_pa=thermo.corr_pa[sl], has_ref=thermo.has_ref[sl])
-            with torch.inference_mode():
-                batch = self.backbone.trunk_batch(graphs[sl], device)
-            parts.append(self.predict_batch(batch, th))
+            parts.append(self.predict_batch(self.backbone.trunk_batch(graphs[sl], device), th))
         return EnsemblePrediction.concat(parts)
 
 

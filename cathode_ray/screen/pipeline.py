@@ -147,27 +147,29 @@ class ScreenConfig:
         if self.run_id is not None:
             runs.check_run_id(self.run_id)
 
+    def _by_actor_kind(self, explicit: int | None, cpu: int, gpu: int) -> int:
+        """``explicit`` when given, else the seed-card default for the inference actors' kind."""
+        if explicit is not None:
+            return explicit
+        return gpu if self.gpu_actors else cpu
+
     @property
     def edge_budget(self) -> int:
-        """Directed-edge budget of one inference sub-batch (explicit, else by actor kind)."""
-        if self.max_edges_per_batch is not None:
-            return self.max_edges_per_batch
-        return seedcard.MAX_EDGES_PER_BATCH_GPU if self.gpu_actors else seedcard.MAX_EDGES_PER_BATCH_CPU
+        """Directed-edge budget of one inference sub-batch."""
+        return self._by_actor_kind(self.max_edges_per_batch, seedcard.MAX_EDGES_PER_BATCH_CPU,
+                                   seedcard.MAX_EDGES_PER_BATCH_GPU)
 
     @property
     def batch_rows(self) -> int:
-        """Rows per inference call (explicit, else by actor kind)."""
-        if self.inference_batch_rows is not None:
-            return self.inference_batch_rows
-        return seedcard.INFERENCE_BATCH_ROWS_GPU if self.gpu_actors else seedcard.INFERENCE_BATCH_ROWS_CPU
+        """Rows per inference call."""
+        return self._by_actor_kind(self.inference_batch_rows, seedcard.INFERENCE_BATCH_ROWS_CPU,
+                                   seedcard.INFERENCE_BATCH_ROWS_GPU)
 
     @property
     def calls_per_actor(self) -> int:
-        """Concurrent calls per inference actor (explicit, else by actor kind)."""
-        if self.inference_calls_per_actor is not None:
-            return self.inference_calls_per_actor
-        return (seedcard.INFERENCE_CALLS_PER_ACTOR_GPU if self.gpu_actors
-                else seedcard.INFERENCE_CALLS_PER_ACTOR_CPU)
+        """Concurrent calls per inference actor."""
+        return self._by_actor_kind(self.inference_calls_per_actor, seedcard.INFERENCE_CALLS_PER_ACTOR_CPU,
+                                   seedcard.INFERENCE_CALLS_PER_ACTOR_GPU)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -396,8 +396,8 @@ class InferenceStage:
             corr_pa=torch.from_numpy(column("corr_pa").astype(np.float32)),  # [B] eV/atom
             has_ref=torch.from_numpy(column("has_ref").astype(bool)),  # [B]
         )
-        with torch.inference_mode():  # the trunk's output stays on the device
-            batch = self.ensemble.backbone.trunk_batch(list(column("graph")), self.device)
+        # the trunk's output stays on the device
+        batch = self.ensemble.backbone.trunk_batch(list(column("graph")), self.device)
         if not self._precision_checked:
             self._check_precision(batch, thermo)
         return self.ensemble.predict_batch(batch, thermo)

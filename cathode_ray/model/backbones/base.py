@@ -85,9 +85,11 @@ class Backbone(ABC):
         """Frozen trunk straight into one collated batch on ``device`` (inference path).
 
         Must equal ``collate(trunk(graphs), device)`` (the conformance check compares them).
-        This default does exactly that; adapters override it to skip the host round trip.
+        This default does exactly that; adapters override it to skip the host round trip. Runs
+        under ``torch.inference_mode`` (the batch only feeds inference).
         """
-        return self.collate(self.trunk(graphs, device=device), device)
+        with torch.inference_mode():
+            return self.collate(self.trunk(graphs, device=device), device)
 
     @abstractmethod
     def new_last_block(self) -> LastBlock:

@@ -100,7 +100,7 @@ class ChgnetBackbone(Backbone):
         graphs, _, atom_feas, bond_feas, bond_weights, comp_energy = self._trunk_outputs(graphs, device)
         return self._split(graphs, atom_feas, bond_feas, bond_weights, comp_energy)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def trunk_batch(self, graphs: Sequence[Any], device: str | torch.device = "cpu") -> TrunkBatch:
         """:meth:`trunk` + :meth:`collate` without leaving ``device`` (same keys and values)."""
         graphs, g, atom_feas, bond_feas, bond_weights, comp_energy = self._trunk_outputs(graphs, device)

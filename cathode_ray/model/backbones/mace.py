@@ -521,7 +521,7 @@ class MaceBackbone(Backbone):
         _, node_feats, vectors, e_frozen, _ = self._trunk_outputs(graphs, device)
         return self._split(graphs, node_feats, vectors, e_frozen)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def trunk_batch(self, graphs: Sequence[Any], device: str | torch.device = "cpu") -> TrunkBatch:
         """:meth:`trunk` + :meth:`collate` without leaving ``device`` (same keys and values),
         plus the frozen edge embedding the trunk computed (``edge_attrs`` [E, (l_max+1)^2],
