@@ -61,6 +61,23 @@ def _backbone(spec: str, device: str) -> Backbone:
     return load_backbone(spec, device=device)
 
 
+def bench_ensemble(bb: Backbone, n_members: int, device: str) -> Ensemble:
+    """``n_members`` stacked last-block members (seeds 42...), each last block perturbed by ~1 %
+    of its weights' scale so that members differ, as trained ones do."""
+    norm = Normalizer(mean=0.08, std=0.07)
+    dim = bb.embedding_dim + bb.trunk_embedding_dim
+    members = []
+    for i in range(n_members):
+        torch.manual_seed(42 + i)
+        m = Member(bb.new_last_block(), dim, HeadConfig(), norm).to(device).eval()
+        with torch.no_grad():
+            for p in m.last_block.parameters():
+                p.add_(0.01 * torch.randn_like(p) * p.abs().mean())
+        members.append(m)
+    return Ensemble(backbone=bb, members=members, normalizer=norm, uri="-", files={}, stack_members=True,
+                    manifest={"model_id": "bench", "config": {"train_last_block": True}})
+
+
 def _timed(fn, repeats: int) -> float:
     fn()  # warm-up
     if torch.cuda.is_available():
@@ -90,17 +107,8 @@ def main() -> None:
     bb = _backbone(args.backbone, args.device)
     structures = _structures(args.n)
     graphs = [bb.build_graph(s) for s in structures]
-    norm = Normalizer(mean=0.08, std=0.07)
-    dim = bb.embedding_dim + bb.trunk_embedding_dim
-    members = []
-    for i in range(args.members):
-        torch.manual_seed(42 + i)
-        m = Member(bb.new_last_block(), dim, HeadConfig(), norm).to(args.device).eval()
-        for p in m.last_block.parameters():  # members differ, as trained ones do
-            p.add_(0.01 * torch.randn_like(p) * p.abs().mean())
-        members.append(m)
-    ens = Ensemble(backbone=bb, members=members, normalizer=norm, uri="-", files={}, stack_members=True,
-                   manifest={"model_id": "bench", "config": {"train_last_block": True}})
+    ens = bench_ensemble(bb, args.members, args.device)
+    members = ens.members
     chunks = [graphs[i:i + args.batch] for i in range(0, len(graphs), args.batch)]
     th = {len(c): ThermoInputs(hull_pa=torch.zeros(len(c)), corr_pa=torch.zeros(len(c)),
                               has_ref=torch.ones(len(c), dtype=torch.bool)).to(args.device) for c in chunks}

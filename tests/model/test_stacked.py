@@ -10,12 +10,14 @@ import pytest
 import torch
 from conformance import small_cathode_structures
 
+from cathode_ray import seedcard
 from cathode_ray.model.backbones import Backbone
 from cathode_ray.model.backbones.mace import MaceBackbone
 from cathode_ray.model.ensemble import Ensemble
 from cathode_ray.model.head import HeadConfig
 from cathode_ray.model.member import Member, Normalizer, ThermoInputs
 from cathode_ray.model.stacked import check_precision, precision_context
+from cathode_ray.testing.tf32 import emulated_tf32
 from cathode_ray.testing.tiny_mace import build_tiny_mace
 from tests.chgnet_data import chgnet, member_data
 
@@ -119,6 +121,18 @@ def test_precision_deviation_chgnet(head_only: bool) -> None:
     assert 0.0 < dev < 0.05  # eV/atom: bf16 perturbs, but the float32 readout keeps it small
     out = ens.member_outputs(batch, th, "bf16")
     assert out["energy_pa"].dtype == torch.float32 and out["q50"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("mode", ["round", "truncate"])
+def test_chgnet_tf32_is_within_the_seedcard_bound(mode: str) -> None:
+    """TF32 (emulated on the CPU) moves CHGNet members' predictions, but by less than the bound the
+    screen enforces: the readout and the convolution's sums stay strict float32."""
+    ens = _ensemble(chgnet(), 2)
+    data = member_data(6, seed=2)
+    batch, th = chgnet().collate(data.feats), _thermo(6)
+    with emulated_tf32(mode):
+        dev = ens.precision_deviation(batch, th, precision="tf32")
+    assert 0.0 < dev < seedcard.PRECISION_MAX_DEVIATION
 
 
 def test_mace_bf16_casts_the_last_block_and_keeps_float32_weights(tiny_mace: MaceBackbone) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,11 +124,22 @@ def batch_to_device(batch: TrunkBatch, device: str | torch.device) -> TrunkBatch
     return {k: v.pin_memory().to(dev, non_blocking=True) for k, v in batch.items()}
 
 
-def readout_precision(x: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
-    """Autocast off for an energy readout on ``x``'s device: per-atom energies of several eV
-    need float32 (bfloat16 resolves only ~0.03 eV at 5 eV). Cast the readout's input with
-    ``.float()`` inside."""
-    return torch.autocast(device_type=x.device.type, enabled=False)
+@contextlib.contextmanager
+def strict_float32(x: torch.Tensor) -> Iterator[None]:
+    """Strict float32 for an energy readout on ``x``'s device: autocast off and TF32 matmuls off.
+
+    Per-atom energies of several eV need float32: bfloat16 resolves only ~0.03 eV at 5 eV, and
+    TF32 rounds matmul inputs to 10 mantissa bits, which moved CHGNet energies by up to 2 meV/atom
+    in the readout MLP alone (``scripts/bench_precision.py``). Cast the readout's input with
+    ``.float()`` inside. The TF32 flags are restored on exit.
+    """
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -44,10 +44,10 @@ from .base import (
     TrunkBatch,
     TrunkFeatures,
     batch_to_device,
-    readout_precision,
     segment_mean,
     segment_sum,
     sha256_file,
+    strict_float32,
 )
 
 #: Backbone spec name -> key of ``mace.calculators.foundations_models.mace_mp_urls``.
@@ -372,7 +372,7 @@ class MaceLastBlock(LastBlock):
                 first_layer=self.first_layer,
             )  # [A, last hidden irreps dim], in the low dtype under a bf16 autocast
         arange = torch.arange(node_feats.shape[0], device=node_feats.device)
-        with readout_precision(node_feats):  # the readout stays float32 under a bf16 autocast
+        with strict_float32(node_feats):  # the readout stays float32 under a bf16 autocast
             node_feats = node_feats.to(torch.promote_types(node_feats.dtype, torch.float32))
             node_es = self.readout(node_feats, node_heads)[arange, node_heads]  # [A] eV
         node_es = node_es * self.energy_scale[node_heads].to(node_es.dtype)
