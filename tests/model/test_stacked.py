@@ -82,6 +82,30 @@ def test_stacked_mace_members_equal_loop_and_restore_mace(tiny_mace: MaceBackbon
     assert blocks.scatter_sum is original  # the vmap-safe swap is undone
 
 
+def test_stacked_mace_members_run_with_torchscript_fusion_enabled(tmp_path: Path) -> None:
+    """With TorchScript's fuser on (CUDA's default; forced here on the CPU), e3nn's scripted code
+    gets fused after two profiling calls, and fused kernels cannot be vmapped: without the MACE
+    context's ``no_jit_fusion`` the third stacked call fails. With it, every call stays stacked,
+    and the fuser flags come back afterwards."""
+    bb = MaceBackbone.from_spec(f"mace:{build_tiny_mace(tmp_path / 'fresh.model', r_max=4.0, seed=3)}")
+    structures = small_cathode_structures()[:3]
+    with torch.inference_mode():
+        batch = bb.trunk_batch([bb.build_graph(s) for s in structures])  # before fusion is forced
+    ens = _ensemble(bb, 3)
+    cpu, texpr = torch._C._jit_can_fuse_on_cpu(), torch._C._jit_texpr_fuser_enabled()
+    torch._C._jit_override_can_fuse_on_cpu(True)
+    torch._C._jit_set_texpr_fuser_enabled(True)
+    try:
+        with torch.inference_mode():
+            outs = [ens.member_outputs(batch, _thermo(3)) for _ in range(4)]
+        assert ens.stack_members, "stacking fell back to the loop"
+        assert torch._C._jit_can_fuse_on_cpu() and torch._C._jit_texpr_fuser_enabled()  # restored
+    finally:
+        torch._C._jit_override_can_fuse_on_cpu(cpu)
+        torch._C._jit_set_texpr_fuser_enabled(texpr)
+    torch.testing.assert_close(outs[-1]["q50"], outs[0]["q50"])
+
+
 def test_falls_back_to_loop_when_ops_cannot_be_vmapped(tiny_mace: MaceBackbone,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Without the MACE context, mace's in-place scatter fails under vmap: the loop takes over."""

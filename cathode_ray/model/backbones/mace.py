@@ -159,6 +159,19 @@ def vmap_safe_scatter() -> Iterator[None]:
         blocks.scatter_sum = original
 
 
+def no_jit_fusion() -> contextlib.AbstractContextManager[None]:
+    """TorchScript's kernel fusers off (``torch.jit.fuser("none")``; restored on exit).
+
+    e3nn compiles its contractions with TorchScript. After two profiling calls TorchScript fuses
+    them into kernels (NNC on CUDA by default; on CPU only when forced, and this CPU build has no
+    LLVM to compile them), and a fused kernel has no ``vmap`` batching rule: stacked members
+    failed on an H100 with "The following operation failed in the TorchScript interpreter". Not
+    fusing keeps every op vmap can batch. Whether this is the whole story on CUDA is not yet
+    measured; the ensemble still falls back to the member loop if a stacked call fails.
+    """
+    return torch.jit.fuser("none")
+
+
 def load_mace_model_file(path: str | Path, *, expected_sha256: str | None = None) -> tuple[nn.Module, str]:
     """Unpickle a trusted MACE ``.model`` file onto the CPU.
 
@@ -655,8 +668,12 @@ class MaceBackbone(Backbone):
         return MaceLastBlock(self.model).to(self.device)
 
     def vmap_context(self) -> contextlib.AbstractContextManager[None]:
-        """mace's interaction blocks scatter in place; see :func:`vmap_safe_scatter`."""
-        return vmap_safe_scatter()
+        """mace's interaction blocks scatter in place (see :func:`vmap_safe_scatter`), and e3nn's
+        TorchScript'd contractions must not be fused (see :func:`no_jit_fusion`)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(vmap_safe_scatter())
+        stack.enter_context(no_jit_fusion())
+        return stack
 
     @torch.no_grad()
     def reference_energy(self, structures: Sequence[Structure]) -> torch.Tensor:
