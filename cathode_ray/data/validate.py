@@ -216,18 +216,26 @@ def validate_row(
 ) -> tuple[dict[str, Any] | None, dict[str, str] | None]:
     """Parse and validate one raw row: ``(valid_row, None)`` or ``(None, reject_row)``.
 
-    No duplicate-id check (see :func:`validate_rows`); for per-batch use in the Ray pipeline.
+    No duplicate-id check (see :func:`validate_rows`).
+    """
+    checked = validate_raw(raw_row, config)
+    if isinstance(checked, Reject):
+        return None, checked.as_row()
+    return valid_row(checked, structure_id=str(raw_row["structure_id"]), source=str(raw_row["source"]),
+                     labels=row_labels(raw_row)), None
+
+
+def validate_raw(raw_row: dict[str, Any], config: ValidationConfig) -> Structure | Reject:
+    """Parse and validate one raw row: the Structure, fit for screening, or the Reject saying why.
+
+    No duplicate-id check and no serialisation (the screen's graph stage uses the Structure as is).
     """
     parsed = parse_raw(raw_row)
     if isinstance(parsed, Reject):
-        return None, parsed.as_row()
-    sid, source = str(raw_row["structure_id"]), str(raw_row["source"])
-    labels = row_labels(raw_row)
-    reject = validate_structure(parsed, structure_id=sid, source=source, config=config,
-                                labels=labels)
-    if reject is not None:
-        return None, reject.as_row()
-    return valid_row(parsed, structure_id=sid, source=source, labels=labels), None
+        return parsed
+    reject = validate_structure(parsed, structure_id=str(raw_row["structure_id"]),
+                                source=str(raw_row["source"]), config=config, labels=row_labels(raw_row))
+    return parsed if reject is None else reject
 
 
 def validate_rows(
