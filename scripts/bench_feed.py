@@ -8,7 +8,7 @@ pipeline, with a process pool in place of Ray (for nodes where Ray is not instal
 borrowed GPU box):
 
 1. *CPU stages*: ``--workers`` processes read + validate + build graphs and hull inputs
-   (``GraphStage``, validation included) for the library twice: cold (a fresh screen: every worker
+   (``ValidateStage``, ``GraphStage``) for the library twice: cold (a fresh screen: every worker
    builds each chemical system's hull once) and warm (steady state of a long screen).
 2. *inference stage alone*: on those graphs, ``InferenceStage`` (ensemble + calibration + OOD +
    triage) on batches of ``--batch-rows`` rows split by the ``--max-edges`` budget, per setting:
@@ -62,15 +62,14 @@ def _init_worker(model: str, references: str) -> None:
 
     torch.set_num_threads(1)
     _limits = threadpool_limits(1)
-    _graph_stage = stages.GraphStage(model=model, references=references,
-                                     validate=stages.ValidateStage(config=ValidationConfig()))
+    _graph_stage = stages.GraphStage(model=model, references=references)
 
 
 def _cpu_stages(raw: pd.DataFrame) -> bytes:
     """Validate + graph stages on one raw batch, pickled here (as Ray serialises a block into its
     object store): multiprocessing's own pickler would pass every tensor as a file descriptor."""
     assert _graph_stage is not None
-    return pickle.dumps(_graph_stage(raw), protocol=5)
+    return pickle.dumps(_graph_stage(stages.ValidateStage(config=ValidationConfig())(raw)), protocol=5)
 
 
 def raw_batches(library: str, n: int, rows: int) -> list[pd.DataFrame]:

@@ -5,7 +5,7 @@
 
 The screen's own stage classes on the first ``--n`` rows of a library file, one thread:
 
-- *CPU stages*: ``GraphStage`` (validation, graphs, hull inputs, SOAP clusters);
+- *CPU stages*: ``ValidateStage`` + ``GraphStage`` (graphs, hull inputs, SOAP clusters);
 - *graph bytes*: the graph stage's output pickled as Ray stores a block, per structure, and how fast
   it unpickles (Ray does that when it hands the inference actor its next batch);
 - *inference stage*: ``InferenceStage`` (ensemble + calibration + OOD + triage) on those batches,
@@ -19,7 +19,6 @@ on the same machine (alternate them: single runs on a shared machine are noisy).
 from __future__ import annotations
 
 import argparse
-import inspect
 import pickle
 import sys
 import time
@@ -50,14 +49,10 @@ def main() -> None:
     torch.set_num_threads(1)
     raw = raw_batches(args.library, args.n, args.rows)
     validate = stages.ValidateStage(config=ValidationConfig())
-    if "validate" in inspect.signature(stages.GraphStage).parameters:  # one call validates + builds
-        cpu_stages = stages.GraphStage(model=args.model, references=args.references, validate=validate)
-    else:  # checkouts before 2026-11-27: two stages, validated structures handed on as JSON
-        graph = stages.GraphStage(model=args.model, references=args.references)
-        cpu_stages = lambda raw_batch: graph(validate(raw_batch))  # noqa: E731
-    cpu_stages(raw[0].copy())  # warm-up: model load, first hulls
+    graph = stages.GraphStage(model=args.model, references=args.references)
+    graph(validate(raw[0].copy()))  # warm-up: model load, first hulls
     t0 = time.perf_counter()
-    batches = [cpu_stages(r) for r in raw]
+    batches = [graph(validate(r)) for r in raw]
     cpu_rate = args.n / (time.perf_counter() - t0)
     blobs = [pickle.dumps(b, protocol=5) for b in batches]
     t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """``cathode-ray screen``: stream a structure library through the calibrated ensemble on Ray Data.
 
     read (<= 1,024-row ranges of large Parquet files, else one task per file; 256-row blocks)
-    -> validate (+ duplicate marks, resume skips) and graphs (CPU actors, one call)
+    -> validate (+ duplicate marks, resume skips) -> graphs (CPU actors)
     -> ensemble + calibration/OOD/triage (actor pool; GPU or CPU) -> results + rejects Parquet
 
 Memory is bounded, not proportional to the library: reads are small tasks, blocks are at most
@@ -10,7 +10,7 @@ Memory is bounded, not proportional to the library: reads are small tasks, block
 De-duplication is a separate *index pass* over ids only: every file is read once more for its
 structure ids (no parsing), a Ray Data ``groupby(structure_id).count()`` finds the repeated ids,
 and only the rows of those ids are brought to the driver to rank their occurrences by input
-order. The (small) ``{order: occurrence}`` map is shipped to the graph actors, so later
+order. The (small) ``{order: occurrence}`` map is shipped to the validate tasks, so later
 duplicates become ``duplicate_id`` rejects without ever holding all ids in one process. The same
 pass counts the inputs for the ``results + rejects == inputs`` invariant, and the rows of each
 file, from which the read tasks are planned.
@@ -35,13 +35,13 @@ from cathode_ray.screen import runs, stages
 
 log = logging.getLogger(__name__)
 
-_BATCH_ROWS = 32  # rows per validate + graph call (inference: ScreenConfig.batch_rows)
+_BATCH_ROWS = 32  # rows per validate / graph call (inference: ScreenConfig.batch_rows)
 #: Largest block a stage emits. Ray Data's 128 MiB default lets one graph-stage task build ~1,000
 #: graphs before handing them on (16 MiB kept the actors' memory a third lower). 4 MiB blocks fit
 #: Ray Data's per-stage share of a 128 MB budget, so reads can no longer run far ahead of graph
 #: building and the object store's pages stop growing with the library (docs/performance.md).
 _MAX_BLOCK_BYTES = 4 << 20
-#: Logical CPUs of the light task stage (read). Ray Data starts the actor pools
+#: Logical CPUs of the light task stages (read, validate). Ray Data starts the actor pools
 #: eagerly; tasks that ask for a whole CPU next to them can starve forever on small machines.
 _LIGHT_CPUS = 0.25
 
@@ -66,12 +66,12 @@ class ScreenConfig:
         gpu_actors: inference actors with one GPU each (0 = CPU actors).
         cpu_actors: CPU inference actors when ``gpu_actors == 0``.
         cpus_per_actor: logical CPUs each CPU inference actor reserves.
-        graph_actors: most CPU actors that validate structures and build graphs (one parse per
-            structure; ~150-190 structures/s each with MACE, hull inputs and SOAP included).
-        light_tasks: most concurrent read tasks. Each runs in its own worker process, so this
-            bounds the screen's memory: unbounded, Ray starts as many as fit in the free CPU
-            fractions and peak memory grows with the run. Reading is light (no parsing): raise it
-            with ``graph_actors`` on large nodes.
+        graph_actors: most graph-building CPU actors.
+        light_tasks: most concurrent read and validate tasks. Each runs in its own worker process
+            (pymatgen loaded, ~0.25-0.4 GB), so this bounds the screen's memory: unbounded, Ray
+            starts as many as fit in the free CPU fractions and peak memory grows with the run.
+            One validate task handles ~300 structures/s, faster than one graph actor (CHGNet
+            ~50/s, MACE ~170/s with hull inputs): raise it with ``graph_actors`` on large nodes.
         max_edges_per_batch: edge budget of one inference sub-batch (directed graph edges);
             None: ``seedcard.MAX_EDGES_PER_BATCH_CPU`` (50,000) or ``_GPU`` (400,000) by actor kind.
         inference_batch_rows: rows handed to an inference actor per call (split inside by the
@@ -342,10 +342,12 @@ def build_dataset(config: ScreenConfig, source: Source, *, run_id: str, index: I
         ds = ds.map_batches(stages.read_file_chunks, batch_format="pandas", batch_size=1,
                             num_cpus=_LIGHT_CPUS,
                             compute=ray.data.TaskPoolStrategy(size=config.light_tasks), **env)
-    validate = stages.ValidateStage(config=config.validation, ranks=ranks, done=done)
+    ds = ds.map_batches(stages.ValidateStage(config=config.validation, ranks=ranks, done=done),
+                        batch_format="pandas", batch_size=_BATCH_ROWS, num_cpus=_LIGHT_CPUS,
+                        compute=ray.data.TaskPoolStrategy(size=config.light_tasks), **env)
     ds = ds.map_batches(
         stages.GraphStage, batch_format="pandas", batch_size=_BATCH_ROWS,
-        fn_constructor_kwargs={"model": config.model, "references": config.references, "validate": validate},
+        fn_constructor_kwargs={"model": config.model, "references": config.references},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.graph_actors),
         num_cpus=0.5, **env,
     )

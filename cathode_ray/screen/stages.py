@@ -4,9 +4,8 @@ batches, plus the two-way Parquet writer. Nothing here starts Ray; :mod:`.pipeli
 Row flow (one row per input occurrence; ``kind`` says what it is)::
 
     raw rows (structure_id, source, fmt, payload, error, order)
-      -> GraphStage          one CPU actor call per batch:
-           ValidateStage       kind = valid | reject  (+ formula, chemsys, nsites, structure)
-           graphs              valid rows get graph, n_edges, hull inputs, soap_cluster, composition
+      -> ValidateStage       kind = valid | reject  (+ formula, chemsys, nsites, structure: CompactStructure)
+      -> GraphStage          valid rows get graph, n_edges, hull inputs, soap_cluster, composition
       -> InferenceStage      valid rows become results (RESULT_COLUMNS) or inference_failed rejects
       -> ScreenWriter        results -> DEST/results/run_id=RUN/, rejects -> DEST/rejects/run_id=RUN/
 
@@ -32,13 +31,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from cathode_ray.data.library import (
-    LIBRARY_ROW_GROUP_ROWS,
-    library_format,
-    read_library_file,
-)
+from cathode_ray.data.library import LIBRARY_ROW_GROUP_ROWS, library_format, read_library_file
 from cathode_ray.data.records import Reject, RejectCode
-from cathode_ray.data.validate import ValidationConfig, validate_raw
+from cathode_ray.data.validate import CompactStructure, ValidationConfig, validate_raw
 from cathode_ray.screen.schema import RESULT_SCHEMA, SCREEN_REJECT_SCHEMA, conform
 from cathode_ray.storage import filesystem_for, write_parquet
 
@@ -202,7 +197,7 @@ class ValidateStage:
                 comp = checked.composition
                 out.append({"structure_id": sid, "source": source, "occurrence": 0, "kind": VALID,
                             "formula": comp.reduced_formula, "chemsys": comp.chemical_system,
-                            "nsites": len(checked), "structure": checked})
+                            "nsites": len(checked), "structure": CompactStructure.from_structure(checked)})
         return _with_time(_frame(out), "t_validate", t0)
 
 
@@ -255,17 +250,14 @@ def count_edges(graph: Any) -> int:
 
 
 class GraphStage:
-    """CPU stage: validation (``ValidateStage``), then per valid structure the backbone graph,
-    edge count, hull inputs (eV/atom), SOAP cluster and composition.
+    """CPU stage: backbone graph, edge count, hull inputs (eV/atom), SOAP cluster, composition.
 
-    Validation runs in the same call so that each structure is parsed once: handing validated
-    structures to a separate stage cost a JSON round trip (``to_json`` + ``from_str``, 1.3 ms of
-    ~6.5 ms per structure on one core, ``docs/performance.md``). Loads the backbone (for its own
-    neighbour list), the reference hull and the model's SOAP clusterer once per actor. A structure
-    whose graph or hull inputs fail becomes an ``inference_failed`` reject.
+    Loads the backbone (for its own neighbour list), the reference hull and the model's SOAP
+    clusterer once per actor. A structure whose graph or hull inputs fail becomes an
+    ``inference_failed`` reject.
     """
 
-    def __init__(self, *, model: str, references: str, validate: ValidateStage) -> None:
+    def __init__(self, *, model: str, references: str) -> None:
         from cathode_ray.data.references import ReferenceHull
         from cathode_ray.data.splits import SoapClusterer
         from cathode_ray.model.artifact import ModelDir
@@ -274,7 +266,6 @@ class GraphStage:
         md = ModelDir(uri=model)
         manifest = md.read_manifest(verify=False)
         files = md.verify(manifest)
-        self.validate = validate
         self.backbone = load_backbone(manifest["backbone"]["spec"], device="cpu")
         self.hull = ReferenceHull.from_source(references)
         soap = files.get("soap_clusterer.json")
@@ -283,17 +274,17 @@ class GraphStage:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from cathode_ray.train.features import hull_inputs
 
-        df = self.validate(batch)  # raw rows -> valid (with a Structure) | reject rows
         t0 = time.perf_counter()
+        df = batch.reset_index(drop=True)
         n = len(df)
         graphs: list[Any] = [None] * n
         cols: dict[str, list[Any]] = {k: [None] * n for k in (
             "n_edges", "hull_pa", "corr_pa", "has_ref", "soap_cluster", "composition")}
         ok: list[int] = []
-        structures: list[Any] = []
+        structures: list[Any] = []  # pymatgen Structures
         for i in np.flatnonzero(df["kind"].to_numpy() == VALID):
-            s = df.at[i, "structure"]
             try:
+                s = df.at[i, "structure"].to_structure()
                 graph = self.backbone.build_graph(s)
                 hull_pa, corr_pa, has_ref = hull_inputs([s], self.backbone, self.hull)
             except Exception as exc:  # noqa: BLE001 - one bad structure must not kill the batch

@@ -12,9 +12,11 @@ import pytest
 from pymatgen.core import Lattice, Structure
 
 from cathode_ray.data.library import iter_library
-from cathode_ray.data.records import RejectCode
+from cathode_ray.data.records import Reject, RejectCode
 from cathode_ray.data.validate import (
+    CompactStructure,
     ValidationConfig,
+    validate_raw,
     validate_row,
     validate_rows,
     validate_structure,
@@ -152,3 +154,30 @@ def test_real_snapshot_sample_validates() -> None:
     valid, rejects = validate_rows(raw, ValidationConfig(require_label=True))
     assert len(valid) + len(rejects) == len(docs)
     assert len(valid) >= 0.95 * len(docs), rejects
+
+
+def test_validate_raw_returns_the_structure_or_the_reject() -> None:
+    good = {"structure_id": "a", "source": "s", "fmt": "pymatgen_json", "payload": licoo2().to_json()}
+    checked = validate_raw(good, ValidationConfig())
+    assert isinstance(checked, Structure) and checked.composition.reduced_formula == "LiCoO2"
+    bad = validate_raw({**good, "payload": "{}"}, ValidationConfig())
+    assert isinstance(bad, Reject) and bad.reason == RejectCode.UNPARSEABLE
+
+
+def test_compact_structure_round_trips_elements_and_geometry() -> None:
+    import pickle
+
+    import numpy as np
+
+    s = licoo2()
+    s.add_oxidation_state_by_element({"Li": 1, "Co": 3, "O": -2})
+    compact = pickle.loads(pickle.dumps(CompactStructure.from_structure(s)))
+    back = compact.to_structure()
+    assert [site.specie.symbol for site in back] == [site.specie.symbol for site in s]
+    np.testing.assert_array_equal(back.frac_coords, s.frac_coords)
+    np.testing.assert_array_equal(back.lattice.matrix, s.lattice.matrix)
+    assert back.composition.reduced_formula == "LiCoO2"  # oxidation states are not carried
+    disordered = licoo2()
+    disordered.replace(1, {"Co": 0.5, "Ni": 0.5})
+    with pytest.raises(ValueError, match="ordered"):
+        CompactStructure.from_structure(disordered)

@@ -84,8 +84,8 @@ def test_stacked_mace_members_equal_loop_and_restore_mace(tiny_mace: MaceBackbon
 
 def test_stacked_mace_members_run_with_torchscript_fusion_enabled(tmp_path: Path) -> None:
     """With TorchScript's fuser on (CUDA's default; forced here on the CPU), e3nn's scripted code
-    gets fused after two profiling calls, and fused kernels cannot be vmapped: without the MACE
-    context's ``no_jit_fusion`` the third stacked call fails. With it, every call stays stacked,
+    gets fused after a profiling call, and fused kernels cannot be vmapped: without the MACE
+    context's ``no_jit_fusion`` the second stacked call fails. With it, every call stays stacked,
     and the fuser flags come back afterwards."""
     bb = MaceBackbone.from_spec(f"mace:{build_tiny_mace(tmp_path / 'fresh.model', r_max=4.0, seed=3)}")
     structures = small_cathode_structures()[:3]

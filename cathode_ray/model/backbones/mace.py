@@ -162,7 +162,7 @@ def vmap_safe_scatter() -> Iterator[None]:
 def no_jit_fusion() -> contextlib.AbstractContextManager[None]:
     """TorchScript's kernel fusers off (``torch.jit.fuser("none")``; restored on exit).
 
-    e3nn compiles its contractions with TorchScript. After two profiling calls TorchScript fuses
+    e3nn compiles its contractions with TorchScript. After a profiling call TorchScript fuses
     them into kernels (NNC on CUDA by default; on CPU only when forced, and this CPU build has no
     LLVM to compile them), and a fused kernel has no ``vmap`` batching rule: stacked members
     failed on an H100 with "The following operation failed in the TorchScript interpreter". Not
