@@ -21,7 +21,7 @@ step() {  # step NAME TIMEOUT_S CMD...: run, log, keep going on failure
     echo "== $name" | tee -a "$OUT/summary.txt"
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
     echo "   exit $? after ${SECONDS}s" | tee -a "$OUT/summary.txt"
-    grep -E "structures/s|meV/atom|ratio|falls back|fell back" "$OUT/$name.log" | tee -a "$OUT/summary.txt"
+    grep -E "structures/s|meV/atom|fell back|Error" "$OUT/$name.log" | tee -a "$OUT/summary.txt"
 }
 
 step ensemble_mace 150 python scripts/bench_ensemble.py --backbone mace-medium-shape --n 512 --batch 64 --device cuda

@@ -271,8 +271,8 @@ class CompactStructure:
 
     The screen validates in light tasks and builds graphs in CPU actors, so validated structures
     cross processes. As arrays they pickle to ~1 KiB per 36-site candidate (6.8 KiB as pymatgen
-    JSON), and rebuilding the Structure costs 0.47 ms against 1.29 ms for ``to_json`` +
-    ``Structure.from_str`` (``docs/performance.md``). Not kept: oxidation states, site labels and
+    JSON), and making them plus rebuilding the Structure costs 0.47 ms against 1.29 ms for
+    ``to_json`` + ``Structure.from_str`` (``docs/performance.md``). Not kept: oxidation states, site labels and
     properties, charge; graphs, hull inputs and SOAP use only elements and geometry.
     """
 

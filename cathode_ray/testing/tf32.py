@@ -27,7 +27,7 @@ _LOW_BITS = 0x1FFF  # float32 keeps 23 mantissa bits, TF32 10: the low 13 go
 
 
 def to_tf32(x: torch.Tensor, *, mode: str = "round") -> torch.Tensor:
-    """``x`` (float32) rounded to the TF32 grid, still stored as float32."""
+    """``x`` (float32, finite) rounded to the TF32 grid, still stored as float32."""
     bits = x.contiguous().view(torch.int32)
     if mode == "round":  # to nearest, ties to even
         bits = bits + (_LOW_BITS >> 1) + ((bits >> 13) & 1)

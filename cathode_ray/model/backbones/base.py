@@ -130,7 +130,7 @@ def strict_float32(x: torch.Tensor) -> Iterator[None]:
 
     Per-atom energies of several eV need float32: bfloat16 resolves only ~0.03 eV at 5 eV, and
     TF32 rounds matmul inputs to 10 mantissa bits, which moved CHGNet energies by up to 2 meV/atom
-    in the readout MLP alone (``scripts/bench_precision.py``). Cast the readout's input with
+    in the readout MLP alone (CPU emulation, ``scripts/bench_precision.py``). Cast the readout's input with
     ``.float()`` inside. The TF32 flags are restored on exit.
     """
     matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32

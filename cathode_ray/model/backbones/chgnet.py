@@ -82,7 +82,7 @@ class ChgnetLastBlock(LastBlock):
             atom_graph=batch["atom_graph"],  # [E, 2] directed, batch-global atom indices
             directed2undirected=batch["directed2undirected"],  # [E]
         )
-        with strict_float32(atom_feas):  # the readout stays float32 under a bf16 autocast
+        with strict_float32(atom_feas):  # the readout: no autocast, no TF32
             atom_feas = atom_feas.float()
             if self.readout_norm is not None:
                 atom_feas = self.readout_norm(atom_feas)

@@ -385,7 +385,7 @@ class MaceLastBlock(LastBlock):
                 first_layer=self.first_layer,
             )  # [A, last hidden irreps dim], in the low dtype under a bf16 autocast
         arange = torch.arange(node_feats.shape[0], device=node_feats.device)
-        with strict_float32(node_feats):  # the readout stays float32 under a bf16 autocast
+        with strict_float32(node_feats):  # the readout: no autocast, no TF32
             node_feats = node_feats.to(torch.promote_types(node_feats.dtype, torch.float32))
             node_es = self.readout(node_feats, node_heads)[arange, node_heads]  # [A] eV
         node_es = node_es * self.energy_scale[node_heads].to(node_es.dtype)
