@@ -11,8 +11,9 @@ on the device (``predict_graphs``, the screen):
   one vectorised call (:class:`~cathode_ray.model.stacked.StackedMembers`, ``stack_members=True``;
   falls back to the loop when a backbone's ops cannot be vmapped). Measured on CPU the stacked
   call is slower (0.72x the loop with CHGNet, 0.57x with a MACE-MP-0-medium-shaped model,
-  ``scripts/bench_ensemble.py``); on an H100 it gains 6 % for CHGNet, and MACE falls back to the
-  loop (its TorchScript ops fail under ``vmap`` on CUDA).
+  ``scripts/bench_ensemble.py``); on an H100 it gains 6 % for CHGNet. MACE fell back to the loop
+  there (TorchScript's fused kernels cannot be vmapped); its stacked call now runs with the fuser
+  off (``MaceBackbone.vmap_context``), not yet measured on a GPU.
 
 ``precision`` (``float32`` | ``tf32`` | ``bf16``) applies to the last block(s); heads stay float32.
 """
