@@ -136,14 +136,9 @@ def end_to_end(pool: ProcessPoolExecutor, model: str, raw: list[pd.DataFrame], *
     writer = stages.ScreenWriter(results_uri=str(out / "results"), rejects_uri=str(out / "rejects"),
                                  run_id="bench")
     t0 = time.perf_counter()
-    pending: list[pd.DataFrame] = []
     for graphs in _unpickled(pool.map(_cpu_stages, raw), ahead=calls - 1):
-        pending.append(stage(graphs))
-        if sum(len(p) for p in pending) >= 2048:
-            writer.write(pd.concat(pending, ignore_index=True))
-            pending = []
-    if pending:
-        writer.write(pd.concat(pending, ignore_index=True))
+        writer.write(stage(graphs))
+    writer.flush()
     _sync(device)
     seconds = time.perf_counter() - t0
     n_in = sum(len(r) for r in raw)

@@ -506,33 +506,54 @@ def _to_arrow(df: pd.DataFrame, schema: pa.Schema) -> pa.Table:
 class ScreenWriter:
     """Two-way Parquet writer: result rows to ``results_uri``, rejects to ``rejects_uri``.
 
-    The driver feeds it the pipeline's output in batches of ``min_rows_per_file`` rows (sensible
-    file sizes); each batch becomes at most one results file and one rejects file named
-    ``part-<attempt>-<seq>.parquet``. Writing where the output is consumed needs no write-task
-    process (~0.2 GB each, started per file by a ``Datasink``; docs/performance.md). ``stats``
-    sums the per-batch statistics (rows, results, rejects, busy seconds per stage).
+    The driver feeds it the pipeline's output in small batches (``pipeline._DRIVER_BATCH_ROWS``);
+    each batch is converted to Arrow at once and held until ``rows_per_file`` rows are gathered,
+    then written as at most one results file and one rejects file named
+    ``part-<attempt>-<seq>.parquet`` (sensible file sizes). Arrow holds a row in ~0.3 KiB, where
+    a gathered pandas batch cost the driver ~1.5 KiB of heap per row (docs/performance.md).
+    Writing where the output is consumed needs no write-task process (~0.2 GB each, started per
+    file by a ``Datasink``). Call :meth:`flush` after the last batch. ``stats`` sums the
+    per-batch statistics (rows, results, rejects, busy seconds per stage) as batches arrive.
     """
 
     def __init__(self, *, results_uri: str, rejects_uri: str, run_id: str,
-                 attempt: str | None = None) -> None:
+                 attempt: str | None = None, rows_per_file: int = 20_000) -> None:
+        if rows_per_file < 1:
+            raise ValueError(f"rows_per_file must be >= 1, got {rows_per_file}")
         self.results_fs, self.results_path = filesystem_for(results_uri)
         self.rejects_fs, self.rejects_path = filesystem_for(rejects_uri)
         self.run_id = run_id
         self.attempt = attempt or uuid.uuid4().hex[:12]
+        self.rows_per_file = rows_per_file
         self.files = 0
         self.stats: dict[str, Any] = {"rows": 0, "results": 0, "rejects": 0}
+        self._pending: list[tuple[pa.Table, pa.Table]] = []  # (results, rejects) not yet written
+        self._pending_rows = 0
 
     def write(self, df: pd.DataFrame) -> None:
-        """Write one batch of final rows (results and rejects mixed)."""
+        """Take one batch of final rows (results and rejects mixed); writes a file pair once
+        ``rows_per_file`` rows are gathered."""
         if not len(df):
             return
         res, rej, stats = split_output(df, run_id=self.run_id)
+        self._pending.append((res, rej))
+        self._pending_rows += len(df)
+        stats.update(results=res.num_rows, rejects=rej.num_rows)
+        for k, v in stats.items():
+            self.stats[k] = self.stats.get(k, 0) + v
+        if self._pending_rows >= self.rows_per_file:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the gathered rows (if any) as one results file and one rejects file."""
+        if not self._pending:
+            return
+        res = pa.concat_tables([r for r, _ in self._pending])
+        rej = pa.concat_tables([r for _, r in self._pending])
         name = f"part-{self.attempt}-{self.files:06d}.parquet"
         if res.num_rows:
             write_parquet(res, self.results_fs, f"{self.results_path}/{name}")
         if rej.num_rows:
             write_parquet(rej, self.rejects_fs, f"{self.rejects_path}/{name}")
         self.files += 1
-        stats.update(results=res.num_rows, rejects=rej.num_rows)
-        for k, v in stats.items():
-            self.stats[k] = self.stats.get(k, 0) + v
+        self._pending, self._pending_rows = [], 0

@@ -58,6 +58,25 @@ def test_json_round_trip(structures: list[Structure], fitted: SoapClusterer) -> 
         SoapClusterer.from_dict({**fitted.to_dict(), "format_version": 99})
 
 
+def test_describe_matches_pymatgen_ase_adaptor_and_follows_species(
+    structures: list[Structure], fitted: SoapClusterer
+) -> None:
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    decorated = structures[0].copy()
+    decorated.add_oxidation_state_by_guess()
+    decorated.add_site_property("magmom", [0.5] * len(decorated))
+    reference = fitted._soap().create([AseAtomsAdaptor.get_atoms(s) for s in (structures[0], decorated)])
+    np.testing.assert_allclose(fitted.describe([structures[0], decorated]), reference, rtol=0, atol=1e-12)
+    # the cached descriptor follows the species list (a refit on fewer species has fewer features)
+    before = fitted.describe(structures[:1]).shape[1]
+    refit = SoapClusterer(FAST)
+    refit.species = ["Co", "Li", "O"]
+    small = refit.describe(structures[:1]).shape[1]
+    refit.species = list(fitted.species)
+    assert small < before == refit.describe(structures[:1]).shape[1]
+
+
 def test_unseen_species_still_assigned(structures: list[Structure], fitted: SoapClusterer) -> None:
     cu = structures[0].copy()
     cu.replace_species({"Mn": "Cu"})

@@ -141,7 +141,7 @@ def test_split_output_routes_rows() -> None:
     assert stats["t_infer"] == 0.5 and stats["t_validate"] == 0.25 and stats["rows"] == 2
 
 
-def test_screen_writer_writes_one_file_pair_per_batch_and_sums_stats(tmp_path) -> None:
+def test_screen_writer_gathers_batches_into_file_pairs_and_sums_stats(tmp_path) -> None:
     import pyarrow.parquet as pq
 
     res = _result_row() | {"kind": "valid", "source": "x", "occurrence": 0, "t_infer": 0.5,
@@ -149,18 +149,27 @@ def test_screen_writer_writes_one_file_pair_per_batch_and_sums_stats(tmp_path) -
     rej = {"structure_id": "s2", "source": "x", "kind": "reject", "occurrence": 0,
            "reason": "invalid_structure", "message": "m", "t_validate": 0.25}
     w = ScreenWriter(results_uri=str(tmp_path / "res"), rejects_uri=str(tmp_path / "rej"),
-                     run_id="r1", attempt="a")
+                     run_id="r1", attempt="a", rows_per_file=3)
     w.write(pd.DataFrame([res, rej]))
-    w.write(pd.DataFrame([res | {"structure_id": "s3"}]))  # results only: no rejects file
+    assert not (tmp_path / "res").exists()  # 2 of 3 rows gathered: nothing written yet
+    w.write(pd.DataFrame([res | {"structure_id": "s3"}]))  # 3 rows: the first file pair
+    w.write(pd.DataFrame([res | {"structure_id": "s4"}]))  # results only: no rejects file
     w.write(pd.DataFrame())  # nothing to write, no file, no count
+    assert [p.name for p in (tmp_path / "res").iterdir()] == ["part-a-000000.parquet"]
+    w.flush()
+    w.flush()  # nothing gathered: no empty file
     assert sorted(p.name for p in (tmp_path / "res").iterdir()) == [
         "part-a-000000.parquet", "part-a-000001.parquet"]
     assert [p.name for p in (tmp_path / "rej").iterdir()] == ["part-a-000000.parquet"]
+    assert pq.read_table(tmp_path / "res" / "part-a-000000.parquet").column(
+        "structure_id").to_pylist() == [res["structure_id"], "s3"]
     assert pq.read_table(tmp_path / "res" / "part-a-000001.parquet").column(
-        "structure_id").to_pylist() == ["s3"]
+        "structure_id").to_pylist() == ["s4"]
     assert pq.read_table(tmp_path / "rej" / "part-a-000000.parquet").schema == SCREEN_REJECT_SCHEMA
-    assert (w.stats["rows"], w.stats["results"], w.stats["rejects"]) == (3, 2, 1)
-    assert w.stats["t_infer"] == 1.0 and w.stats["t_validate"] == 0.25
+    assert (w.stats["rows"], w.stats["results"], w.stats["rejects"]) == (4, 3, 1)
+    assert w.stats["t_infer"] == 1.5 and w.stats["t_validate"] == 0.25
+    with pytest.raises(ValueError, match="rows_per_file"):
+        ScreenWriter(results_uri=str(tmp_path), rejects_uri=str(tmp_path), run_id="r", rows_per_file=0)
 
 
 def test_run_lock_is_exclusive_and_released(tmp_path) -> None:
