@@ -167,6 +167,8 @@ def screen(
     resume: Annotated[bool | None, typer.Option(help="continue RUN_ID, skipping finished structures")] = None,
     gpu_actors: int | None = None,
     cpu_actors: int | None = None,
+    graph_actors: Annotated[int | None, typer.Option(help="most graph-building CPU actors (default: 1 CPU, 8 per GPU actor)")] = None,
+    light_tasks: Annotated[int | None, typer.Option(help="most concurrent read/validate tasks (default: 1 CPU, 2 per GPU actor)")] = None,
     max_edges_per_batch: Annotated[int | None, typer.Option(help="edge budget per inference sub-batch (default: 50,000 CPU, 400,000 GPU)")] = None,
     inference_batch_rows: Annotated[int | None, typer.Option(help="rows per inference call (default: 32 CPU, 256 GPU)")] = None,
     inference_calls_per_actor: Annotated[int | None, typer.Option(help="concurrent calls per inference actor; batching overlaps the model (default: 1 CPU, 2 GPU)")] = None,
@@ -183,7 +185,8 @@ def screen(
                    "references": DEFAULT_REFERENCES, **_yaml_defaults(config)},
                   {"library": library, "model": model, "out": out, "references": references,
                    "address": address, "run_id": run_id, "resume": resume, "gpu_actors": gpu_actors,
-                   "cpu_actors": cpu_actors, "max_edges_per_batch": max_edges_per_batch,
+                   "cpu_actors": cpu_actors, "graph_actors": graph_actors, "light_tasks": light_tasks,
+                   "max_edges_per_batch": max_edges_per_batch,
                    "inference_batch_rows": inference_batch_rows,
                    "inference_calls_per_actor": inference_calls_per_actor, "object_store_mb": object_store_mb, "precision": precision, "stack_members": stack_members, "demo_size": demo_size})
     run(ScreenConfig(**opts))

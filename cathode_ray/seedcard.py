@@ -52,6 +52,14 @@ MAX_EDGES_PER_BATCH_GPU: int = 400_000
 #: yet measured on a GPU here); CPU actors 1, where the threads would only share the same cores.
 INFERENCE_CALLS_PER_ACTOR_CPU: int = 1
 INFERENCE_CALLS_PER_ACTOR_GPU: int = 2
+#: CPU stages per GPU inference actor, when not given: the most graph-building actors (an
+#: autoscaling pool that starts at one and grows while blocks queue) and read/validate tasks.
+#: One GPU runs five members at ~400-600 structures/s (H100); one graph actor builds ~170-250
+#: MACE graphs/s with hull inputs and SOAP, or 33-60 CHGNet graphs/s; one validate task ~300/s
+#: (docs/performance.md). With CPU inference actors the screen uses one of each (2-core
+#: measurements).
+GRAPH_ACTORS_PER_GPU: int = 8
+LIGHT_TASKS_PER_GPU: int = 2
 
 #: Head and optimisation.
 HEAD_HIDDEN: int = 128

@@ -26,6 +26,10 @@ def main(
     resume: bool = typer.Option(False, help="skip inputs already written for --run-id"),
     gpu_actors: int = typer.Option(0, help="inference actors with one GPU each"),
     cpu_actors: int = typer.Option(1, help="CPU inference actors (when no GPU actors)"),
+    graph_actors: int | None = typer.Option(
+        None, help="most graph-building CPU actors (default: 1 CPU, 8 per GPU actor)"),
+    light_tasks: int | None = typer.Option(
+        None, help="most concurrent read/validate tasks (default: 1 CPU, 2 per GPU actor)"),
     max_edges_per_batch: int | None = typer.Option(
         None, help="edge budget per inference sub-batch (default: 50,000 CPU, 400,000 GPU)"),
     inference_batch_rows: int | None = typer.Option(
@@ -43,7 +47,8 @@ def main(
 
     run(ScreenConfig(library=library, model=model, out=out, references=references,
                      address=address, run_id=run_id, resume=resume, gpu_actors=gpu_actors,
-                     cpu_actors=cpu_actors, max_edges_per_batch=max_edges_per_batch,
+                     cpu_actors=cpu_actors, graph_actors=graph_actors, light_tasks=light_tasks,
+                     max_edges_per_batch=max_edges_per_batch,
                      inference_batch_rows=inference_batch_rows,
                      inference_calls_per_actor=inference_calls_per_actor,
                      **({} if object_store_mb is None else {"object_store_mb": object_store_mb}),

@@ -70,12 +70,15 @@ class ScreenConfig:
         gpu_actors: inference actors with one GPU each (0 = CPU actors).
         cpu_actors: CPU inference actors when ``gpu_actors == 0``.
         cpus_per_actor: logical CPUs each CPU inference actor reserves.
-        graph_actors: most graph-building CPU actors.
+        graph_actors: most graph-building CPU actors (an autoscaling pool from one actor up);
+            None: 1 with CPU inference actors, ``seedcard.GRAPH_ACTORS_PER_GPU`` (8) per GPU
+            actor, so that the CPUs keep the GPUs fed (see :attr:`graph_pool`).
         light_tasks: most concurrent read and validate tasks. Each runs in its own worker process
             (pymatgen loaded, ~0.25-0.4 GB), so this bounds the screen's memory: unbounded, Ray
             starts as many as fit in the free CPU fractions and peak memory grows with the run.
             One validate task handles ~300 structures/s, faster than one graph actor (CHGNet
-            ~50/s, MACE ~170/s with hull inputs): raise it with ``graph_actors`` on large nodes.
+            ~50/s, MACE ~170/s with hull inputs). None: 1 with CPU inference actors,
+            ``seedcard.LIGHT_TASKS_PER_GPU`` (2) per GPU actor.
         max_edges_per_batch: edge budget of one inference sub-batch (directed graph edges);
             None: ``seedcard.MAX_EDGES_PER_BATCH_CPU`` (50,000) or ``_GPU`` (400,000) by actor kind.
         inference_batch_rows: rows handed to an inference actor per call (split inside by the
@@ -114,8 +117,8 @@ class ScreenConfig:
     gpu_actors: int = 0
     cpu_actors: int = 1
     cpus_per_actor: float = 1.0
-    graph_actors: int = 1
-    light_tasks: int = 1
+    graph_actors: int | None = None
+    light_tasks: int | None = None
     max_edges_per_batch: int | None = None
     inference_batch_rows: int | None = None
     inference_calls_per_actor: int | None = None
@@ -132,14 +135,15 @@ class ScreenConfig:
         for name in ("library", "model", "out", "references"):
             if not getattr(self, name):
                 raise ValueError(f"{name} must be given")
-        if self.gpu_actors < 0 or self.cpu_actors < 1 or self.graph_actors < 1 or self.light_tasks < 1:
-            raise ValueError("need gpu_actors >= 0 and cpu_actors, graph_actors, light_tasks >= 1")
+        if self.gpu_actors < 0 or self.cpu_actors < 1:
+            raise ValueError("need gpu_actors >= 0 and cpu_actors >= 1")
         if not self.cpus_per_actor > 0:
             raise ValueError(f"cpus_per_actor must be > 0, got {self.cpus_per_actor}")
         from cathode_ray.model.stacked import check_precision
 
         check_precision(self.precision)
-        for name in ("max_edges_per_batch", "inference_batch_rows", "inference_calls_per_actor"):
+        for name in ("graph_actors", "light_tasks", "max_edges_per_batch", "inference_batch_rows",
+                     "inference_calls_per_actor"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -157,6 +161,18 @@ class ScreenConfig:
         if explicit is not None:
             return explicit
         return gpu if self.gpu_actors else cpu
+
+    @property
+    def graph_pool(self) -> int:
+        """Most graph-building actors: ``graph_actors``, else 1 on CPU inference actors and
+        ``seedcard.GRAPH_ACTORS_PER_GPU`` per GPU actor."""
+        return self._by_actor_kind(self.graph_actors, 1, seedcard.GRAPH_ACTORS_PER_GPU * self.gpu_actors)
+
+    @property
+    def light_pool(self) -> int:
+        """Most concurrent read/validate tasks: ``light_tasks``, else 1 on CPU inference actors
+        and ``seedcard.LIGHT_TASKS_PER_GPU`` per GPU actor."""
+        return self._by_actor_kind(self.light_tasks, 1, seedcard.LIGHT_TASKS_PER_GPU * self.gpu_actors)
 
     @property
     def edge_budget(self) -> int:
@@ -346,14 +362,14 @@ def build_dataset(config: ScreenConfig, source: Source, *, run_id: str, index: I
     if source.files is not None:
         ds = ds.map_batches(stages.read_file_chunks, batch_format="pandas", batch_size=1,
                             num_cpus=_LIGHT_CPUS,
-                            compute=ray.data.TaskPoolStrategy(size=config.light_tasks), **env)
+                            compute=ray.data.TaskPoolStrategy(size=config.light_pool), **env)
     ds = ds.map_batches(stages.ValidateStage(config=config.validation, ranks=ranks, done=done),
                         batch_format="pandas", batch_size=_BATCH_ROWS, num_cpus=_LIGHT_CPUS,
-                        compute=ray.data.TaskPoolStrategy(size=config.light_tasks), **env)
+                        compute=ray.data.TaskPoolStrategy(size=config.light_pool), **env)
     ds = ds.map_batches(
         stages.GraphStage, batch_format="pandas", batch_size=_BATCH_ROWS,
         fn_constructor_kwargs={"model": config.model, "references": config.references},
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.graph_actors),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.graph_pool),
         num_cpus=0.5, **env,
     )
     gpu = config.gpu_actors > 0

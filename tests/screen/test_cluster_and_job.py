@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -47,7 +48,8 @@ def test_ray_job_submit_runs_screen(tiny_model, references, tmp_path) -> None:
         cmd = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}",
              "--working-dir", str(REPO), "--", "python", "jobs/screen_library.py",
              "--library", "demo", "--demo-size", "8", "--model", str(tiny_model),
-             "--out", str(out), "--references", references, "--run-id", "job1"]
+             "--out", str(out), "--references", references, "--run-id", "job1",
+             "--graph-actors", "1", "--light-tasks", "1"]
         for _ in range(12):  # the head's job agent takes a few seconds to come up
             job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400,
                                  cwd=REPO)
@@ -56,7 +58,8 @@ def test_ray_job_submit_runs_screen(tiny_model, references, tmp_path) -> None:
             time.sleep(5)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "run job1: 8 inputs" in job.stdout
-        assert (out / "_runs" / "job1.json").is_file()
+        attempt = json.loads((out / "_runs" / "job1.json").read_text())["attempts"][-1]
+        assert (attempt["config"]["graph_actors"], attempt["config"]["light_tasks"]) == (1, 1)
     finally:
         _stop_head(temp_dir)
 

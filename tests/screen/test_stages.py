@@ -233,6 +233,20 @@ def test_screen_config_inference_batches_follow_the_actor_kind() -> None:
     assert (explicit.batch_rows, explicit.edge_budget, explicit.calls_per_actor) == (8, 123, 3)
 
 
+def test_screen_config_cpu_stages_scale_with_gpu_actors() -> None:
+    base = {"library": "demo", "model": "m", "out": "o", "references": "snapshot:x"}
+    cpu = ScreenConfig(**base, cpu_actors=2)
+    assert (cpu.graph_pool, cpu.light_pool) == (1, 1)  # the 2-core measurements' best
+    gpu = ScreenConfig(**base, gpu_actors=4)
+    assert (gpu.graph_pool, gpu.light_pool) == (4 * seedcard.GRAPH_ACTORS_PER_GPU,
+                                                4 * seedcard.LIGHT_TASKS_PER_GPU)
+    explicit = ScreenConfig(**base, gpu_actors=4, graph_actors=3, light_tasks=2)
+    assert (explicit.graph_pool, explicit.light_pool) == (3, 2)
+    for name in ("graph_actors", "light_tasks"):
+        with pytest.raises(ValueError, match=name):
+            ScreenConfig(**base, **{name: 0})
+
+
 def test_read_file_chunks_streams_bounded_blocks_in_input_order(tmp_path) -> None:
     import pyarrow.parquet as pq
 
