@@ -126,7 +126,7 @@ class ScreenConfig:
     precision: str = "float32"
     stack_members: bool = False
     demo_size: int = 2000
-    min_rows_per_file: int = 20_000
+    min_rows_per_file: int = stages.ROWS_PER_FILE
     lock_ttl_s: float = 600.0
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     verbose: bool = True

@@ -503,6 +503,10 @@ def _to_arrow(df: pd.DataFrame, schema: pa.Schema) -> pa.Table:
     return pa.table(cols) if cols else pa.table({})
 
 
+#: Rows per results / rejects file pair (``ScreenConfig.min_rows_per_file``): ~10 MB of results.
+ROWS_PER_FILE: int = 20_000
+
+
 class ScreenWriter:
     """Two-way Parquet writer: result rows to ``results_uri``, rejects to ``rejects_uri``.
 
@@ -517,7 +521,7 @@ class ScreenWriter:
     """
 
     def __init__(self, *, results_uri: str, rejects_uri: str, run_id: str,
-                 attempt: str | None = None, rows_per_file: int = 20_000) -> None:
+                 attempt: str | None = None, rows_per_file: int = ROWS_PER_FILE) -> None:
         if rows_per_file < 1:
             raise ValueError(f"rows_per_file must be >= 1, got {rows_per_file}")
         self.results_fs, self.results_path = filesystem_for(results_uri)
