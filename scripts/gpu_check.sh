@@ -16,11 +16,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" >> "$OUT/gpu.txt" 2>&1
 
 step() {  # step NAME TIMEOUT_S CMD...: run, log, keep going on failure
-    local name=$1 limit=$2
+    local name=$1 limit=$2 start=$SECONDS rc
     shift 2
     echo "== $name" | tee -a "$OUT/summary.txt"
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-    echo "   exit $? after ${SECONDS}s" | tee -a "$OUT/summary.txt"
+    rc=$?
+    echo "   exit $rc after $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
     grep -E "structures/s|meV/atom|fell back|Error" "$OUT/$name.log" | tee -a "$OUT/summary.txt"
 }
 
