@@ -50,9 +50,10 @@ def float_from_json(value: float | int | str) -> float:
 def conformal_quantile(scores: np.ndarray, alpha: float) -> float:
     """Finite-sample conformal quantile of ``scores`` [n] at miscoverage ``alpha``.
 
-    Level ``ceil((n + 1)(1 - alpha)) / n`` with ``np.quantile(method="higher")`` (at most one
-    rank more conservative than the textbook order statistic); ``+inf`` when that level exceeds
-    1 or there are no scores. Units follow ``scores`` (eV/atom).
+    Level ``ceil((n + 1)(1 - alpha)) / n`` with ``np.quantile(method="higher")``: one rank above
+    the textbook k-th order statistic (k = ceil((n + 1)(1 - alpha))) unless k = n, a deliberate
+    margin for calibration and screened sets that are not exactly exchangeable; ``+inf`` when the
+    level exceeds 1 or there are no scores. Units follow ``scores`` (eV/atom).
     """
     n = int(scores.shape[0])
     if n == 0:

@@ -215,7 +215,9 @@ def choose_thresholds(agg: Aggregated, lo_cal: np.ndarray, hi_cal: np.ndarray, y
     ood = ood or OODResult.in_domain(len(y))
     is_ood = _ood_mask(ood, cfg)
     allowed = ~(is_ood & cfg.ood_blocks_keep)
-    kill_lo, kill_text = _choose_kill(np.asarray(lo_cal), stable & ~is_ood, cfg)
+    lo_cal = np.asarray(lo_cal, dtype=np.float64)
+    # a non-finite lower bound is never killed (NaN > kill_lo is False), so it cannot set kill_lo
+    kill_lo, kill_text = _choose_kill(lo_cal, stable & ~is_ood & np.isfinite(lo_cal), cfg)
     cfg, keep_text = _choose_keep(agg, np.asarray(hi_cal), stable, allowed, cfg,
                                   min_keep_precision, precision_z)
     cfg = replace(cfg, kill_lo=kill_lo)

@@ -40,8 +40,10 @@ def parity_plot(y: np.ndarray, q50: np.ndarray, lo: np.ndarray, hi: np.ndarray, 
     fig = _figure()
     ax = fig.add_subplot()
     for mask, colour, label in ((inside, "tab:blue", "covered"), (~inside, "tab:red", "missed")):
-        ax.errorbar(y[mask], q50[mask], yerr=np.vstack([q50[mask] - lo[mask], hi[mask] - q50[mask]]),
-                    fmt="o", ms=2, lw=0.5, alpha=0.5, color=colour, label=label)
+        # the interval as a line from lo to hi: a calibrated bound may lie beyond q50 (negative
+        # conformal offsets, crossed intervals collapsed to their midpoint)
+        ax.vlines(y[mask], lo[mask], hi[mask], lw=0.5, alpha=0.5, color=colour)
+        ax.plot(y[mask], q50[mask], "o", ms=2, alpha=0.5, color=colour, label=label)
     finite = np.concatenate([y, q50])
     finite = finite[np.isfinite(finite)]
     if finite.size:

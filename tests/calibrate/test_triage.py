@@ -83,6 +83,20 @@ def test_choose_thresholds_meets_targets_on_val(synth) -> None:
     assert "kill_lo" in text and "KEEP" in text
 
 
+def test_choose_thresholds_ignores_a_nan_lower_bound(synth) -> None:
+    pred, y, clusters, _ = synth(2000, 3)
+    agg = aggregate(pred)
+    lo, hi = fit_conformal(agg.lo, agg.hi, y, clusters).apply(agg.lo, agg.hi, clusters)
+    ref, _ = choose_thresholds(agg, lo, hi, y)
+    i = int(np.flatnonzero(y < 0.05)[0])  # a truly stable row with no lower bound
+    lo = lo.copy()
+    lo[i] = np.nan
+    cfg, text = choose_thresholds(agg, lo, hi, y)
+    assert math.isfinite(cfg.kill_lo) and cfg.kill_lo <= ref.kill_lo
+    dec, _ = triage(agg, lo, hi, OODResult.in_domain(len(y)), cfg)
+    assert dec[i] != "KILL" and decision_metrics(y, dec)["false_kill_rate"] == 0.0
+
+
 def test_choose_thresholds_disables_keep_when_unreachable() -> None:
     agg = _agg([0.0, 0.0, 0.0, 0.3], [0.9, 0.9, 0.9, 0.1])
     y = np.array([0.2, 0.2, 0.01, 0.3])  # predicted-stable rows are mostly unstable

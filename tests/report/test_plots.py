@@ -23,3 +23,13 @@ def test_plots_write_readable_pngs(tmp_path) -> None:
                                    tmp_path / "sub" / "d.png"),
     ]
     assert all(p.exists() and _is_png(p) for p in paths)
+
+
+def test_parity_plot_draws_bounds_beyond_q50(tmp_path) -> None:
+    # calibrated bounds may lie on the far side of q50 (negative offsets, collapsed crossings)
+    y = np.array([0.01, 0.10, 0.20])
+    q50 = np.array([0.02, 0.12, 0.18])
+    lo = np.array([0.03, 0.05, 0.15])  # lo > q50 in the first row
+    hi = np.array([0.06, 0.11, 0.25])  # hi < q50 in the second row
+    path = plots.parity_plot(y, q50, lo, hi, tmp_path / "p.png")
+    assert _is_png(path)
