@@ -135,7 +135,10 @@ def report_from_predictions(splits: dict[str, SplitData], calibrator: Calibrator
         metrics[s] = all_metrics(d.y, aggs[s], r["e_hull_lo"], r["e_hull_hi"], r["decision"])
         counts[s] = {k: int((r["decision"] == k).sum()) for k in DECISIONS}
         gates = r["ood_gates"]
-        ood[s] = {"frac_ood": float(np.mean(gates != "")) if len(gates) else math.nan,
+        # as triage counts them: a fired gate, or a score over either threshold
+        cut = min(calibrator.ood.config.score_threshold, calibrator.triage_config.ood_threshold)
+        is_ood = (gates != "") | (r["ood_score"] >= cut)
+        ood[s] = {"frac_ood": float(np.mean(is_ood)) if len(gates) else math.nan,
                   **{g: int(sum(g in x.split(",") for x in gates)) for g in GATE_NAMES}}
         clusters_cov[s] = _cluster_coverage(d.y, d.clusters, r["e_hull_lo"], r["e_hull_hi"])
         if s != "val":

@@ -84,3 +84,18 @@ def test_missing_test_split_fails_checks_not_crash(fitted_report_inputs) -> None
     assert math.isnan(by_name["coverage_test"]["value"]) and not rep["passed"]
     with pytest.raises(ValueError):
         report_from_predictions({"test": splits["test"]}, cal)
+
+
+def test_frac_ood_counts_score_only_rows_as_triage_does(fitted_report_inputs) -> None:
+    from dataclasses import replace
+
+    from cathode_ray.calibrate.calibrator import Calibrator
+
+    splits, cal = fitted_report_inputs
+    # ood_threshold 0: every row counts as OOD for triage, with or without a fired gate
+    strict = Calibrator(conformal=cal.conformal, method=cal.method, ood=cal.ood,
+                        triage_config=replace(cal.triage_config, ood_threshold=0.0),
+                        triage_reasoning=cal.triage_reasoning)
+    rep = report_from_predictions({"val": splits["val"], "test": splits["test"]}, strict)
+    assert rep["ood"]["test"]["frac_ood"] == 1.0
+    assert rep["decision_counts"]["test"]["KILL"] == 0  # OOD rows are never killed
