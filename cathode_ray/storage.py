@@ -75,7 +75,8 @@ def write_parquet(table: pa.Table, fs: pafs.FileSystem, path: str) -> None:
 
 
 def is_remote(uri: str) -> bool:
-    return uri.startswith("s3://")
+    """True for an ``s3://`` URI (any case of the scheme, as :func:`filesystem_for` reads it)."""
+    return uri[:5].lower() == "s3://"
 
 
 def join(uri: str, *parts: str) -> str:

@@ -53,3 +53,31 @@ def test_write_killed_mid_file_leaves_no_parquet_and_resume_deletes_the_temporar
     assert runs.read_columns(str(results), ["structure_id"], drop_corrupt=True) == {
         "structure_id": ["a"]}
     assert sorted(p.name for p in results.iterdir()) == ["part-0.parquet"]
+
+
+def test_is_remote_reads_the_scheme_in_any_case() -> None:
+    from cathode_ray.storage import is_remote
+
+    assert is_remote("s3://b/k") and is_remote("S3://b/k")
+    assert not is_remote("/tmp/s3://x") and not is_remote("file:///tmp/x") and not is_remote("s3")
+
+
+def test_resume_deletes_a_corrupt_file_but_not_one_it_cannot_reach(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    results = tmp_path / "results"
+    storage.write_parquet(pa.table({"structure_id": ["a"]}), pafs.LocalFileSystem(),
+                          f"{results}/part-0.parquet")
+    (results / "part-1.parquet").write_bytes(b"PAR1" + bytes(range(256)) + b"PAR1")  # damaged
+    with pytest.raises(ValueError):  # without drop_corrupt a damaged file raises
+        runs.read_columns(str(results), ["structure_id"])
+    assert runs.read_columns(str(results), ["structure_id"], drop_corrupt=True) == {
+        "structure_id": ["a"]}
+    assert [p.name for p in results.iterdir()] == ["part-0.parquet"]
+
+    def unreachable(*args: object, **kwargs: object) -> None:
+        raise OSError("When reading information for key 'part-0.parquet': AWS Error ACCESS_DENIED")
+
+    monkeypatch.setattr(runs.pq, "read_table", unreachable)
+    with pytest.raises(OSError, match="ACCESS_DENIED"):
+        runs.read_columns(str(results), ["structure_id"], drop_corrupt=True)
+    assert [p.name for p in results.iterdir()] == ["part-0.parquet"]  # kept

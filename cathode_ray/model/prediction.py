@@ -52,6 +52,23 @@ class EnsemblePrediction:
     def __len__(self) -> int:
         return int(self.q50.shape[1])
 
+    def finite(self) -> np.ndarray:
+        """[N] bool: every member's quantiles and probabilities and the embedding are finite
+        (``zero_shot_ehull`` is NaN by design where a system has no reference hull)."""
+        ok = np.ones(len(self), dtype=bool)
+        for name in ("q10", "q50", "q90", "p_stable", "p_metastable"):
+            ok &= np.isfinite(getattr(self, name)).all(axis=0)
+        return ok & np.isfinite(self.embedding.reshape(len(self), -1)).all(axis=1)
+
+    def take(self, idx: np.ndarray) -> EnsemblePrediction:
+        """The structures ``idx`` [K] (indices into N), in that order."""
+        return EnsemblePrediction(
+            q10=self.q10[:, idx], q50=self.q50[:, idx], q90=self.q90[:, idx],
+            p_stable=self.p_stable[:, idx], p_metastable=self.p_metastable[:, idx],
+            embedding=self.embedding[idx], zero_shot_ehull=self.zero_shot_ehull[idx],
+            has_reference=self.has_reference[idx],
+        )
+
     @staticmethod
     def concat(parts: list[EnsemblePrediction]) -> EnsemblePrediction:
         """Join predictions for consecutive batches of structures along N."""

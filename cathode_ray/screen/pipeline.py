@@ -426,21 +426,35 @@ def _refuse_reuse(paths: runs.RunPaths, resume: bool) -> None:
                               "pass --resume to continue it, or use another --run-id")
 
 
+def _refuse_other_model(paths: runs.RunPaths, model: dict[str, Any]) -> None:
+    """A resume must use the model the run started with: one run's rows share one model."""
+    before = (runs.read_json(paths.manifest) or {}).get("model", {}).get("manifest_sha256")
+    written = set(runs.read_columns(paths.results, ["model_id"])["model_id"])
+    if (before not in (None, model["manifest_sha256"])
+            or written - {model["model_id"]}):
+        raise ValueError(f"run {paths.run_id!r} was screened with another model "
+                         f"({', '.join(sorted(map(str, written))) or before}); resume it with "
+                         "that model, or start a new --run-id for this one")
+
+
 def run(config: ScreenConfig) -> ScreenSummary:
     """Screen ``config.library`` into ``config.out``; returns counts and timings.
 
     Raises:
         runs.RunLockedError: the same run id is running elsewhere.
         FileExistsError: the run id has output already and ``resume`` is off.
+        ValueError: ``resume`` with another model than the run's output was screened with.
         ScreenInvariantError: results + rejects != inputs, or duplicated inputs in the output.
+        state.LockLost: the run's lock expired and another process took it over; nothing more
+            is written (resume the run once that process has finished).
     """
     run_id = config.run_id or runs.new_run_id()
     paths = runs.RunPaths(dest=config.out, run_id=run_id)
-    with runs.RunLock(uri=paths.lock, run_id=run_id, ttl_s=config.lock_ttl_s):
+    with runs.RunLock(uri=paths.lock, run_id=run_id, ttl_s=config.lock_ttl_s) as lock:
         _refuse_reuse(paths, config.resume)
         started_ray = _ensure_ray(config.address)
         try:
-            return _run_locked(config, paths)
+            return _run_locked(config, paths, lock)
         finally:
             if started_ray:
                 import ray
@@ -448,7 +462,7 @@ def run(config: ScreenConfig) -> ScreenSummary:
                 ray.shutdown()
 
 
-def _run_locked(config: ScreenConfig, paths: runs.RunPaths) -> ScreenSummary:
+def _run_locked(config: ScreenConfig, paths: runs.RunPaths, lock: runs.RunLock) -> ScreenSummary:
     started, t0 = runs.utc_now(), time.perf_counter()
     model = _model_info(config.model)
     source = plan_source(config)
@@ -457,9 +471,12 @@ def _run_locked(config: ScreenConfig, paths: runs.RunPaths) -> ScreenSummary:
     n_inputs = index.n_inputs
     t_index = time.perf_counter()
     done = frozenset(runs.done_keys(paths)) if config.resume else frozenset()
+    if config.resume:
+        _refuse_other_model(paths, model)
     ds = build_dataset(config, source, run_id=paths.run_id, index=index, done=done)
     writer = stages.ScreenWriter(results_uri=paths.results, rejects_uri=paths.rejects,
-                                 run_id=paths.run_id, rows_per_file=config.min_rows_per_file)
+                                 run_id=paths.run_id, rows_per_file=config.min_rows_per_file,
+                                 check=lock.check)
     driver_rows = min(_DRIVER_BATCH_ROWS, config.min_rows_per_file)
     for batch in ds.iter_batches(batch_size=driver_rows, batch_format="pandas"):
         writer.write(batch)
@@ -482,6 +499,7 @@ def _run_locked(config: ScreenConfig, paths: runs.RunPaths) -> ScreenSummary:
         "stage_seconds": stage_seconds, "invariant_ok": ok,
         "config": {k: v for k, v in asdict(config).items() if k != "validation"},
     }
+    lock.check()
     manifest = _update_manifest(paths, config, model, attempt, out, n_inputs, ok)
     summary = ScreenSummary(
         run_id=paths.run_id, out=config.out, manifest_uri=paths.manifest, n_inputs=n_inputs,

@@ -44,7 +44,7 @@ from cathode_ray.screen.state import (
     utc_iso,
     write_atomic_local,
 )
-from cathode_ray.storage import filesystem_for, join
+from cathode_ray.storage import filesystem_for, is_remote, join
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def run_id_for(db_version: str, model_id: str, generation: int) -> str:
 def _write_bytes(uri: str, data: bytes) -> None:
     """Write a file atomically (local temp + os.replace; one S3 PUT)."""
     fs, path = filesystem_for(uri)
-    if not uri.startswith("s3://"):
+    if not is_remote(uri):
         write_atomic_local(path, data)
         return
     with fs.open_output_stream(path) as fh:
@@ -388,6 +388,7 @@ def _rescreen_locked(config: RescreenConfig, store: StateStore, lock: StateLock,
     run_id = run_id_for(versions.db_version, versions.model_id, len(history) + 1)
     counts, resumed = _screen(config, run_id, versions.db_version,
                               [docs[m] for m in plan.to_screen])
+    lock.check()  # a re-screen whose lock was taken over must not replace the view
     latest_uri = _update_latest(config.out, run_id, plan, current, versions.db_version)
     if config._crash_before_state_write:
         raise InjectedCrash(f"injected crash before the state write of run {run_id}")

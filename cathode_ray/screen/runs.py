@@ -146,15 +146,16 @@ def read_columns(uri: str, columns: list[str], *, drop_corrupt: bool = False) ->
     """Columns of every Parquet file under ``uri`` (empty lists when there is none).
 
     With ``drop_corrupt`` (a resume, which holds the run's lock) the temporaries of interrupted
-    writes and any unreadable file are deleted, so that their rows are redone; otherwise an
-    unreadable file raises.
+    writes and any file that is not valid Parquet are deleted, so that their rows are redone;
+    otherwise such a file raises. Storage errors (``OSError``: unreachable, access denied) always
+    raise: the file may be fine, and deleting it would throw away its rows.
     """
     fs, files = _parquet_files(uri, delete_in_progress=drop_corrupt)
     out: dict[str, list] = {c: [] for c in columns}
     for path in files:
         try:
             table = pq.read_table(path, filesystem=fs, columns=columns, partitioning=None)
-        except (OSError, ValueError) as exc:
+        except ValueError as exc:  # pyarrow.ArrowInvalid: not a Parquet file, truncated
             if not drop_corrupt:
                 raise
             log.warning("deleting unreadable output file %s (%s); its rows will be redone",

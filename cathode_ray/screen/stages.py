@@ -23,7 +23,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -443,7 +443,13 @@ class InferenceStage:
         if parts:
             rows = [i for idx, _ in parts for i in idx]
             pred = EnsemblePrediction.concat([p for _, p in parts])
-            self._calibrate(df, rows, pred, result)
+            finite = pred.finite()  # [N]
+            for j in np.flatnonzero(~finite):
+                _fail(df, rows[j], "non-finite model output (NaN or inf in a member's quantiles "
+                                   "or probabilities, or in the embedding)")
+            if finite.any():
+                keep = np.flatnonzero(finite)
+                self._calibrate(df, [rows[j] for j in keep], pred.take(keep), result)
         for k, v in result.items():
             df[k] = pd.Series(v, dtype=object)
         df["model_id"] = self.ensemble.model_id
@@ -518,10 +524,13 @@ class ScreenWriter:
     Writing where the output is consumed needs no write-task process (~0.2 GB each, started per
     file by a ``Datasink``). Call :meth:`flush` after the last batch. ``stats`` sums the
     per-batch statistics (rows, results, rejects, busy seconds per stage) as batches arrive.
+    ``check`` (the run lock's :meth:`~cathode_ray.screen.state.ExpiringLock.check`) runs before
+    every file pair and raises to stop a run whose lock another process has taken over.
     """
 
     def __init__(self, *, results_uri: str, rejects_uri: str, run_id: str,
-                 attempt: str | None = None, rows_per_file: int = ROWS_PER_FILE) -> None:
+                 attempt: str | None = None, rows_per_file: int = ROWS_PER_FILE,
+                 check: Callable[[], None] | None = None) -> None:
         if rows_per_file < 1:
             raise ValueError(f"rows_per_file must be >= 1, got {rows_per_file}")
         self.results_fs, self.results_path = filesystem_for(results_uri)
@@ -529,6 +538,7 @@ class ScreenWriter:
         self.run_id = run_id
         self.attempt = attempt or uuid.uuid4().hex[:12]
         self.rows_per_file = rows_per_file
+        self.check = check
         self.files = 0
         self.stats: dict[str, Any] = {"rows": 0, "results": 0, "rejects": 0}
         self._pending: list[tuple[pa.Table, pa.Table]] = []  # (results, rejects) not yet written
@@ -555,6 +565,8 @@ class ScreenWriter:
         res = pa.concat_tables([r for r, _ in self._pending])
         rej = pa.concat_tables([r for _, r in self._pending])
         name = f"part-{self.attempt}-{self.files:06d}.parquet"
+        if self.check is not None:
+            self.check()
         if res.num_rows:
             write_parquet(res, self.results_fs, f"{self.results_path}/{name}")
         if rej.num_rows:

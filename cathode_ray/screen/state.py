@@ -17,7 +17,7 @@ concurrent writers exactly one commits. A crash at any point leaves readers on t
 complete state; an orphaned versioned key is harmless (never pointed at; safe to delete).
 
 **Lock** (:class:`ExpiringLock`: ``STATE/LOCK`` here, ``DEST/_runs/RUN.lock`` for a screen run).
-The lock object is created atomically: ``O_CREAT | O_EXCL`` locally, a conditional
+The lock object is created atomically: under a file lock locally, a conditional
 ``PutObject(IfNoneMatch="*")`` on S3 (supported by AWS S3 since 2024 and by moto). It names its
 owner and expires ``ttl_s`` after its last refresh (a daemon thread refreshes it every
 ``ttl_s / 3``). A lock that has expired, or whose owner ran on this host and is gone, may be
@@ -26,15 +26,18 @@ taken over:
 * S3: a conditional PUT with ``If-Match: <ETag of the expired lock>`` - a compare-and-swap, so of
   two processes taking over the same expired lock exactly one wins. Refreshes use ``If-Match`` on
   the ETag this owner last wrote (a lost lock is noticed) and release is a conditional DELETE.
-* local: the stale file is renamed to a unique name (only one process can rename it), the
-  renamed content is checked to be the lock judged stale (else it is linked back), then a new
-  lock is created with ``O_EXCL``.
+* local: every acquire, refresh and release holds an exclusive ``flock`` on ``<lock>.guard``
+  while it reads and replaces the lock file (temporary file + :func:`os.replace`), so readers never
+  see a half-written lock and of two processes taking over an expired lock exactly one wins. A lock
+  file that cannot be parsed counts as live until ``ttl_s`` after its modification time.
 
 Nothing here imports boto3 or touches storage at import time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -42,12 +45,13 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Self
 from urllib.parse import urlparse
 
-from cathode_ray.storage import s3_client
+from cathode_ray.storage import is_remote, s3_client
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +82,7 @@ def utc_iso(ts: float | None = None) -> str:
 
 # --------------------------------------------------------------------------- S3 helpers
 def _is_s3(uri: str) -> bool:
-    return uri.startswith("s3://")
+    return is_remote(uri)
 
 
 def _bucket_key(uri: str) -> tuple[str, str]:
@@ -153,6 +157,9 @@ def s3_delete(uri: str, *, if_match: str | None = None) -> bool:
 
 # --------------------------------------------------------------------------- local helpers
 def _local_path(uri: str) -> str:
+    """Absolute path of a local path or ``file://`` URI."""
+    if uri.lower().startswith("file://"):
+        uri = urlparse(uri).path
     return os.path.abspath(os.path.expanduser(uri))
 
 
@@ -336,7 +343,7 @@ class ExpiringLock:
         if _is_s3(self.uri):
             found = s3_get(self.lock_uri)
             return None if found is None else json.loads(found[0])
-        return _read_local_json(_local_path(self.lock_uri))
+        return self._read_local(_local_path(self.lock_uri))
 
     # -- acquire -----------------------------------------------------------------------------
     def acquire(self) -> Self:
@@ -368,46 +375,43 @@ class ExpiringLock:
         self._etag = etag
         return etag is not None
 
-    def _acquire_local(self) -> bool:
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[str]:
+        """Hold the exclusive file lock beside the local lock file; yields the lock's path."""
         path = _local_path(self.lock_uri)
-        if self._create_local(path):
-            return True
-        held = _read_local_json(path)
-        if held is None:
-            return self._create_local(path)
-        if not lock_is_stale(held):
-            return False
-        log.warning("taking over stale lock %s (owner %s)", path, held.get("owner"))
-        return self._take_over_local(path, held)
-
-    def _create_local(self, path: str) -> bool:
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(f"{path}.guard", os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(_dumps(self.body()))
-            fh.flush()
-            os.fsync(fh.fileno())
-        return True
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield path
+        finally:
+            os.close(fd)  # releases the flock
 
-    def _take_over_local(self, path: str, stale: dict[str, Any]) -> bool:
-        aside = f"{path}.stale-{uuid.uuid4().hex[:8]}"
+    def _read_local(self, path: str) -> dict[str, Any] | None:
+        """The lock file's document; an unreadable one (torn by a crash, hand-edited) counts
+        as held by an unknown owner until ``ttl_s`` after it was last modified."""
         try:
-            os.rename(path, aside)
-        except FileNotFoundError:  # someone else moved it first
-            return self._create_local(path)
-        moved = _read_local_json(aside)
-        if moved != stale:  # we moved a fresh lock taken by another process: put it back
+            with open(path, "rb") as fh:
+                return json.loads(fh.read())
+        except FileNotFoundError:
+            return None
+        except (ValueError, UnicodeDecodeError):
             try:
-                os.link(aside, path)
-            except FileExistsError:
-                pass
-            os.unlink(aside)
-            return False
-        os.unlink(aside)
-        return self._create_local(path)
+                expires = os.stat(path).st_mtime + self.ttl_s
+            except FileNotFoundError:
+                return None
+            return {"owner": "unknown (unreadable lock file)", "expires_at": expires,
+                    "expires_at_iso": utc_iso(expires)}
+
+    def _acquire_local(self) -> bool:
+        with self._guard() as path:
+            held = self._read_local(path)
+            if held is not None and not lock_is_stale(held):
+                return False
+            if held is not None:
+                log.warning("taking over stale lock %s (owner %s)", path, held.get("owner"))
+            write_atomic_local(path, _dumps(self.body()))
+            return True
 
     # -- refresh / release --------------------------------------------------------------------
     def refresh(self) -> None:
@@ -422,11 +426,12 @@ class ExpiringLock:
                 raise LockLost(f"lock {self.lock_uri} was taken over")
             self._etag = etag
             return
-        held = self.read()
-        if held is None or held.get("owner") != self.owner:
-            raise LockLost(f"lock {self.lock_uri} was taken over by "
-                           f"{(held or {}).get('owner')}")
-        write_atomic_local(_local_path(self.lock_uri), _dumps(self.body()))
+        with self._guard() as path:
+            held = self._read_local(path)
+            if held is None or held.get("owner") != self.owner:
+                raise LockLost(f"lock {self.lock_uri} was taken over by "
+                               f"{(held or {}).get('owner')}")
+            write_atomic_local(path, _dumps(self.body()))
 
     def check(self) -> None:
         """Raise :class:`LockLost` unless this owner still holds the lock."""
@@ -459,9 +464,10 @@ class ExpiringLock:
                     s3_delete(self.lock_uri, if_match=self._etag)
                 self._etag = None
                 return
-            held = self.read()
-            if held is not None and held.get("owner") == self.owner:
-                os.unlink(_local_path(self.lock_uri))
+            with self._guard() as path:
+                held = self._read_local(path)
+                if held is not None and held.get("owner") == self.owner:
+                    os.unlink(path)
         except FileNotFoundError:
             pass
         except Exception as exc:  # noqa: BLE001 - storage unreachable: keep the original error

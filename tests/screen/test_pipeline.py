@@ -49,6 +49,18 @@ def test_demo_library_to_s3(s3_server, local_ray, tiny_model, references) -> Non
     with pytest.raises(FileExistsError):  # same run id without --resume is refused
         run(_config(tiny_model, references, library="demo", demo_size=24, out=out,
                     run_id="demo1"))
+    # rows of another model under this run id: resuming with this model would mix the two
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem_for(paths.results)
+    first = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path)))[0]
+    table = pq.read_table(first, filesystem=fs)
+    pq.write_table(table.set_column(table.schema.get_field_index("model_id"), "model_id",
+                                    pa.array(["other-model"] * table.num_rows)), first, filesystem=fs)
+    with pytest.raises(ValueError, match="another model"):
+        run(_config(tiny_model, references, library="demo", demo_size=24, out=out,
+                    run_id="demo1", resume=True))
 
 
 def test_cli_screen_sizes_the_cpu_stages(local_ray, tiny_model, references, tmp_path) -> None:

@@ -110,6 +110,24 @@ def test_validate_then_graph_stage_on_raw_rows(tiny_model, references: str) -> N
     assert (out.t_validate.fillna(0) >= 0).all() and (valid.t_graph > 0).all()
 
 
+def test_inference_stage_rejects_rows_with_non_finite_output(tiny_model, references: str) -> None:
+    """A structure whose model output is NaN (here: a broken reference hull energy) becomes an
+    inference_failed reject with a reason; the other rows of the batch are still screened, and
+    the batch passes the output schema (a NaN result row would stop the whole run)."""
+    from cathode_ray.data.demo import demo_library
+    from cathode_ray.screen.stages import GraphStage, InferenceStage
+
+    raw = demo_raw_rows(demo_library(3))
+    validated = ValidateStage(config=ValidationConfig(), ranks={})(pd.DataFrame(raw))
+    graphs = GraphStage(model=str(tiny_model), references=references)(validated)
+    graphs.loc[1, ["hull_pa", "has_ref"]] = [float("nan"), True]
+    out = InferenceStage(model=str(tiny_model), run_id="t")(graphs)
+    assert out.kind.tolist() == ["valid", "reject", "valid"]
+    assert out.reason[1] == "inference_failed" and "non-finite model output" in out.message[1]
+    results, rejects, _ = split_output(out, run_id="t")
+    assert results.num_rows == 2 and rejects.num_rows == 1
+
+
 def _result_row(**kw: object) -> dict:
     row = {f.name: 0.1 for f in RESULT_SCHEMA if pa.types.is_floating(f.type)}
     row |= {"structure_id": "s1", "formula": "LiCoO2", "chemsys": "Co-Li-O", "nsites": 4,
@@ -170,6 +188,29 @@ def test_screen_writer_gathers_batches_into_file_pairs_and_sums_stats(tmp_path) 
     assert w.stats["t_infer"] == 1.5 and w.stats["t_validate"] == 0.25
     with pytest.raises(ValueError, match="rows_per_file"):
         ScreenWriter(results_uri=str(tmp_path), rejects_uri=str(tmp_path), run_id="r", rows_per_file=0)
+
+
+def test_screen_writer_stops_once_the_run_lock_is_taken_over(tmp_path) -> None:
+    import json
+
+    from cathode_ray.screen.runs import RunLock
+    from cathode_ray.screen.state import LockLost
+
+    uri = str(tmp_path / "_runs" / "r1.lock")
+    mine = RunLock(uri=uri, run_id="r1", ttl_s=60, heartbeat=False).acquire()
+    row = _result_row() | {"kind": "valid", "source": "x", "occurrence": 0, "reason": None,
+                           "message": None}
+    w = ScreenWriter(results_uri=str(tmp_path / "res"), rejects_uri=str(tmp_path / "rej"),
+                     run_id="r1", attempt="a", rows_per_file=1, check=mine.check)
+    w.write(pd.DataFrame([row]))  # still this run's lock: written
+    held = json.loads((tmp_path / "_runs" / "r1.lock").read_text())
+    held["expires_at"] = 0.0  # heartbeats failed past the ttl ...
+    (tmp_path / "_runs" / "r1.lock").write_text(json.dumps(held))
+    other = RunLock(uri=uri, run_id="r1", ttl_s=60, heartbeat=False).acquire()  # ... a resume took it
+    with pytest.raises(LockLost):
+        w.write(pd.DataFrame([row | {"structure_id": "s9"}]))
+    assert [p.name for p in (tmp_path / "res").iterdir()] == ["part-a-000000.parquet"]
+    other.release()
 
 
 def test_run_lock_is_exclusive_and_released(tmp_path) -> None:

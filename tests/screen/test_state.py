@@ -73,7 +73,54 @@ def test_local_lock_busy_release_and_expiry(tmp_path: Path) -> None:
     old.release()  # not the owner any more: must not delete the new lock
     assert new.read()["owner"] == new.owner
     new.release()
-    assert not list((tmp_path / "_state").glob("LOCK.stale-*"))
+    assert [p.name for p in (tmp_path / "_state").iterdir()] == ["LOCK.guard"]
+
+
+def test_local_lock_unreadable_file_is_busy_until_ttl(tmp_path: Path) -> None:
+    path = tmp_path / "_state" / "LOCK"
+    path.parent.mkdir()
+    path.write_bytes(b"")  # torn by a crash, or hand-edited
+    with pytest.raises(RescreenBusy, match="unknown"):
+        StateLock(uri=str(tmp_path / "_state"), ttl_s=60, heartbeat=False).acquire()
+    old = time.time() - 120
+    os.utime(path, (old, old))
+    with StateLock(uri=str(tmp_path / "_state"), ttl_s=60, heartbeat=False) as lock:
+        assert lock.read()["owner"] == lock.owner
+
+
+def _race(uri: str, rounds: int, start: float) -> list[int]:
+    """In a child process: from ``start`` (epoch s), try to take an expired lock ``rounds``
+    times; returns the rounds this process won."""
+    won = []
+    for i in range(rounds):
+        while time.time() < start + 0.02 * i:
+            pass
+        try:
+            lock = StateLock(uri=f"{uri}/{i}", ttl_s=60, heartbeat=False).acquire()
+        except RescreenBusy:
+            continue
+        won.append(i)
+        lock._stop.set()  # keep the lock: the others must see it held
+    return won
+
+
+def test_local_lock_takeover_race_has_one_winner(tmp_path: Path) -> None:
+    import multiprocessing
+
+    rounds = 200
+    for i in range(rounds):  # an expired lock of a process elsewhere in every round
+        d = tmp_path / str(i)
+        d.mkdir()
+        (d / "LOCK").write_text(json.dumps({"owner": "gone", "host": "elsewhere", "pid": 1,
+                                            "expires_at": time.time() - 10}))
+    start = time.time() + 1.0
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(3) as pool:
+        wins = pool.starmap(_race, [(str(tmp_path), rounds, start)] * 3)
+    winners = sorted(i for w in wins for i in w)
+    assert winners == list(range(rounds))  # each round exactly one winner, never two or none
+    for i in range(rounds):
+        assert json.loads((tmp_path / str(i) / "LOCK").read_text())["owner"] != "gone"
 
 
 def test_local_lock_heartbeat_extends_expiry(tmp_path: Path) -> None:
@@ -183,10 +230,22 @@ def test_run_lock_is_the_same_lock_on_s3(s3_server: str) -> None:
 def test_release_with_storage_unreachable_only_logs(tmp_path: Path, monkeypatch, caplog) -> None:
     lock = StateLock(uri=str(tmp_path / "s"), ttl_s=60, heartbeat=False).acquire()
 
-    def unreachable(self):  # noqa: ANN001, ANN202
+    def unreachable(self, path):  # noqa: ANN001, ANN202
         raise ConnectionError("storage away")
 
-    monkeypatch.setattr(StateLock, "read", unreachable)
+    monkeypatch.setattr(StateLock, "_read_local", unreachable)
     lock.release()  # must not raise: it runs while another error may be propagating
     assert "could not release lock" in caplog.text
     assert Path(lock.lock_uri).exists()  # left to expire
+
+
+def test_file_uri_state_and_lock_land_at_the_path(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path.parent)  # a relative "file:" folder would appear here
+    uri = f"file://{tmp_path}/dest/_state"
+    StateStore(uri=uri).write({"db_version": "v1"})
+    assert json.loads((tmp_path / "dest" / "_state" / "state.json").read_text())["db_version"] == "v1"
+    with StateLock(uri=uri, ttl_s=60, heartbeat=False):
+        assert (tmp_path / "dest" / "_state" / "LOCK").exists()
+        with pytest.raises(RescreenBusy):  # the same lock, by plain path
+            StateLock(uri=str(tmp_path / "dest" / "_state"), ttl_s=60, heartbeat=False).acquire()
+    assert not list(tmp_path.parent.glob("file:*"))
