@@ -23,6 +23,7 @@ structure_json, formula, chemsys, nsites.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -30,7 +31,7 @@ import resource
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -296,6 +297,17 @@ def _peak_rss_mb() -> float:
     return max(own, children) / 1024.0  # ru_maxrss is KiB on Linux
 
 
+def id_prefix(config: GenerateConfig, parent_ids: list[str]) -> str:
+    """``cand-<seed>-<digest>``: the digest (8 hex) covers the parents and every setting that
+    changes what is drawn, so libraries generated from other parents or settings never share ids
+    (screened together, equal ids would reject the later structures as ``duplicate_id``), while
+    the same parents, settings and seed give the same ids again."""
+    settings = {k: v for k, v in asdict(config).items()
+                if k not in ("source", "n", "out", "shard_size", "workers", "chunk_size", "overwrite")}
+    blob = json.dumps({"parents": sorted(parent_ids), **settings}, sort_keys=True, default=list)
+    return f"cand-{config.seed}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+
+
 def run(config: GenerateConfig) -> GenerateResult:
     """Generate ``config.n`` distinct candidates from the parents in ``config.source``."""
     t0 = time.perf_counter()
@@ -306,6 +318,7 @@ def run(config: GenerateConfig) -> GenerateResult:
             f"{too_large} larger than max_parent_sites={config.max_parent_sites})"
         )
     _init_worker(parents)
+    prefix = id_prefix(config, [pid for pid, _ in parents])
     workers = config.workers or (os.cpu_count() or 1)
     writer = _ShardWriter(config.out, config.shard_size, config.overwrite)
     seen: set[bytes] = set()
@@ -322,7 +335,7 @@ def run(config: GenerateConfig) -> GenerateResult:
                     duplicates += 1
                     continue
                 seen.add(key)
-                writer.add({"structure_id": f"cand-{config.seed}-{written:07d}",
+                writer.add({"structure_id": f"{prefix}-{written:07d}",
                             "parent_id": parent_id, "transformation": transformation,
                             "structure_json": sjson, "formula": formula, "chemsys": chemsys,
                             "nsites": nsites})

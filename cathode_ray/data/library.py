@@ -136,7 +136,9 @@ def list_library_files(spec: str) -> list[str]:
         FileNotFoundError: when ``spec`` does not exist or matches no supported file.
     """
     fs, path = filesystem_for(spec)
+    root = path
     if _GLOB_CHARS.search(path):
+        root = path[: _GLOB_CHARS.search(path).start()].rsplit("/", 1)[0]
         found = _glob(fs, spec, path)
     else:
         info = fs.get_file_info(path)
@@ -148,9 +150,9 @@ def list_library_files(spec: str) -> list[str]:
             )
         selector = pafs.FileSelector(path, recursive=True)
         found = [i.path for i in fs.get_file_info(selector) if i.type == pafs.FileType.File]
-    supported = sorted(p for p in found if library_format(p) and not _hidden(p))
+    supported = sorted(p for p in found if library_format(p) and not _hidden(p, root))
     if len(supported) < len(found):
-        log.warning("%s: skipped %d unsupported files", spec, len(found) - len(supported))
+        log.warning("%s: skipped %d unsupported or hidden files", spec, len(found) - len(supported))
     if not supported:
         raise FileNotFoundError(
             f"no structure files (.cif, POSCAR/.vasp, .xyz/.extxyz, .json/.jsonl, .parquet, + .gz) "
@@ -159,8 +161,11 @@ def list_library_files(spec: str) -> list[str]:
     return [_uri(spec, p) for p in supported]
 
 
-def _hidden(path: str) -> bool:
-    return PurePosixPath(path).name.startswith(".")
+def _hidden(path: str, root: str) -> bool:
+    """A dot-file, or a file inside a dot-directory below ``root`` (``.ipynb_checkpoints/``,
+    ``.git/``, a writer's ``.name.in-progress``)."""
+    rel = path[len(root):] if path.startswith(root) else PurePosixPath(path).name
+    return any(part.startswith(".") for part in PurePosixPath(rel).parts)
 
 
 def _glob(fs: pafs.FileSystem, spec: str, path: str) -> list[str]:
@@ -420,6 +425,8 @@ def _read_parquet(fs: pafs.FileSystem, fs_path: str, source: str, name: str, *,
 def _parquet_row(record: dict[str, Any], payload_col: str, fmt: str, source: str, name: str,
                  index: int) -> dict[str, Any]:
     payload = record.get(payload_col)
+    if isinstance(payload, dict):  # a 'structure' column stored as a Parquet struct
+        payload = json.dumps(payload, default=str)
     given = next((record[k] for k in _ID_FIELDS if record.get(k) is not None), None)
     sid = make_structure_id(given, name, index, payload or "")
     if not payload:

@@ -3,7 +3,9 @@
 Checks run cheapest and most fundamental first, so that NaN or degenerate cells never reach the
 neighbour search: empty -> too_many_atoms -> partial_occupancy -> unsupported_element ->
 degenerate_lattice -> non_finite_coordinates -> out_of_scope -> overlapping_atoms / isolated_atom
-(one pymatgen neighbour list) -> missing_label.
+(one pymatgen neighbour list) -> missing_label. The neighbour search's cost grows with how far atoms
+lie outside the cell and how thin the cell is, so coordinates more than ``MAX_CELLS_OUT`` cells away
+and cells too small or too thin to hold atoms ``min_distance`` apart are rejected before it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ DEFAULT_SUPPORTED_ELEMENTS: frozenset[str] = frozenset(Element.from_Z(z).symbol 
 
 #: Smallest cell volume (Angstrom^3) accepted as a real 3D lattice.
 MIN_VOLUME: float = 1e-3
+
+#: Largest |fractional coordinate| accepted: a site 1e5 cells away (e.g. Cartesian values under
+#: a POSCAR "Direct" header) is an input error, and would make the neighbour search run for minutes.
+MAX_CELLS_OUT: float = 100.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,7 +90,7 @@ def validate_structure(
 ) -> Reject | None:
     """Return a Reject (first failing check) or None when the structure is fit for screening."""
     for check in (_check_size, _check_species, _check_lattice, _check_coords, _check_scope,
-                  _check_geometry):
+                  _check_packing, _check_geometry):
         problem = check(structure, config)
         if problem is not None:
             return _reject(structure_id, source, *problem)
@@ -146,6 +152,13 @@ def _check_coords(structure: Structure, config: ValidationConfig) -> Problem:
         bad = int(np.flatnonzero(~np.all(np.isfinite(frac), axis=1))[0])
         return (RejectCode.NON_FINITE_COORDINATES,
                 f"site {bad} has NaN/inf coordinates; fix the atomic positions")
+    far = np.abs(frac).max(axis=1) > MAX_CELLS_OUT
+    if np.any(far):
+        bad = int(np.flatnonzero(far)[0])
+        return (RejectCode.NON_FINITE_COORDINATES,
+                f"site {bad} has fractional coordinates {np.round(frac[bad], 3).tolist()}, more "
+                f"than {MAX_CELLS_OUT:g} cells outside the cell (Cartesian values under a "
+                "'Direct' header?); give positions inside the cell")
     return None
 
 
@@ -162,6 +175,24 @@ def _check_scope(structure: Structure, config: ValidationConfig) -> Problem:
         return (RejectCode.OUT_OF_SCOPE,
                 f"{structure.composition.reduced_formula}: {', '.join(missing)}; this screen is "
                 "for Li-TM-O cathodes (relax the scope in ValidationConfig to screen others)")
+    return None
+
+
+def _check_packing(structure: Structure, config: ValidationConfig) -> Problem:
+    """Cells that cannot hold their atoms ``min_distance`` apart, found without a neighbour
+    search (which would need ~cutoff / thickness periodic images of such a cell)."""
+    lengths = np.asarray(structure.lattice.abc, dtype=float)  # (3,) Angstrom
+    if lengths.min() < config.min_distance:  # every atom overlaps its own periodic image
+        return (RejectCode.OVERLAPPING_ATOMS,
+                f"cell vector of {lengths.min():.3g} A < min_distance {config.min_distance} A: "
+                "every atom overlaps its periodic image; fix the lattice")
+    # densest packing of spheres of diameter d has d^3 / sqrt(2) per sphere
+    floor = config.min_distance ** 3 / np.sqrt(2.0)
+    per_atom = float(structure.volume) / len(structure)
+    if per_atom < floor:
+        return (RejectCode.OVERLAPPING_ATOMS,
+                f"{per_atom:.3g} A^3 per atom < {floor:.3g} A^3, the least that atoms "
+                f"{config.min_distance} A apart need: some must overlap; fix the cell or sites")
     return None
 
 

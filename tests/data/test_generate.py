@@ -13,6 +13,7 @@ from pymatgen.core import Structure
 from cathode_ray.data.generate import (
     CANDIDATE_SCHEMA,
     GenerateConfig,
+    id_prefix,
     run,
     structure_fingerprint,
 )
@@ -141,3 +142,18 @@ def test_shards_are_written_in_read_task_row_groups(parents: Path, tmp_path: Pat
                                 shard_size=40, workers=1))
     meta = pq.ParquetFile(result.shards[0]).metadata
     assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [16, 16, 8]
+
+
+def test_ids_differ_across_parents_and_settings_but_repeat_for_the_same_run(tmp_path: Path) -> None:
+    """Two libraries generated with the default seed from other parents (or other settings) can
+    be screened together: their ids never collide. The same parents, settings and seed give the
+    same ids (and candidates) again."""
+    def prefix(**kw: object) -> str:
+        return id_prefix(GenerateConfig(**{"source": "x", "n": 5, "out": str(tmp_path), **kw}),
+                         ["p-1", "p-0"])
+
+    assert re.fullmatch(r"cand-0-[0-9a-f]{8}", prefix())
+    assert prefix() == prefix(workers=1, shard_size=7, chunk_size=3, out="elsewhere")
+    assert prefix() != prefix(seed=1) and prefix() != prefix(max_strain=0.05)
+    assert prefix() != id_prefix(GenerateConfig(source="x", n=5, out=str(tmp_path)), ["p-0"])
+    assert prefix() == id_prefix(GenerateConfig(source="x", n=5, out=str(tmp_path)), ["p-0", "p-1"])

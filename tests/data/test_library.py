@@ -154,6 +154,38 @@ def test_parquet_read_in_batches_and_missing_column(tmp_path: Path, monkeypatch)
     assert row["error"] == RejectCode.UNREADABLE_FILE and "structure_json" in row["payload"]
 
 
+def test_parquet_structure_column_as_struct_reads_like_json(tmp_path: Path) -> None:
+    """MP-shaped documents written with pa.Table.from_pylist store 'structure' as a nested struct
+    (not a JSON string); each row still parses to its structure."""
+    sd = licoo2().as_dict()
+    sd.pop("properties", None)  # an empty dict has no Parquet struct type
+    for site in sd["sites"]:
+        site.pop("properties", None)
+    docs = [{"material_id": f"mp-{i}", "structure": sd, "energy_above_hull": 0.01 * i}
+            for i in range(3)]
+    pq.write_table(pa.Table.from_pylist(docs), tmp_path / "docs.parquet")
+    assert pa.types.is_struct(pq.read_schema(tmp_path / "docs.parquet").field("structure").type)
+    rows = list(read_library_file(str(tmp_path / "docs.parquet")))
+    assert [r["structure_id"] for r in rows] == ["mp-0", "mp-1", "mp-2"]
+    parsed = [parse_raw(r) for r in rows]
+    assert all(isinstance(p, Structure) and p.matches(licoo2()) for p in parsed)
+
+
+def test_files_in_hidden_directories_are_skipped(tmp_path: Path) -> None:
+    (tmp_path / "lib" / ".ipynb_checkpoints").mkdir(parents=True)
+    (tmp_path / "lib" / "sub").mkdir()
+    licoo2().to(filename=str(tmp_path / "lib" / "sub" / "LiCoO2.cif"))
+    licoo2().to(filename=str(tmp_path / "lib" / ".ipynb_checkpoints" / "LiCoO2-checkpoint.cif"))
+    licoo2().to(filename=str(tmp_path / "lib" / ".hidden.cif"))
+    expected = [str(tmp_path / "lib" / "sub" / "LiCoO2.cif")]
+    assert list_library_files(str(tmp_path / "lib")) == expected
+    assert list_library_files(str(tmp_path / "lib") + "/**/*.cif") == expected
+    # a library that itself lies below a dot-directory is still read
+    (tmp_path / ".data").mkdir()
+    licoo2().to(filename=str(tmp_path / ".data" / "a.cif"))
+    assert list_library_files(str(tmp_path / ".data")) == [str(tmp_path / ".data" / "a.cif")]
+
+
 def test_split_extxyz_frames_and_garbage() -> None:
     text = "2\nLattice=\"3 0 0 0 3 0 0 0 3\"\nLi 0 0 0\nO 1 1 1\n1\nc\nO 0 0 0\n"
     assert len(split_extxyz(text)) == 2

@@ -77,6 +77,32 @@ def test_nan_and_degenerate_never_reach_neighbour_search() -> None:
     assert _check(Structure.from_dict(d)) == RejectCode.DEGENERATE_LATTICE
 
 
+def test_far_sites_and_thin_cells_are_rejected_before_the_neighbour_search(monkeypatch) -> None:
+    """Inputs that would make the neighbour search run for minutes (or out of memory) are rejected
+    by cheap checks; the search itself must never be reached for them."""
+    def no_search(*args: object, **kwargs: object) -> None:
+        raise AssertionError("neighbour search reached")
+
+    monkeypatch.setattr(Structure, "get_neighbor_list", no_search)
+    d = licoo2().as_dict()
+    d["sites"][0]["abc"] = [1e7, 0.3, 0.2]  # e.g. Cartesian values under a "Direct" header
+    reject = validate_structure(Structure.from_dict(d), structure_id="s", source="x",
+                                config=ValidationConfig())
+    assert reject.reason == RejectCode.NON_FINITE_COORDINATES and "cells outside" in reject.message
+    thin = Structure(Lattice.orthorhombic(1e-5, 30, 30), ["Li", "Co", "O", "O"],
+                     [[0, 0, 0], [0, 0.1, 0.1], [0, 0.2, 0.1], [0, 0.1, 0.2]])
+    assert _check(thin) == RejectCode.OVERLAPPING_ATOMS
+    base = licoo2()
+    crowded = Structure(Lattice(base.lattice.matrix * 0.2), base.species, base.frac_coords)
+    assert min(crowded.lattice.abc) > 0.5  # not caught by the cell-vector rule
+    assert _check(crowded) == RejectCode.OVERLAPPING_ATOMS  # 0.04 A^3 per atom < 0.088
+    monkeypatch.undo()
+    near = licoo2().as_dict()
+    near["sites"][0]["abc"] = [c + k for c, k in zip(near["sites"][0]["abc"], (3, -2, 1), strict=True)]
+    # a few cells out: the same crystal, accepted
+    assert _check(Structure.from_dict(near)) is None
+
+
 def test_isolated_atom_depends_on_cutoff() -> None:
     s = Structure(Lattice.cubic(20.0), ["Li", "Co", "O", "O"],
                   [[0, 0, 0], [1.9, 0, 0], [3.8, 0, 0], [3.8, 0, 6.8]], coords_are_cartesian=True)
