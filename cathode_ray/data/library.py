@@ -42,7 +42,7 @@ import os
 import re
 import warnings
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
@@ -136,9 +136,8 @@ def list_library_files(spec: str) -> list[str]:
         FileNotFoundError: when ``spec`` does not exist or matches no supported file.
     """
     fs, path = filesystem_for(spec)
-    root = path
+    root = _root(path)
     if _GLOB_CHARS.search(path):
-        root = path[: _GLOB_CHARS.search(path).start()].rsplit("/", 1)[0]
         found = _glob(fs, spec, path)
     else:
         info = fs.get_file_info(path)
@@ -161,6 +160,21 @@ def list_library_files(spec: str) -> list[str]:
     return [_uri(spec, p) for p in supported]
 
 
+def _root(path: str) -> str:
+    """Filesystem path of a library's root: the directory, a glob's fixed leading folder, or
+    (for one file) the file itself."""
+    if match := _GLOB_CHARS.search(path):
+        return path[: match.start()].rsplit("/", 1)[0]
+    return path.rstrip("/")
+
+
+def file_labels(spec: str, files: Sequence[str]) -> list[str]:
+    """Names for fallback ids (:func:`file_label`) of ``files`` as listed from ``spec``: paths
+    relative to the library's root, so that ``a/structure.cif`` and ``b/structure.cif`` differ."""
+    root = _root(filesystem_for(spec)[1])
+    return [file_label(filesystem_for(f)[1], root=root) for f in files]
+
+
 def _hidden(path: str, root: str) -> bool:
     """A dot-file, or a file inside a dot-directory below ``root`` (``.ipynb_checkpoints/``,
     ``.git/``, a writer's ``.name.in-progress``)."""
@@ -178,8 +192,13 @@ def _glob(fs: pafs.FileSystem, spec: str, path: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------- ids and rows
-def file_label(path: str) -> str:
-    """Name used in fallback ids: the file name, or ``<parent dir>/<name>`` for POSCAR/CONTCAR."""
+def file_label(path: str, *, root: str | None = None) -> str:
+    """Name used in fallback ids: the path below ``root`` for a file in a subfolder of the
+    library, else the file name, or ``<parent dir>/<name>`` for POSCAR/CONTCAR."""
+    if root and path.startswith(root.rstrip("/") + "/"):
+        rel = path[len(root.rstrip("/")) + 1:]
+        if "/" in rel:
+            return rel
     p = PurePosixPath(path.replace("\\", "/"))
     if p.name.startswith(_GENERIC_VASP_NAMES) and p.parent.name:
         return f"{p.parent.name}/{p.name}"
@@ -220,20 +239,22 @@ def _labels(item: dict[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- reading
 def read_library_file(path: str, fs: pafs.FileSystem | None = None, *,
-                      rows: tuple[int, int] | None = None) -> Iterator[dict[str, Any]]:
+                      rows: tuple[int, int] | None = None,
+                      label: str | None = None) -> Iterator[dict[str, Any]]:
     """Yield raw rows for every structure in one library file; never raises on bad content.
 
     ``path`` is a local path or URI as returned by :func:`list_library_files`; ``fs`` (optional) is
     the filesystem it lives on, else resolved with :func:`filesystem_for`. ``rows=(start, stop)``
     reads only rows ``start <= index < stop`` of a Parquet file, so that one large file can be
-    read by several tasks; ids and indices stay those of the whole file.
+    read by several tasks; ids and indices stay those of the whole file. ``label``: the file's
+    name in fallback ids (:func:`file_labels`; default :func:`file_label` of the path).
     """
     if fs is None:
         fs, fs_path = filesystem_for(path)
     else:
         parsed = urlparse(path)
         fs_path = f"{parsed.netloc}{parsed.path}" if parsed.scheme == "s3" else path
-    name = file_label(fs_path)
+    name = label or file_label(fs_path)
     fmt = library_format(fs_path)
     if fmt is None:
         yield error_row(name, path, RejectCode.UNREADABLE_FILE,
@@ -447,8 +468,9 @@ _READERS = {
 
 def iter_library(spec: str) -> Iterator[dict[str, Any]]:
     """Raw rows of every file of a library, files in :func:`list_library_files` order."""
-    for path in list_library_files(spec):
-        yield from read_library_file(path)
+    files = list_library_files(spec)
+    for path, label in zip(files, file_labels(spec, files), strict=True):
+        yield from read_library_file(path, label=label)
 
 
 def iter_raw(specs: Iterable[str]) -> Iterator[dict[str, Any]]:

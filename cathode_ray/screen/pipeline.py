@@ -230,6 +230,7 @@ class Source:
     files: list[str] | None
     rows: list[dict[str, Any]] | None
     fingerprint: str
+    labels: list[str] | None = None  # files' names in fallback ids (data.library.file_labels)
 
 
 def plan_source(config: ScreenConfig) -> Source:
@@ -244,10 +245,11 @@ def plan_source(config: ScreenConfig) -> Source:
 
         rows = stages.mp_raw_rows(fetch_mp_summary())
         return Source(files=None, rows=rows, fingerprint=_ids_fingerprint(rows))
-    from cathode_ray.data.library import list_library_files
+    from cathode_ray.data.library import file_labels, list_library_files
 
     files = list_library_files(config.library)
-    return Source(files=files, rows=None, fingerprint=files_fingerprint(files))
+    return Source(files=files, rows=None, fingerprint=files_fingerprint(files),
+                  labels=file_labels(config.library, files))
 
 
 def files_fingerprint(files: list[str]) -> str:
@@ -318,8 +320,10 @@ def _input_dataset(source: Source, rows_per_file: dict[int, int] | None = None) 
         blocks = max(1, min(len(source.rows) // _BATCH_ROWS, 200))
         return ray.data.from_items(source.rows, override_num_blocks=blocks)
     files = source.files or []
-    items = (stages.read_items(files, rows_per_file) if rows_per_file is not None
-             else [{"path": p, "file_index": i} for i, p in enumerate(files)])
+    labels = source.labels or [""] * len(files)
+    items = (stages.read_items(files, rows_per_file, labels=labels) if rows_per_file is not None
+             else [{"path": p, "file_index": i, "label": label}
+                   for i, (p, label) in enumerate(zip(files, labels, strict=True))])
     return ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
 
 

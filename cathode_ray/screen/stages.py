@@ -61,8 +61,10 @@ def _raw(row: Mapping[str, Any], order: int) -> dict[str, Any]:
 
 
 def read_items(files: Sequence[str], rows_per_file: Mapping[int, int],
-               task_rows: int = READ_TASK_ROWS) -> list[dict[str, Any]]:
-    """Read tasks for ``files``: ``{"path", "file_index", "row_start", "row_stop"}``.
+               task_rows: int = READ_TASK_ROWS, *,
+               labels: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Read tasks for ``files``: ``{"path", "file_index", "row_start", "row_stop", "label"}``
+    (``labels``: the files' names in fallback ids, ``data.library.file_labels``).
 
     A plain Parquet file with more than ``task_rows`` rows (``rows_per_file``, counted by the
     index pass) is split into row ranges, so no read task holds more than ``task_rows`` inputs
@@ -72,11 +74,13 @@ def read_items(files: Sequence[str], rows_per_file: Mapping[int, int],
     items = []
     for i, path in enumerate(files):
         n = int(rows_per_file.get(i, 0))
+        label = labels[i] if labels is not None else ""
         if n > task_rows and library_format(path) == "parquet" and not path.lower().endswith(".gz"):
-            items += [{"path": path, "file_index": i, "row_start": a, "row_stop": min(a + task_rows, n)}
-                      for a in range(0, n, task_rows)]
+            items += [{"path": path, "file_index": i, "row_start": a, "row_stop": min(a + task_rows, n),
+                       "label": label} for a in range(0, n, task_rows)]
         else:
-            items.append({"path": path, "file_index": i, "row_start": 0, "row_stop": -1})
+            items.append({"path": path, "file_index": i, "row_start": 0, "row_stop": -1,
+                          "label": label})
     return items
 
 
@@ -85,7 +89,8 @@ def iter_file_rows(item: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
     "file_index"}`` alone reads the whole file), one at a time."""
     fi, start, stop = int(item["file_index"]), int(item.get("row_start", 0)), int(item.get("row_stop", -1))
     rows = None if stop < 0 else (start, stop)
-    for i, r in enumerate(read_library_file(str(item["path"]), rows=rows), start=start):
+    label = str(item.get("label") or "") or None
+    for i, r in enumerate(read_library_file(str(item["path"]), rows=rows, label=label), start=start):
         yield _raw(r, order_key(fi, i))
 
 

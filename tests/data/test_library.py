@@ -80,6 +80,28 @@ def test_ids_given_fallback_and_stable(good_dir) -> None:
             "json_column.parquet#2"} <= set(first)
 
 
+def test_fallback_ids_of_same_named_files_in_subfolders_differ(tmp_path: Path) -> None:
+    """batchA/structure.cif and batchB/structure.cif hold different structures without ids:
+    their fallback ids follow the path below the library root, so neither is a duplicate."""
+    from cathode_ray.data.validate import ValidationConfig, validate_rows
+    from tests.data.badfiles import limn2o4
+
+    for sub, s in (("batchA", licoo2()), ("batchB", limn2o4())):
+        (tmp_path / "lib" / sub).mkdir(parents=True)
+        s.to(filename=str(tmp_path / "lib" / sub / "structure.cif"))
+    licoo2().to(filename=str(tmp_path / "lib" / "top.cif"))
+    rows = list(iter_library(str(tmp_path / "lib")))
+    assert [r["structure_id"] for r in rows] == [
+        "batchA/structure.cif#0", "batchB/structure.cif#0", "top.cif#0"]
+    valid, rejects = validate_rows(rows, ValidationConfig())
+    assert len(valid) == 3 and not rejects
+    # a glob keeps the path below its fixed folder; one file named alone keeps its name
+    assert [r["structure_id"] for r in iter_library(str(tmp_path / "lib") + "/**/*.cif")][:2] == [
+        "batchA/structure.cif#0", "batchB/structure.cif#0"]
+    only = str(tmp_path / "lib" / "batchB" / "structure.cif")
+    assert [r["structure_id"] for r in iter_library(only)] == ["structure.cif#0"]
+
+
 def test_make_structure_id_content_hash() -> None:
     sid = make_structure_id(None, "", 3, "payload")
     assert sid.startswith("sha1-") and sid == make_structure_id("  ", "", 0, "payload")

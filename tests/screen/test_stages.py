@@ -351,3 +351,22 @@ def test_read_items_split_large_parquet_into_ranges_that_read_like_the_whole_fil
     assert ranged == whole and len(whole) == n + 1
     # small files and non-Parquet files stay one task each
     assert [i["row_stop"] for i in read_items(files, {0: n, 1: 1}, task_rows=100)] == [-1, -1]
+
+
+def test_screen_reads_the_same_fallback_ids_as_the_library(tmp_path) -> None:
+    """Same-named files in subfolders keep distinct fallback ids through the screen's read tasks
+    (the labels planned from the library root ride along in every read item)."""
+    from cathode_ray.data.library import iter_library
+    from cathode_ray.screen.pipeline import ScreenConfig, plan_source
+    from tests.data.badfiles import licoo2, limn2o4
+
+    for sub, s in (("a", licoo2()), ("b", limn2o4())):
+        (tmp_path / "lib" / sub).mkdir(parents=True)
+        s.to(filename=str(tmp_path / "lib" / sub / "s.cif"))
+    config = ScreenConfig(library=str(tmp_path / "lib"), model="m", out=str(tmp_path / "o"),
+                          references="snapshot:x")
+    source = plan_source(config)
+    items = read_items(source.files, {}, labels=source.labels)
+    ids = [r["structure_id"] for item in items for r in iter_file_rows(item)]
+    assert ids == [r["structure_id"] for r in iter_library(str(tmp_path / "lib"))]
+    assert ids == ["a/s.cif#0", "b/s.cif#0"]
