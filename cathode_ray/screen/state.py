@@ -380,9 +380,16 @@ class ExpiringLock:
         """Hold the exclusive file lock beside the local lock file; yields the lock's path."""
         path = _local_path(self.lock_uri)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(f"{path}.guard", os.O_CREAT | os.O_RDWR, 0o644)
-        try:
+        while True:
+            fd = os.open(f"{path}.guard", os.O_CREAT | os.O_RDWR, 0o644)
             fcntl.flock(fd, fcntl.LOCK_EX)
+            try:  # release deletes the guard: hold it only if it is still the file at the path
+                if os.stat(f"{path}.guard").st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        try:
             yield path
         finally:
             os.close(fd)  # releases the flock
@@ -468,6 +475,7 @@ class ExpiringLock:
                 held = self._read_local(path)
                 if held is not None and held.get("owner") == self.owner:
                     os.unlink(path)
+                    os.unlink(f"{path}.guard")  # others re-open it (see _guard)
         except FileNotFoundError:
             pass
         except Exception as exc:  # noqa: BLE001 - storage unreachable: keep the original error
