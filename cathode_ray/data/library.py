@@ -185,8 +185,7 @@ def _hidden(path: str, root: str) -> bool:
 def _glob(fs: pafs.FileSystem, spec: str, path: str) -> list[str]:
     if isinstance(fs, pafs.LocalFileSystem):
         return [os.path.abspath(p) for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
-    base = path[: _GLOB_CHARS.search(path).start()].rsplit("/", 1)[0]
-    selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
+    selector = pafs.FileSelector(_root(path), recursive=True, allow_not_found=True)
     infos = fs.get_file_info(selector)
     return [i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)]
 

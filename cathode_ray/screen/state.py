@@ -402,7 +402,7 @@ class ExpiringLock:
                 return json.loads(fh.read())
         except FileNotFoundError:
             return None
-        except (ValueError, UnicodeDecodeError):
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError included
             try:
                 expires = os.stat(path).st_mtime + self.ttl_s
             except FileNotFoundError:
