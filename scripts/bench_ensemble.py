@@ -11,6 +11,8 @@ it (``collate(trunk(...))``, the path of cached training features and of the scr
 - shared via host: the shared loop with the trunk's output round-tripped through host memory;
 - shared stacked: trunk once, the five last blocks + heads as one vectorised call (``Ensemble``
   with ``stack_members=True``, ``torch.func.vmap`` over stacked weights);
+- shared compiled: the shared loop with the last blocks run by one ``torch.compile``d function
+  (``Ensemble`` with ``compile_members=True``; the compile time is printed apart);
 - head-only: trunk once, the pretrained last block once, five heads;
 - one member: trunk + one last block + head (the floor the others are compared with);
 - shared stacked at each ``--precisions`` entry (bf16 on CPU and CUDA, tf32 on CUDA), with the
@@ -18,14 +20,16 @@ it (``collate(trunk(...))``, the path of cached training features and of the scr
 
 Structures are real MP Li-TM-O materials from ../shared/data (random weights cost the same as
 trained ones; last blocks are perturbed per member so members differ). Prints structures/s per
-mode and the ratios to naive, all from one run.
+mode (the median of ``--rounds`` interleaved rounds) and the ratios to naive, all from one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -78,8 +82,9 @@ def bench_ensemble(bb: Backbone, n_members: int, device: str) -> Ensemble:
                     manifest={"model_id": "bench", "config": {"train_last_block": True}})
 
 
-def _timed(fn, repeats: int) -> float:
-    fn()  # warm-up
+def _timed(fn, repeats: int, *, warm_up: bool = True) -> float:
+    if warm_up:
+        fn()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -97,7 +102,9 @@ def main() -> None:
     ap.add_argument("--members", type=int, default=5)
     ap.add_argument("--backbone", default="chgnet")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2, help="timed passes per mode and round")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds over all modes; each mode's rate is its median round")
     ap.add_argument("--precisions", nargs="*", default=None,
                     help="reduced precisions to time and bound (default: bf16, plus tf32 on CUDA)")
     args = ap.parse_args()
@@ -140,6 +147,13 @@ def main() -> None:
             batch = bb.trunk_batch(c, args.device)
             ens.member_outputs(batch, th[len(c)], precision)
 
+    ens_loop = dataclasses.replace(ens, stack_members=False, _stacked=None)
+    ens_compiled = dataclasses.replace(ens_loop, compile_members=True)
+
+    def compiled() -> None:
+        for c in chunks:
+            ens_compiled.member_outputs(bb.trunk_batch(c, args.device), th[len(c)])
+
     def head_only() -> None:
         for c in chunks:
             batch = bb.trunk_batch(c, args.device)
@@ -170,23 +184,38 @@ def main() -> None:
 
     for name, fn in (("trunk", trunk_only), ("last block", last_block_only), ("head", head_only_cached)):
         print(f"per structure, one member, {name:>10}: {1e3 * _timed(fn, args.repeats) / args.n:8.2f} ms")
+    t0 = time.perf_counter()
+    diff = max(float((ens_compiled.member_outputs(b, th[len(c)])["q50"]
+                      - ens_loop.member_outputs(b, th[len(c)])["q50"]).abs().max())
+               for b, c in zip(batches, chunks, strict=True))
+    print(f"compiled members: first pass (compiles) {time.perf_counter() - t0:.1f} s, "
+          f"max |q50 - uncompiled| = {1e3 * diff:.4f} meV/atom"
+          + ("" if ens_compiled.compile_members else "  (FELL BACK to the uncompiled loop)"))
     modes = [("one_member", one_member), ("naive_5", naive), ("shared_loop_5", shared),
              ("shared_via_host_5", shared_via_host),
-             ("shared_stacked_5", stacked), ("head_only_5", head_only), ("cached_trunk_5", last_blocks_only)]
+             ("shared_stacked_5", stacked), ("shared_compiled_5", compiled), ("head_only_5", head_only), ("cached_trunk_5", last_blocks_only)]
     deviations = {}
     for p in precisions:
         deviations[p] = max(ens.precision_deviation(b, th[len(c)], precision=p)
                             for b, c in zip(batches, chunks, strict=True))
         if deviations[p] != float("inf"):
             modes.append((f"stacked_5_{p}", lambda p=p: stacked(p)))
-    rates = {name: args.n / _timed(fn, args.repeats) for name, fn in modes}
+    for _, fn in modes:  # warm-up (and compile) every mode first
+        fn()
+    times: dict[str, list[float]] = {name: [] for name, _ in modes}
+    for _ in range(args.rounds):  # modes interleaved, so a slow spell of the machine hits them all
+        for name, fn in modes:
+            times[name].append(_timed(fn, args.repeats, warm_up=False))
+    rates = {name: args.n / statistics.median(ts) for name, ts in times.items()}
+    spread = {name: (args.n / max(ts), args.n / min(ts)) for name, ts in times.items()}
     if ens.stack_members is False:
         print("NOTE: stacking fell back to the member loop for this backbone")
     print(f"backbone={bb.name} device={args.device} n={args.n} batch={args.batch} "
           f"threads={torch.get_num_threads()}")
     for name, r in rates.items():
+        lo, hi = spread[name]
         print(f"{name:>18}: {r:8.1f} structures/s   x{r / rates['naive_5']:.2f} vs naive   "
-              f"x{r / rates['one_member']:.2f} vs one member")
+              f"x{r / rates['one_member']:.2f} vs one member   (rounds {lo:.1f}-{hi:.1f})")
     for p, d in deviations.items():
         print(f"{p}: max |q50 or energy - float32| = "
               f"{'unsupported by this backbone' if d == float('inf') else f'{1e3 * d:.2f} meV/atom'}")

@@ -105,6 +105,7 @@ def tiny_mace_model(workdir: Path, references: str) -> str:
 
 def bench(*, model: str, references: str, library: str, n: int, actors: int, gpu_actors: int,
           out: str, cpus: int, precision: str, stack_members: bool, object_store_mb: float | None,
+          compile_members: bool = False,
           cores: int | None = None, trace: Path | None = None,
           rows_per_file: int = ScreenConfig.min_rows_per_file,
           calls_per_actor: int | None = None) -> dict[str, Any]:
@@ -138,7 +139,8 @@ def bench(*, model: str, references: str, library: str, n: int, actors: int, gpu
                              graph_actors=graph_actors, light_tasks=graph_actors,
                              object_store_mb=object_store_mb, min_rows_per_file=rows_per_file,
                              inference_calls_per_actor=calls_per_actor,
-                             precision=precision, stack_members=stack_members, verbose=True))
+                             precision=precision, stack_members=stack_members,
+                             compile_members=compile_members, verbose=True))
         wall = time.perf_counter() - t0
     finally:
         stop.set()
@@ -182,6 +184,7 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--precision", default="float32")
     ap.add_argument("--stack-members", action="store_true")
+    ap.add_argument("--compile-members", action="store_true")
     ap.add_argument("--object-store-mb", type=float, default=ScreenConfig.object_store_mb,
                     help="object-store budget of the queued blocks (0: Ray Data's default)")
     ap.add_argument("--calls-per-actor", type=int, default=None,
@@ -208,7 +211,8 @@ def main() -> None:
     rows = [_in_fresh_process(
         bench, model=model, references=args.references, library=lib, n=args.n, actors=a,
         gpu_actors=args.gpu_actors, out=out, cpus=args.cpus, precision=args.precision,
-        stack_members=args.stack_members, object_store_mb=args.object_store_mb or None,
+        stack_members=args.stack_members, compile_members=args.compile_members,
+        object_store_mb=args.object_store_mb or None,
         cores=c, rows_per_file=args.rows_per_file,
         calls_per_actor=args.calls_per_actor, trace=None if args.trace is None
         else args.trace / f"memory-{i}-{Path(lib).name}-a{a}-c{c}.csv")
@@ -216,6 +220,7 @@ def main() -> None:
     if args.trace is not None:
         print(f"memory samples: {args.trace}/memory-*.csv")
     print(f"\nmodel={args.model} precision={args.precision} stacked={args.stack_members} "
+          f"compiled={args.compile_members} "
           f"cpus={'2 x cores' if args.cores else args.cpus} object_store_mb={args.object_store_mb} "
           f"rows_per_file={args.rows_per_file} calls_per_actor={args.calls_per_actor or 'default'}")
     print(f"{'cores':>5} {'actors':>6} {'inputs':>7} {'wall s':>8} {'struct/s':>9} {'infer/s':>8} "

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU figure of docs/performance.md in one call on a CUDA node (about 6 minutes on an H100):
-#   1. five members vs naive, MACE-MP-0-medium shape and CHGNet   (scripts/bench_ensemble.py)
+# Every GPU figure of docs/performance.md in one call on a CUDA node (6-9 minutes on an H100):
+#   1. five members vs naive (compiled members included), MACE-MP-0-medium shape and CHGNet
+#      (scripts/bench_ensemble.py)
 #   2. TF32 / bf16 against float32 on real MP structures          (scripts/bench_precision.py)
 #   3. does the CPU side keep the GPU fed? end to end vs inference (scripts/bench_feed.py)
 # Needs cathode_ray's dependencies importable (Ray is not: bench_feed replaces it with a process
@@ -25,8 +26,8 @@ step() {  # step NAME TIMEOUT_S CMD...: run, log, keep going on failure
     grep -E "structures/s|meV/atom|fell back|Error" "$OUT/$name.log" | tee -a "$OUT/summary.txt"
 }
 
-step ensemble_mace 150 python scripts/bench_ensemble.py --backbone mace-medium-shape --n 512 --batch 64 --device cuda
-step ensemble_chgnet 120 python scripts/bench_ensemble.py --backbone chgnet --n 384 --batch 64 --device cuda
+step ensemble_mace 330 python scripts/bench_ensemble.py --backbone mace-medium-shape --n 512 --batch 64 --device cuda
+step ensemble_chgnet 180 python scripts/bench_ensemble.py --backbone chgnet --n 384 --batch 64 --device cuda
 step precision_chgnet 60 python scripts/bench_precision.py --backbone chgnet --n 256 --batch 64 --device cuda
 LIB="$OUT/library"
 step library 60 python -m cathode_ray.cli library generate --from ../shared/data/mp_litmo_summary.jsonl.gz \

@@ -13,7 +13,10 @@ on the device (``predict_graphs``, the screen):
   call is slower (0.72x the loop with CHGNet, 0.57x with a MACE-MP-0-medium-shaped model,
   ``scripts/bench_ensemble.py``); on an H100 it gains 6 % for CHGNet. MACE fell back to the loop
   there (TorchScript's fused kernels cannot be vmapped); its stacked call now runs with the fuser
-  off (``MaceBackbone.vmap_context``), not yet measured on a GPU.
+  off (``MaceBackbone.vmap_context``), not yet measured on a GPU;
+- or through one ``torch.compile``d function (:class:`~cathode_ray.model.compiled.CompiledLastBlocks`,
+  ``compile_members=True``, float32 only; falls back to the loop when compiling fails). Measured
+  on CPU with the MACE-MP-0-medium shape: see ``docs/performance.md``.
 
 ``precision`` (``float32`` | ``tf32`` | ``bf16``) applies to the last block(s); heads stay float32.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +37,7 @@ from cathode_ray.data.splits import SoapClusterer
 
 from .artifact import ArtifactIntegrityError, ModelDir
 from .backbones import Backbone, TrunkBatch, TrunkFeatures, load_backbone
+from .compiled import CompiledLastBlocks
 from .head import HeadConfig
 from .member import Member, Normalizer, ThermoInputs
 from .prediction import EnsemblePrediction
@@ -53,10 +58,15 @@ class Ensemble:
     files: dict[str, bytes]
     precision: str = "float32"
     stack_members: bool = False
+    compile_members: bool = False
     _stacked: StackedMembers | None = field(default=None, repr=False)
+    _compiled: CompiledLastBlocks | None = field(default=None, repr=False)
+    _compile_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
+        if self.stack_members and self.compile_members:
+            raise ValueError("stack_members and compile_members are alternatives: choose one")
 
     @property
     def shared_last_block(self) -> bool:
@@ -69,7 +79,8 @@ class Ensemble:
 
     @classmethod
     def load(cls, uri: str, *, device: str = "cpu", backbone: Backbone | None = None,
-             precision: str = "float32", stack_members: bool = False) -> Ensemble:
+             precision: str = "float32", stack_members: bool = False,
+             compile_members: bool = False) -> Ensemble:
         md = ModelDir(uri=uri)
         manifest = md.read_manifest(verify=False)
         files = md.verify(manifest)  # raises before anything is deserialised
@@ -91,7 +102,8 @@ class Ensemble:
         if not members:
             raise ArtifactIntegrityError(f"{uri}: manifest lists no members")
         return cls(backbone=bb, members=members, normalizer=normalizer, manifest=manifest, uri=uri,
-                   files=files, precision=check_precision(precision), stack_members=stack_members)
+                   files=files, precision=check_precision(precision), stack_members=stack_members,
+                   compile_members=compile_members)
 
     def soap_clusterer(self) -> SoapClusterer | None:
         """The dataset's SOAP cluster model, to assign clusters to new structures."""
@@ -105,6 +117,8 @@ class Ensemble:
         if self.shared_last_block:  # head-only members: one last-block pass, M heads
             x, zs, e_pa = self.members[0].head_inputs(batch, thermo, precision)
             outs = [m.outputs(x, zs, e_pa, thermo.has_ref) for m in self.members]
+        elif self.compile_members and precision == "float32":
+            outs = self._compiled_outputs(batch, thermo)
         elif self.stack_members and len(self.members) > 1:
             try:
                 if self._stacked is None:
@@ -118,6 +132,22 @@ class Ensemble:
         else:
             outs = [m(batch, thermo, precision) for m in self.members]
         return {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
+
+    def _compiled_outputs(self, batch: TrunkBatch, thermo: ThermoInputs) -> list[dict[str, torch.Tensor]]:
+        """Every member's outputs with its last block compiled (float32); the uncompiled loop,
+        logged, from the first failure on (no compiler, an op Dynamo cannot trace)."""
+        try:
+            with self._compile_lock:  # an inference actor may take two calls at once
+                if self._compiled is None:
+                    template = self.backbone.compile_template(self.members[0].last_block)
+                    self._compiled = CompiledLastBlocks(template, [m.last_block for m in self.members])
+            return [m(batch, thermo, "float32", self._compiled.member(i)) for i, m in enumerate(self.members)]
+        except Exception as exc:  # noqa: BLE001 - compiler or tracer failure
+            outs = [m(batch, thermo) for m in self.members]  # raises if not the compiler's fault
+            log.warning("compiled members failed (%s: %s); running them uncompiled", type(exc).__name__,
+                        str(exc).splitlines()[0] if str(exc) else "")
+            self.compile_members, self._compiled = False, None
+            return outs
 
     @torch.inference_mode()
     def precision_deviation(self, batch: TrunkBatch, thermo: ThermoInputs, *,

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .backbones.base import Backbone, LastBlock, TrunkBatch, segment_mean
+from .compiled import LastBlockFn
 from .head import EhullHead, HeadConfig
 from .stacked import precision_context
 
@@ -88,14 +89,18 @@ class Member(nn.Module):
         return cls(backbone.new_last_block(), dim, head, normalizer)
 
     def head_inputs(self, batch: TrunkBatch, thermo: ThermoInputs, precision: str = "float32",
+                    last_block: LastBlockFn | None = None,
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(features [B, D + D'], zero-shot E_hull [B] eV/atom (0 without reference), e_pa [B]).
 
         ``precision`` applies to the last block only (see :mod:`cathode_ray.model.stacked`); its
-        outputs are cast back to float32 and the head always runs in float32.
+        outputs are cast back to float32 and the head always runs in float32. ``last_block``
+        replaces the call of ``self.last_block`` (this member's compiled last block, see
+        :mod:`cathode_ray.model.compiled`).
         """
+        block = self.last_block if last_block is None else last_block
         with precision_context(precision, batch["n_atoms"].device):
-            e_pa, emb = self.last_block(batch)  # [B] eV/atom, [B, D]
+            e_pa, emb = block(batch)  # [B] eV/atom, [B, D]
         e_pa, emb = e_pa.float(), emb.float()
         trunk = segment_mean(batch["node_scalars"], batch["atom_owners"], batch["n_atoms"])  # [B, D']
         zs = e_pa + thermo.corr_pa - thermo.hull_pa  # [B] zero-shot E_hull, eV/atom
@@ -103,8 +108,8 @@ class Member(nn.Module):
         return torch.cat([emb, trunk], dim=1), zs, e_pa
 
     def forward(self, batch: TrunkBatch, thermo: ThermoInputs, precision: str = "float32",
-                ) -> dict[str, torch.Tensor]:
-        x, zs, e_pa = self.head_inputs(batch, thermo, precision)
+                last_block: LastBlockFn | None = None) -> dict[str, torch.Tensor]:
+        x, zs, e_pa = self.head_inputs(batch, thermo, precision, last_block)
         return self.outputs(x, zs, e_pa, thermo.has_ref)
 
     def outputs(self, x: torch.Tensor, zs: torch.Tensor, e_pa: torch.Tensor,

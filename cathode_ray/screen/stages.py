@@ -374,12 +374,13 @@ class InferenceStage:
     """
 
     def __init__(self, *, model: str, device: str = "cpu", max_edges: int = 50_000,
-                 run_id: str, precision: str = "float32", stack_members: bool = False) -> None:
+                 run_id: str, precision: str = "float32", stack_members: bool = False,
+                 compile_members: bool = False) -> None:
         from cathode_ray.calibrate.calibrator import Calibrator
         from cathode_ray.model.ensemble import Ensemble
 
         self.ensemble = Ensemble.load(model, device=device, precision=precision,
-                                      stack_members=stack_members)
+                                      stack_members=stack_members, compile_members=compile_members)
         self._precision_checked = precision == "float32"
         self.calibrator = Calibrator.from_files(self.ensemble.files, where=model)
         self.device = device

@@ -135,6 +135,25 @@ def _assert_trunk_batch_equals_collate(backbone: Backbone, graphs: Sequence[Any]
         "the last block gives other outputs on trunk_batch than on collate(trunk)"
 
 
+def _assert_compile_template(backbone: Backbone, last: LastBlock, batch: dict[str, torch.Tensor]) -> None:
+    """``compile_template`` called with another (perturbed) last block's weights computes what
+    that block does (compiled members pass each member's weights to one template), or raises
+    NotImplementedError (the ensemble then runs the members uncompiled)."""
+    try:
+        template = backbone.compile_template(last)
+    except NotImplementedError:
+        return
+    other = backbone.new_last_block().eval()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.01)
+    state = {**dict(other.named_parameters())}
+    with torch.no_grad():
+        (e1, m1), (e2, m2) = torch.func.functional_call(template, state, (batch,)), other(batch)
+    assert torch.allclose(e1, e2, atol=BATCH_ATOL) and torch.allclose(m1, m2, atol=BATCH_ATOL), \
+        "compile_template with a member's weights differs from the member's last block"
+
+
 def check_backbone(backbone: Backbone, structures: Sequence[Structure]) -> dict[str, float]:
     """Assert the Backbone contract on ``structures`` (>= 2); returns the measured errors.
 
@@ -143,7 +162,7 @@ def check_backbone(backbone: Backbone, structures: Sequence[Structure]) -> dict[
     [B, embedding_dim]; trunk_embedding is finite [B, D']; the split reproduces
     ``backbone.reference_energy`` within :data:`ENERGY_ATOL`; outputs do not depend on batch
     composition (:data:`BATCH_ATOL`); trunk frozen, last block trainable with gradients; the
-    last block is a copy.
+    last block is a copy; ``compile_template`` with a block's weights computes what the block does.
     """
     n = len(structures)
     assert n >= 2, "need at least two structures to test batching"
@@ -160,6 +179,7 @@ def check_backbone(backbone: Backbone, structures: Sequence[Structure]) -> dict[
     batch = backbone.collate(feats, device)
     assert batch["n_atoms"].tolist() == [len(s) for s in structures]
     _assert_trunk_batch_equals_collate(backbone, graphs, batch, device)
+    _assert_compile_template(backbone, backbone.new_last_block(), backbone.trunk_batch(graphs, device))
     last = backbone.new_last_block()
     e_pa, emb = _run(backbone, last, feats)
     assert e_pa.shape == (n,) and torch.isfinite(e_pa).all(), f"bad e_pa {e_pa}"

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 from conformance import small_cathode_structures
+from ensembles import perturbed_ensemble, thermo
 
 from cathode_ray import seedcard
 from cathode_ray.model.backbones import Backbone
 from cathode_ray.model.backbones.mace import MaceBackbone
 from cathode_ray.model.ensemble import Ensemble
-from cathode_ray.model.head import HeadConfig
-from cathode_ray.model.member import Member, Normalizer, ThermoInputs
+from cathode_ray.model.member import Normalizer, ThermoInputs
 from cathode_ray.model.stacked import check_precision, precision_context
 from cathode_ray.testing.tf32 import emulated_tf32
 from cathode_ray.testing.tiny_mace import build_tiny_mace
@@ -23,24 +23,7 @@ from tests.chgnet_data import chgnet, member_data
 
 
 def _ensemble(bb: Backbone, n_members: int = 3, *, head_only: bool = False) -> Ensemble:
-    """Members whose last blocks differ (perturbed pretrained weights) and whose heads differ."""
-    norm = Normalizer(mean=0.08, std=0.05)
-    members = []
-    for i in range(n_members):
-        torch.manual_seed(100 + i)
-        m = Member.create(bb, HeadConfig(), norm).eval()
-        with torch.no_grad():
-            for p in m.last_block.parameters():
-                p.add_(0.02 * torch.randn_like(p) * p.abs().mean())
-        members.append(m)
-    manifest = {"model_id": "test", "config": {"train_last_block": not head_only}}
-    return Ensemble(backbone=bb, members=members, normalizer=norm, manifest=manifest, uri="-", files={},
-                    stack_members=True)
-
-
-def _thermo(n: int) -> ThermoInputs:
-    return ThermoInputs(hull_pa=torch.linspace(-6.5, -5.5, n), corr_pa=torch.zeros(n),
-                        has_ref=torch.tensor([i % 3 != 2 for i in range(n)]))
+    return perturbed_ensemble(bb, n_members, head_only=head_only, stack_members=True)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +43,7 @@ def _stacked_vs_loop(ens: Ensemble, feats: list, th: ThermoInputs) -> tuple:
 def test_stacked_chgnet_members_equal_loop() -> None:
     ens = _ensemble(chgnet())
     data = member_data(6, seed=1)
-    stacked, loop = _stacked_vs_loop(ens, data.feats, _thermo(6))
+    stacked, loop = _stacked_vs_loop(ens, data.feats, thermo(6))
     assert stacked.q50.shape == (3, 6)
     assert np.abs(loop.q50[0] - loop.q50[1]).max() > 1e-4  # members really differ
     for k in ("q10", "q50", "q90", "p_stable", "p_metastable"):
@@ -75,7 +58,7 @@ def test_stacked_mace_members_equal_loop_and_restore_mace(tiny_mace: MaceBackbon
     structures = small_cathode_structures()
     feats = tiny_mace.trunk([tiny_mace.build_graph(s) for s in structures])
     ens = _ensemble(tiny_mace)
-    stacked, loop = _stacked_vs_loop(ens, feats, _thermo(len(structures)))
+    stacked, loop = _stacked_vs_loop(ens, feats, thermo(len(structures)))
     assert np.abs(loop.q50[0] - loop.q50[2]).max() > 1e-4
     np.testing.assert_allclose(stacked.q50, loop.q50, atol=1e-5)
     np.testing.assert_allclose(stacked.p_stable, loop.p_stable, atol=1e-5)
@@ -97,7 +80,7 @@ def test_stacked_mace_members_run_with_torchscript_fusion_enabled(tmp_path: Path
     torch._C._jit_set_texpr_fuser_enabled(True)
     try:
         with torch.inference_mode():
-            outs = [ens.member_outputs(batch, _thermo(3)) for _ in range(4)]
+            outs = [ens.member_outputs(batch, thermo(3)) for _ in range(4)]
         assert ens.stack_members, "stacking fell back to the loop"
         assert torch._C._jit_can_fuse_on_cpu() and torch._C._jit_texpr_fuser_enabled()  # restored
     finally:
@@ -113,9 +96,9 @@ def test_falls_back_to_loop_when_ops_cannot_be_vmapped(tiny_mace: MaceBackbone,
     feats = tiny_mace.trunk([tiny_mace.build_graph(s) for s in structures])
     ens = _ensemble(tiny_mace, 2)
     monkeypatch.setattr(tiny_mace, "vmap_context", contextlib.nullcontext)
-    pred = ens.predict_feats(feats, _thermo(2))
+    pred = ens.predict_feats(feats, thermo(2))
     assert ens.stack_members is False
-    ref = ens.predict_feats(feats, _thermo(2))
+    ref = ens.predict_feats(feats, thermo(2))
     np.testing.assert_allclose(pred.q50, ref.q50, atol=1e-6)
 
 
@@ -138,7 +121,7 @@ def test_precision_deviation_chgnet(head_only: bool) -> None:
     """float32 is exact; bf16 moves predictions a little (readout stays float32) and is measured."""
     ens = _ensemble(chgnet(), 2, head_only=head_only)
     data = member_data(6, seed=2)
-    th = _thermo(6)
+    th = thermo(6)
     batch = chgnet().collate(data.feats)
     assert ens.precision_deviation(batch, th, precision="float32") == 0.0
     dev = ens.precision_deviation(batch, th, precision="bf16")
@@ -153,7 +136,7 @@ def test_chgnet_tf32_is_within_the_seedcard_bound(mode: str) -> None:
     screen enforces: the readout and the convolution's sums stay strict float32."""
     ens = _ensemble(chgnet(), 2)
     data = member_data(6, seed=2)
-    batch, th = chgnet().collate(data.feats), _thermo(6)
+    batch, th = chgnet().collate(data.feats), thermo(6)
     with emulated_tf32(mode):
         dev = ens.precision_deviation(batch, th, precision="tf32")
     assert 0.0 < dev < seedcard.PRECISION_MAX_DEVIATION
@@ -166,7 +149,7 @@ def test_mace_bf16_casts_the_last_block_and_keeps_float32_weights(tiny_mace: Mac
     structures = small_cathode_structures()[:3]
     feats = tiny_mace.trunk([tiny_mace.build_graph(s) for s in structures])
     ens = _ensemble(tiny_mace, 2)
-    th = _thermo(3)
+    th = thermo(3)
     stacked = ens.precision_deviation(tiny_mace.collate(feats), th, precision="bf16")
     assert ens.stack_members is True
     assert 0.0 < stacked < 0.05  # eV/atom: finite (it runs) and bf16 really was used
@@ -193,7 +176,7 @@ def test_precision_a_backbone_cannot_run_reports_inf(tiny_mace: MaceBackbone,
         return real(self, batch, thermo, precision, **kw)
 
     monkeypatch.setattr(Ensemble, "member_outputs", failing)
-    assert ens.precision_deviation(tiny_mace.collate(feats), _thermo(2), precision="bf16") == float("inf")
+    assert ens.precision_deviation(tiny_mace.collate(feats), thermo(2), precision="bf16") == float("inf")
     assert ens.stack_members is True
 
 
@@ -211,7 +194,7 @@ def test_predict_graphs_chunks_equal_one_call_on_trunk_features(tiny_mace: MaceB
     graphs = [tiny_mace.build_graph(s) for s in structures]
     ens = _ensemble(tiny_mace)
     ens.stack_members = stack
-    th = _thermo(len(structures))
+    th = thermo(len(structures))
     chunked = ens.predict_graphs(graphs, th, batch_size=2)
     assert ens.stack_members is stack, "stacking fell back to the loop on trunk_batch's batch"
     whole = ens.predict_feats(tiny_mace.trunk(graphs), th)

@@ -6,6 +6,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
@@ -333,6 +334,30 @@ def test_inference_stage_checks_reduced_precision_on_first_batch(
 def test_screen_config_rejects_unknown_precision() -> None:
     with pytest.raises(ValueError, match="precision"):
         ScreenConfig(library="demo", model="m", out="o", references="snapshot:x", precision="fp16")
+
+
+def test_screen_config_rejects_stacked_and_compiled_members_together() -> None:
+    with pytest.raises(ValueError, match="alternatives"):
+        ScreenConfig(library="demo", model="m", out="o", references="snapshot:x", stack_members=True,
+                     compile_members=True)
+
+
+@pytest.mark.slow
+def test_inference_stage_with_compiled_members_equals_uncompiled(tiny_model) -> None:
+    """The screen's actor with ``compile_members``: the tiny CHGNet ensemble's last blocks run
+    compiled (no fallback) and predict what the uncompiled actor predicts."""
+    from cathode_ray.screen.stages import InferenceStage
+    from tests.chgnet_data import layered_cells
+
+    compiled = InferenceStage(model=str(tiny_model), run_id="t", compile_members=True)
+    plain = InferenceStage(model=str(tiny_model), run_id="t")
+    bb = plain.ensemble.backbone
+    df = pd.DataFrame({"graph": [bb.build_graph(s) for s in layered_cells(3)],
+                       "hull_pa": [-6.0] * 3, "corr_pa": [0.0] * 3, "has_ref": [True, True, False]})
+    got, ref = compiled._predict(df, [0, 1, 2]), plain._predict(df, [0, 1, 2])
+    assert compiled.ensemble.compile_members and compiled.ensemble._compiled is not None
+    for k in ("q10", "q50", "q90", "p_stable", "p_metastable"):
+        np.testing.assert_allclose(getattr(got, k), getattr(ref, k), atol=1e-5)
 
 
 def test_read_items_split_large_parquet_into_ranges_that_read_like_the_whole_file(tmp_path) -> None:

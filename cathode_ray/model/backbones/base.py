@@ -22,6 +22,7 @@ or on disk with ``torch.save`` (loaded with ``weights_only=True``).
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -101,6 +102,16 @@ class Backbone(ABC):
         Default: mean over atoms of the ``node_feats`` scalar channels.
         """
         return segment_mean(batch["node_scalars"], batch["atom_owners"], batch["n_atoms"])  # [B, D']
+
+    def compile_template(self, last_block: LastBlock) -> nn.Module:
+        """A module of ``last_block``'s structure that ``torch.compile`` can trace (eval mode).
+
+        :class:`~cathode_ray.model.compiled.CompiledLastBlocks` calls it with each member's
+        weights (``torch.func.functional_call``). Default: a deep copy. Adapters whose library
+        modules Dynamo cannot trace (MACE: e3nn's TorchScript) rebuild them here, and raise
+        NotImplementedError where they cannot.
+        """
+        return copy.deepcopy(last_block).eval()
 
     def vmap_context(self) -> contextlib.AbstractContextManager[Any]:
         """Context entered around a ``torch.func.vmap`` over members' last blocks.

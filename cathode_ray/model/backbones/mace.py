@@ -351,15 +351,18 @@ class MaceLastBlock(LastBlock):
     """Last MACE interaction + product + readout (trainable copies) on cached trunk features.
 
     Parameters are only those of the copied interaction/product/readout (all trainable); the
-    edge embedding and the energy scale are buffers.
+    edge embedding and the energy scale are buffers. ``copy_modules=False`` takes the model's
+    own modules instead of copies (for a model built only to give them, see
+    :meth:`MaceBackbone.compile_template`).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, copy_modules: bool = True) -> None:
         super().__init__()
+        take = copy.deepcopy if copy_modules else (lambda m: m)
         self.edge_embedding = MaceEdgeEmbedding(model)
-        self.interaction = copy.deepcopy(model.interactions[-1])
-        self.product = copy.deepcopy(model.products[-1])
-        self.readout = copy.deepcopy(model.readouts[-1])
+        self.interaction = take(model.interactions[-1])
+        self.product = take(model.products[-1])
+        self.readout = take(model.readouts[-1])
         self.first_layer = len(model.interactions) == 1
         self.register_buffer("energy_scale", _energy_scale(model))  # [n_heads]
         self.register_buffer("scalar_cols", _scalar_columns(_irreps_out(model.products[-1])))
@@ -666,6 +669,30 @@ class MaceBackbone(Backbone):
 
     def new_last_block(self) -> MaceLastBlock:
         return MaceLastBlock(self.model).to(self.device)
+
+    def compile_template(self, last_block: LastBlock) -> MaceLastBlock:
+        """A last block that ``torch.compile`` can trace, with the pretrained weights.
+
+        e3nn runs its contractions as TorchScript, which Dynamo cannot trace into, and copying or
+        pickling an e3nn module scripts them again. So the modules are rebuilt from the model's
+        config with e3nn's code generation off and simplified for Dynamo (what mace's
+        ``prepare(extract_model)`` does for ``mace_mp(compile_mode=...)``, without its global
+        autograd setting), and used as they are, not copied: their contractions stay ``torch.fx``
+        graphs. The members' weights are passed in at call time.
+
+        Raises:
+            NotImplementedError: mace cannot rebuild this model class from its config (mace's
+                ``extract_config_mace_model`` knows ScaleShiftMACE, the MACE-MP-0 class, but not
+                plain MACE); compiled members then fall back to the uncompiled loop.
+        """
+        from mace.tools.compile import disable_e3nn_codegen, simplify
+        from mace.tools.scripts_utils import extract_config_mace_model, extract_model
+
+        if "error" in (config := extract_config_mace_model(self.model)):
+            raise NotImplementedError(f"cannot compile {type(self.model).__name__}: {config['error']}")
+        with disable_e3nn_codegen():
+            rebuilt = simplify(extract_model(self.model, map_location=str(self.device)))
+        return MaceLastBlock(rebuilt.to(self.dtype), copy_modules=False).to(self.device).eval()
 
     def vmap_context(self) -> contextlib.AbstractContextManager[None]:
         """mace's interaction blocks scatter in place (see :func:`vmap_safe_scatter`), and e3nn's

@@ -1,0 +1,112 @@
+"""Compiled members (one torch.compile'd last block for all members) equal the uncompiled loop."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from conformance import small_cathode_structures
+from ensembles import perturbed_ensemble, thermo
+
+from cathode_ray.model.backbones import Backbone
+from cathode_ray.model.backbones.mace import MaceBackbone
+from cathode_ray.model.compiled import CompiledLastBlocks
+from cathode_ray.model.ensemble import Ensemble
+from cathode_ray.testing.tiny_mace import build_tiny_mace
+
+
+def _ensemble(bb: Backbone, n_members: int = 3) -> Ensemble:
+    return perturbed_ensemble(bb, n_members, seed=200, compile_members=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_mace(tmp_path_factory: pytest.TempPathFactory) -> MaceBackbone:
+    path = build_tiny_mace(tmp_path_factory.mktemp("mace") / "tiny.model", r_max=4.0, seed=0)
+    return MaceBackbone.from_spec(f"mace:{path}")
+
+
+def test_mace_compile_template_is_traceable_and_equals_the_last_block(tiny_mace: MaceBackbone) -> None:
+    """The template's e3nn contractions are fx graphs (not TorchScript, which Dynamo cannot trace
+    into), and with a member's weights it computes what the member's own last block does."""
+    block = tiny_mace.new_last_block().eval()
+    template = tiny_mace.compile_template(block)
+    assert not any(isinstance(m, torch.jit.ScriptModule) for m in template.modules())
+    assert any(isinstance(m, torch.jit.ScriptModule) for m in block.modules())  # what it replaces
+    with torch.inference_mode():
+        batch = tiny_mace.trunk_batch([tiny_mace.build_graph(s) for s in small_cathode_structures()[:3]])
+        e_ref, emb_ref = block(batch)
+        e, emb = torch.func.functional_call(template, {**dict(block.named_parameters())}, (batch,))
+    torch.testing.assert_close(e, e_ref)
+    torch.testing.assert_close(emb, emb_ref)
+
+
+def test_compiled_lastblocks_refuse_members_without_the_templates_parameters(tiny_mace: MaceBackbone) -> None:
+    block = tiny_mace.new_last_block().eval()
+    template = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="lacks parameters of the compile template: 0.bias, 0.weight"):
+        CompiledLastBlocks(template, [block])
+
+
+@pytest.mark.slow
+def test_compiled_mace_members_equal_loop_across_batch_sizes(tiny_mace: MaceBackbone,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """Inductor compiles once for all members (weights are inputs) with dynamic shapes: batches
+    of 4 and then 3 structures both run compiled and equal the uncompiled members."""
+    structures = small_cathode_structures()
+    ens = _ensemble(tiny_mace)
+    loop = Ensemble(**{**ens.__dict__, "compile_members": False, "_compiled": None})
+    graphs = [tiny_mace.build_graph(s) for s in structures]
+    counters = torch._dynamo.utils.counters["stats"]
+    frames = counters["unique_graphs"]
+    for sl in (slice(0, 4), slice(1, 4)):
+        n = sl.stop - sl.start
+        with caplog.at_level(logging.WARNING):
+            got = ens.predict_graphs(graphs[sl], thermo(n))
+        assert ens.compile_members, f"compiled members fell back: {caplog.text}"
+        ref = loop.predict_graphs(graphs[sl], thermo(n))
+        assert np.abs(ref.q50[0] - ref.q50[2]).max() > 1e-4  # members really differ
+        for k in ("q10", "q50", "q90", "p_stable", "p_metastable", "embedding"):
+            np.testing.assert_allclose(getattr(got, k), getattr(ref, k), atol=1e-5)
+        np.testing.assert_allclose(got.zero_shot_ehull, ref.zero_shot_ehull, atol=1e-5, equal_nan=True)
+    assert counters["unique_graphs"] - frames == 1  # one graph for 3 members and both batch sizes
+
+
+def test_falls_back_to_the_loop_when_compiling_fails(tiny_mace: MaceBackbone, monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    structures = small_cathode_structures()[:2]
+    ens = _ensemble(tiny_mace, 2)
+
+    def no_template(block: torch.nn.Module) -> torch.nn.Module:
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(tiny_mace, "compile_template", no_template)
+    graphs = [tiny_mace.build_graph(s) for s in structures]
+    with caplog.at_level(logging.WARNING):
+        pred = ens.predict_graphs(graphs, thermo(2))
+    assert ens.compile_members is False
+    assert "compiled members failed (RuntimeError: no C++ compiler)" in caplog.text
+    ref = ens.predict_graphs(graphs, thermo(2))
+    np.testing.assert_allclose(pred.q50, ref.q50, atol=1e-6)
+
+
+def test_compile_and_stack_are_alternatives(tiny_mace: MaceBackbone) -> None:
+    ens = _ensemble(tiny_mace, 1)
+    with pytest.raises(ValueError, match="alternatives"):
+        Ensemble(**{**ens.__dict__, "stack_members": True})
+
+
+def test_plain_mace_cannot_be_compiled_and_the_ensemble_runs_it_uncompiled(
+        tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    """mace rebuilds only ScaleShiftMACE (MACE-MP-0's class) from its config: a plain MACE model
+    is refused with a clear error, and its compiled ensemble falls back to the loop."""
+    bb = MaceBackbone.from_spec(f"mace:{build_tiny_mace(tmp_path / 'plain.model', scale_shift=False, seed=1)}")
+    with pytest.raises(NotImplementedError, match="cannot compile MACE"):
+        bb.compile_template(bb.new_last_block())
+    ens = _ensemble(bb, 2)
+    graphs = [bb.build_graph(s) for s in small_cathode_structures()[:2]]
+    with caplog.at_level(logging.WARNING):
+        pred = ens.predict_graphs(graphs, thermo(2))
+    assert ens.compile_members is False and "cannot compile MACE" in caplog.text
+    assert np.isfinite(pred.q50).all()
