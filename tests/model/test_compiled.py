@@ -110,3 +110,29 @@ def test_plain_mace_cannot_be_compiled_and_the_ensemble_runs_it_uncompiled(
         pred = ens.predict_graphs(graphs, thermo(2))
     assert ens.compile_members is False and "cannot compile MACE" in caplog.text
     assert np.isfinite(pred.q50).all()
+
+
+@pytest.mark.slow
+def test_two_threads_share_one_compiled_function(tiny_mace: MaceBackbone) -> None:
+    """GPU inference actors take two calls at once (threads): both calls run compiled, through
+    one CompiledLastBlocks, and predict what the uncompiled members do."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ens = _ensemble(tiny_mace, 2)
+    loop = perturbed_ensemble(tiny_mace, 2, seed=200)
+    graphs = [tiny_mace.build_graph(s) for s in small_cathode_structures()]
+    built = []
+    original = CompiledLastBlocks.__init__
+
+    def counting_init(self, *args, **kwargs) -> None:
+        built.append(self)
+        original(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(CompiledLastBlocks, "__init__", counting_init)
+        with ThreadPoolExecutor(2) as pool:
+            preds = list(pool.map(lambda sl: ens.predict_graphs(graphs[sl], thermo(3)),
+                                  [slice(0, 3), slice(1, 4)]))
+    assert ens.compile_members and len(built) == 1
+    for sl, got in zip([slice(0, 3), slice(1, 4)], preds, strict=True):
+        np.testing.assert_allclose(got.q50, loop.predict_graphs(graphs[sl], thermo(3)).q50, atol=1e-5)
