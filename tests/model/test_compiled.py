@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -19,6 +20,11 @@ from cathode_ray.testing.tiny_mace import build_tiny_mace
 
 def _ensemble(bb: Backbone, n_members: int = 3) -> Ensemble:
     return perturbed_ensemble(bb, n_members, seed=200, compile_members=True)
+
+
+#: TorchInductor compiles C++ on the CPU; without a compiler the ensemble falls back (tested below).
+needs_compiler = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                                    reason="TorchInductor needs a C++ compiler (g++/clang++) on the CPU")
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +56,7 @@ def test_compiled_lastblocks_refuse_members_without_the_templates_parameters(tin
 
 
 @pytest.mark.slow
+@needs_compiler
 def test_compiled_mace_members_equal_loop_across_batch_sizes(tiny_mace: MaceBackbone,
                                                              caplog: pytest.LogCaptureFixture) -> None:
     """Inductor compiles once for all members (weights are inputs) with dynamic shapes: batches
@@ -113,6 +120,7 @@ def test_plain_mace_cannot_be_compiled_and_the_ensemble_runs_it_uncompiled(
 
 
 @pytest.mark.slow
+@needs_compiler
 def test_two_threads_share_one_compiled_function(tiny_mace: MaceBackbone) -> None:
     """GPU inference actors take two calls at once (threads): both calls run compiled, through
     one CompiledLastBlocks, and predict what the uncompiled members do."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -343,6 +344,8 @@ def test_screen_config_rejects_stacked_and_compiled_members_together() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="TorchInductor needs a C++ compiler (g++/clang++) on the CPU")
 def test_inference_stage_with_compiled_members_equals_uncompiled(tiny_model) -> None:
     """The screen's actor with ``compile_members``: the tiny CHGNet ensemble's last blocks run
     compiled (no fallback) and predict what the uncompiled actor predicts."""
