@@ -9,7 +9,7 @@ weights passed as inputs, so Dynamo traces and compiles once for all members, wi
 (batches differ in atoms and edges), instead of once per member. The whole last block must be one
 graph (``fullgraph=True``; MACE and CHGNet are): a graph break raises, and the ensemble falls back.
 
-The first call compiles (about 20-30 s for the MACE-MP-0-medium shape on 2 CPU cores; Inductor
+The first call compiles (25-50 s for the MACE-MP-0-medium shape on 2 CPU cores; Inductor
 caches the result on disk for later processes). Outputs equal the uncompiled members to float
 rounding (tested). ``Ensemble(compile_members=True)`` uses it and falls back to the uncompiled
 loop, logged, if compiling fails.
