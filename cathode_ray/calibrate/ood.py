@@ -173,7 +173,8 @@ class OODModel:
         self.loo_dist_sorted = loo_dist_sorted  # [T]
         self.epistemic_sorted = epistemic_sorted  # [R], eV/atom
         self._train_sets = np.unique(train_fractions[:, :-1] > 0, axis=0)  # [S, E]
-        k = min(config.k, train_embeddings.shape[0])
+        # as many neighbours as the leave-one-out reference had (a training row has T - 1 others)
+        k = min(config.k, train_embeddings.shape[0] - 1)
         self._emb_nn = NearestNeighbors(n_neighbors=k).fit(train_embeddings)
         self._comp_nn = NearestNeighbors(n_neighbors=1, metric="manhattan").fit(train_fractions)
 

@@ -83,3 +83,18 @@ def test_in_domain_result_and_config_validation() -> None:
         OODConfig(weights=(1.0,))
     with pytest.raises(ValueError):
         OODConfig(embedding_pct_threshold=1.5)
+
+
+def test_embedding_gate_uses_as_many_neighbours_as_its_reference_on_tiny_training_sets() -> None:
+    """With T <= k training rows the leave-one-out reference averages T - 1 neighbours, so a new
+    row's distance does too (it averaged T before: an extra far neighbour made every row look
+    further out than the training rows it is compared with)."""
+    train = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0]])  # T = 3 < k = 5
+    comps = [{"Li": 0.5, "O": 0.5}] * 3
+    model = OODModel.fit(train, comps, np.array([0.01, 0.02, 0.03]), OODConfig(k=5))
+    query = np.array([[0.2, 0.1]])
+    res = model.score(query, comps[:1], np.array([0.02]))
+    z_train = (train - train.mean(axis=0)) / train.std(axis=0)
+    z_query = (query - train.mean(axis=0)) / train.std(axis=0)
+    two_nearest = np.sort(np.linalg.norm(z_train - z_query, axis=1))[:2]
+    assert res.embedding_dist[0] == pytest.approx(two_nearest.mean())
