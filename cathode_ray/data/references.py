@@ -149,8 +149,9 @@ class ReferenceHull:
     ``entries`` given up front (snapshot) are indexed by chemical system; with ``source="mp"``
     entries are fetched per chemical system on first use (cached on disk and in memory).
     Leave-self-out: ``exclude_ids`` removes reference entries by ``data.material_id``; a diagram
-    is rebuilt only when an excluded entry is a stable (hull) entry of that system, and that
-    rebuild is cached under ``(chemsys, excluded stable ids)``.
+    is rebuilt only when an excluded entry is a stable (hull) entry of that system (or becomes one
+    once other excluded entries are gone), and that rebuild is cached under
+    ``(chemsys, excluded stable ids)``.
     """
 
     def __init__(
@@ -234,18 +235,17 @@ class ReferenceHull:
             self._diagrams[base_key] = self._build(chemsys, self.entries_for(chemsys))
         base = self._diagrams[base_key]
         excluded = set(exclude_ids)
-        if not excluded:
-            return base
-        stable_out = frozenset(
-            mid for mid in (_material_id(e) for e in base.stable_entries) if mid in excluded
-        )
-        if not stable_out:
-            return base
-        key = (chemsys, stable_out)
-        if key not in self._diagrams:
-            kept = [e for e in base.all_entries if _material_id(e) not in stable_out]
-            self._diagrams[key] = self._build(chemsys, kept)
-        return self._diagrams[key]
+        pd, stable_out = base, frozenset[str]()
+        # Removing entries above the hull leaves it unchanged, so only excluded hull entries are
+        # removed; repeated, because an excluded entry can reach the hull once another is gone.
+        while newly := {mid for e in pd.stable_entries if (mid := _material_id(e)) in excluded} - stable_out:
+            stable_out |= newly
+            key = (chemsys, stable_out)
+            if key not in self._diagrams:
+                kept = [e for e in base.all_entries if _material_id(e) not in stable_out]
+                self._diagrams[key] = self._build(chemsys, kept)
+            pd = self._diagrams[key]
+        return pd
 
     def hull_energy_per_atom(
         self, composition: Composition | str, *, exclude_ids: Iterable[str] = ()

@@ -61,6 +61,17 @@ def test_leave_self_out_rebuilds_only_for_hull_entries(li_o_entries: list[Comput
     )  # cache key is the excluded *stable* ids
 
 
+def test_leave_out_removes_an_excluded_entry_that_reaches_the_hull_once_another_is_gone(
+        li_o_entries: list[ComputedEntry]) -> None:
+    """A second Li2O (-5.95 eV/atom) is above the hull beside Li2O (-6.0) but on it without:
+    excluding both must give the hull without either (the Li--Li2O2 line)."""
+    hull = ReferenceHull([*li_o_entries, _entry("Li2O", -5.95, "mp-li2o-b")])
+    assert hull.hull_energy_per_atom("Li2O", exclude_ids=["mp-li2o"]) == pytest.approx(-5.95)
+    line = -2.0 + (2 / 3) * (-5.9 + 2.0)
+    assert hull.hull_energy_per_atom("Li2O", exclude_ids=["mp-li2o", "mp-li2o-b"]) == pytest.approx(line)
+    assert hull.diagram("Li-O", exclude_ids=["mp-lio2"]) is hull.diagram("Li-O")
+
+
 def test_missing_references_raise(li_o_entries: list[ComputedEntry]) -> None:
     hull = ReferenceHull(li_o_entries)
     assert not hull.has_references("LiCoO2")
