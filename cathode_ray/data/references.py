@@ -238,7 +238,7 @@ class ReferenceHull:
         pd, stable_out = base, frozenset[str]()
         # Removing entries above the hull leaves it unchanged, so only excluded hull entries are
         # removed; repeated, because an excluded entry can reach the hull once another is gone.
-        while newly := {mid for e in pd.stable_entries if (mid := _material_id(e)) in excluded} - stable_out:
+        while newly := ({_material_id(e) for e in pd.stable_entries} & excluded) - stable_out:
             stable_out |= newly
             key = (chemsys, stable_out)
             if key not in self._diagrams:

@@ -27,12 +27,6 @@ needs_compiler = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c+
                                     reason="TorchInductor needs a C++ compiler (g++/clang++) on the CPU")
 
 
-@pytest.fixture(scope="module")
-def tiny_mace(tmp_path_factory: pytest.TempPathFactory) -> MaceBackbone:
-    path = build_tiny_mace(tmp_path_factory.mktemp("mace") / "tiny.model", r_max=4.0, seed=0)
-    return MaceBackbone.from_spec(f"mace:{path}")
-
-
 def test_mace_compile_template_is_traceable_and_equals_the_last_block(tiny_mace: MaceBackbone) -> None:
     """The template's e3nn contractions are fx graphs (not TorchScript, which Dynamo cannot trace
     into), and with a member's weights it computes what the member's own last block does."""

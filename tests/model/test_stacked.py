@@ -26,12 +26,6 @@ def _ensemble(bb: Backbone, n_members: int = 3, *, head_only: bool = False) -> E
     return perturbed_ensemble(bb, n_members, head_only=head_only, stack_members=True)
 
 
-@pytest.fixture(scope="module")
-def tiny_mace(tmp_path_factory: pytest.TempPathFactory) -> MaceBackbone:
-    path = build_tiny_mace(tmp_path_factory.mktemp("mace") / "tiny.model", r_max=4.0, seed=0)
-    return MaceBackbone.from_spec(f"mace:{path}")
-
-
 def _stacked_vs_loop(ens: Ensemble, feats: list, th: ThermoInputs) -> tuple:
     stacked = ens.predict_feats(feats, th)
     assert ens.stack_members, "stacking fell back to the loop"
