@@ -175,7 +175,7 @@ def screen(
     object_store_mb: Annotated[float | None, typer.Option(help="object-store budget (MB) of blocks queued between stages")] = None,
     precision: Annotated[str | None, typer.Option(help="float32 | tf32 | bf16 (checked vs float32)")] = None,
     stack_members: Annotated[bool | None, typer.Option(help="one vectorised call for all members (off: measured slower on CPU)")] = None,
-    compile_members: Annotated[bool | None, typer.Option(help="members' last blocks through one torch.compile'd function (float32; each actor compiles first)")] = None,
+    compile_model: Annotated[bool | None, typer.Option(help="trunk and members' last blocks through torch.compile (each actor compiles first; pays off on large screens)")] = None,
     demo_size: int | None = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with defaults for these options")] = None,
 ) -> None:
@@ -189,7 +189,7 @@ def screen(
                    "cpu_actors": cpu_actors, "graph_actors": graph_actors, "light_tasks": light_tasks,
                    "max_edges_per_batch": max_edges_per_batch,
                    "inference_batch_rows": inference_batch_rows,
-                   "inference_calls_per_actor": inference_calls_per_actor, "object_store_mb": object_store_mb, "precision": precision, "stack_members": stack_members, "compile_members": compile_members, "demo_size": demo_size})
+                   "inference_calls_per_actor": inference_calls_per_actor, "object_store_mb": object_store_mb, "precision": precision, "stack_members": stack_members, "compile_model": compile_model, "demo_size": demo_size})
     run(ScreenConfig(**opts))
 
 

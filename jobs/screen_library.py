@@ -40,7 +40,7 @@ def main(
         None, help="object-store budget (MB) of queued blocks (default: ScreenConfig's)"),
     precision: str = typer.Option("float32", help="float32 | tf32 | bf16 (checked vs float32)"),
     stack_members: bool = typer.Option(False, help="one vectorised call for all members (GPU option)"),
-    compile_members: bool = typer.Option(False, help="members' last blocks through one torch.compile'd function"),
+    compile_model: bool = typer.Option(False, help="trunk and members' last blocks through torch.compile"),
     demo_size: int = typer.Option(2000, help="structures of the demo library"),
 ) -> None:
     """Screen a library and print the summary table."""
@@ -53,7 +53,7 @@ def main(
                      inference_batch_rows=inference_batch_rows,
                      inference_calls_per_actor=inference_calls_per_actor,
                      **({} if object_store_mb is None else {"object_store_mb": object_store_mb}),
-                     precision=precision, stack_members=stack_members, compile_members=compile_members,
+                     precision=precision, stack_members=stack_members, compile_model=compile_model,
                      demo_size=demo_size))
 
 

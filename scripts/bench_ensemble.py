@@ -11,9 +11,11 @@ it (``collate(trunk(...))``, the path of cached training features and of the scr
 - shared via host: the shared loop with the trunk's output round-tripped through host memory;
 - shared stacked: trunk once, the five last blocks + heads as one vectorised call (``Ensemble``
   with ``stack_members=True``, ``torch.func.vmap`` over stacked weights);
-- shared compiled: the shared loop with the last blocks run by one ``torch.compile``d function
-  (``Ensemble`` with ``compile_members=True``; the compile time is printed apart);
-- head-only: trunk once, the pretrained last block once, five heads;
+- compiled members: the shared loop with the last blocks run by one ``torch.compile``d function
+  (``Ensemble.member_outputs`` with ``compile_model=True``; the trunk uncompiled);
+- compiled: trunk and last blocks compiled (``Ensemble.trunk_batch`` too: the screen's path with
+  ``--compile-model``; compile times are printed apart);
+- head-only: trunk once, the pretrained last block once, five heads; and the same compiled;
 - one member: trunk + one last block + head (the floor the others are compared with);
 - shared stacked at each ``--precisions`` entry (bf16 on CPU and CUDA, tf32 on CUDA), with the
   largest change of q50 / energy against float32 (eV/atom) on the benchmark structures.
@@ -148,11 +150,21 @@ def main() -> None:
             ens.member_outputs(batch, th[len(c)], precision)
 
     ens_loop = dataclasses.replace(ens, stack_members=False, _stacked=None)
-    ens_compiled = dataclasses.replace(ens_loop, compile_members=True)
+    ens_compiled = dataclasses.replace(ens_loop, compile_model=True)
+    head_only_config = {**ens.manifest, "config": {"train_last_block": False}}
+    ens_head_compiled = dataclasses.replace(ens_compiled, manifest=head_only_config, _compiled=None)
+
+    def compiled_members() -> None:
+        for c in chunks:
+            ens_compiled.member_outputs(bb.trunk_batch(c, args.device), th[len(c)])
 
     def compiled() -> None:
         for c in chunks:
-            ens_compiled.member_outputs(bb.trunk_batch(c, args.device), th[len(c)])
+            ens_compiled.member_outputs(ens_compiled.trunk_batch(c, args.device), th[len(c)])
+
+    def head_only_compiled() -> None:
+        for c in chunks:
+            ens_head_compiled.member_outputs(ens_head_compiled.trunk_batch(c, args.device), th[len(c)])
 
     def head_only() -> None:
         for c in chunks:
@@ -171,6 +183,10 @@ def main() -> None:
         for c in chunks:
             bb.trunk_batch(c, args.device)
 
+    def trunk_compiled() -> None:
+        for c in chunks:
+            ens_compiled.trunk_batch(c, args.device)
+
     batches = [bb.collate(f, args.device) for f in trunk_cache]
     inputs = [members[0].head_inputs(b, th[len(c)]) for b, c in zip(batches, chunks, strict=True)]
 
@@ -182,18 +198,20 @@ def main() -> None:
         for (x, zs, e), c in zip(inputs, chunks, strict=True):
             members[0].outputs(x, zs, e, th[len(c)].has_ref)
 
-    for name, fn in (("trunk", trunk_only), ("last block", last_block_only), ("head", head_only_cached)):
-        print(f"per structure, one member, {name:>10}: {1e3 * _timed(fn, args.repeats) / args.n:8.2f} ms")
     t0 = time.perf_counter()
-    diff = max(float((ens_compiled.member_outputs(b, th[len(c)])["q50"]
+    diff = max(float((ens_compiled.member_outputs(ens_compiled.trunk_batch(c, args.device), th[len(c)])["q50"]
                       - ens_loop.member_outputs(b, th[len(c)])["q50"]).abs().max())
                for b, c in zip(batches, chunks, strict=True))
-    print(f"compiled members: first pass (compiles) {time.perf_counter() - t0:.1f} s, "
+    print(f"compiled trunk + members: first pass (compiles) {time.perf_counter() - t0:.1f} s, "
           f"max |q50 - uncompiled| = {1e3 * diff:.4f} meV/atom"
-          + ("" if ens_compiled.compile_members else "  (FELL BACK to the uncompiled loop)"))
+          + (f"  (FELL BACK: {ens_compiled.compile_failures})" if ens_compiled.compile_failures else ""))
+    for name, fn in (("trunk", trunk_only), ("trunk, compiled", trunk_compiled), ("last block", last_block_only),
+                     ("head", head_only_cached)):
+        print(f"per structure, one member, {name:>15}: {1e3 * _timed(fn, args.repeats) / args.n:8.2f} ms")
     modes = [("one_member", one_member), ("naive_5", naive), ("shared_loop_5", shared),
-             ("shared_via_host_5", shared_via_host),
-             ("shared_stacked_5", stacked), ("shared_compiled_5", compiled), ("head_only_5", head_only), ("cached_trunk_5", last_blocks_only)]
+             ("shared_via_host_5", shared_via_host), ("shared_stacked_5", stacked),
+             ("compiled_members_5", compiled_members), ("compiled_5", compiled), ("head_only_5", head_only),
+             ("head_only_compiled_5", head_only_compiled), ("cached_trunk_5", last_blocks_only)]
     deviations = {}
     for p in precisions:
         deviations[p] = max(ens.precision_deviation(b, th[len(c)], precision=p)

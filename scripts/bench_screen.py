@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python scripts/bench_screen.py --model MODEL_DIR --references snapshot:PATH \
         [--library demo|PATH ...] [--n 1000] [--actors 1 2 | --cores 1 2] [--gpu-actors 0] \
-        [--precision float32] [--object-store-mb 128] [--trace DIR]
+        [--precision float32] [--compile-model off on] [--object-store-mb 128] [--trace DIR]
 
 - ``--library demo`` (default) screens ``--n`` generated demo structures (built in memory);
   give one or more library paths (e.g. shards of ``cathode-ray library generate``) to screen
@@ -14,6 +14,8 @@
 - ``--cores 1 2`` measures parallel efficiency: each run pins the whole screen (driver and every
   Ray process) to that many cores with one graph actor and one inference actor per core, so
   2 cores should screen twice as fast as 1.
+- ``--compile-model off on`` screens each configuration uncompiled and with ``compile_model``
+  (compiled trunk and last blocks; each inference actor compiles on its first batch, which counts).
 
 Each configuration runs in a fresh Python process on a fresh private local Ray and reports wall time, structures/s, busy
 seconds per stage, the inference stage's own rate (results / busy inference seconds per actor)
@@ -105,7 +107,7 @@ def tiny_mace_model(workdir: Path, references: str) -> str:
 
 def bench(*, model: str, references: str, library: str, n: int, actors: int, gpu_actors: int,
           out: str, cpus: int, precision: str, stack_members: bool, object_store_mb: float | None,
-          compile_members: bool = False,
+          compile_model: bool = False,
           cores: int | None = None, trace: Path | None = None,
           rows_per_file: int = ScreenConfig.min_rows_per_file,
           calls_per_actor: int | None = None) -> dict[str, Any]:
@@ -140,7 +142,7 @@ def bench(*, model: str, references: str, library: str, n: int, actors: int, gpu
                              object_store_mb=object_store_mb, min_rows_per_file=rows_per_file,
                              inference_calls_per_actor=calls_per_actor,
                              precision=precision, stack_members=stack_members,
-                             compile_members=compile_members, verbose=True))
+                             compile_model=compile_model, verbose=True))
         wall = time.perf_counter() - t0
     finally:
         stop.set()
@@ -149,7 +151,7 @@ def bench(*, model: str, references: str, library: str, n: int, actors: int, gpu
         os.sched_setaffinity(0, all_cores)
     pool = gpu_actors or actors
     infer_rate = s.n_results / max(s.stage_seconds["infer"], 1e-9) * pool
-    return {"library": library, "cores": cores, "actors": pool, "n": s.n_inputs, "wall_s": wall,
+    return {"library": library, "cores": cores, "actors": pool, "compiled": compile_model, "n": s.n_inputs, "wall_s": wall,
             "structures_per_s": s.n_inputs / wall, "results": s.n_results, "rejects": s.n_rejects,
             "stage_s": s.stage_seconds, "infer_rate": infer_rate,
             "peak_rss_gb": peak.get("rss", 0) / 1e9, "peak_pss_gb": peak.get("pss", 0) / 1e9,
@@ -184,7 +186,8 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--precision", default="float32")
     ap.add_argument("--stack-members", action="store_true")
-    ap.add_argument("--compile-members", action="store_true")
+    ap.add_argument("--compile-model", nargs="+", choices=["off", "on"], default=["off"],
+                    help="screen uncompiled (off), with the compiled trunk and last blocks (on), or both")
     ap.add_argument("--object-store-mb", type=float, default=ScreenConfig.object_store_mb,
                     help="object-store budget of the queued blocks (0: Ray Data's default)")
     ap.add_argument("--calls-per-actor", type=int, default=None,
@@ -204,31 +207,30 @@ def main() -> None:
         model = tiny_mace_model(Path(tempfile.mkdtemp(prefix="tiny_mace_")), args.references)
         print(f"tiny MACE ensemble built in {time.perf_counter() - t0:.0f} s: {model}", flush=True)
     if args.cores:
-        configs = [(lib, c, c) for lib in args.library for c in args.cores]
+        configs = [(lib, c, c, comp) for lib in args.library for c in args.cores for comp in args.compile_model]
     else:
-        configs = [(lib, a, None) for lib in args.library
-                   for a in ([args.gpu_actors] if args.gpu_actors else args.actors)]
+        configs = [(lib, a, None, comp) for lib in args.library
+                   for a in ([args.gpu_actors] if args.gpu_actors else args.actors) for comp in args.compile_model]
     rows = [_in_fresh_process(
         bench, model=model, references=args.references, library=lib, n=args.n, actors=a,
         gpu_actors=args.gpu_actors, out=out, cpus=args.cpus, precision=args.precision,
-        stack_members=args.stack_members, compile_members=args.compile_members,
+        stack_members=args.stack_members, compile_model=comp == "on",
         object_store_mb=args.object_store_mb or None,
         cores=c, rows_per_file=args.rows_per_file,
         calls_per_actor=args.calls_per_actor, trace=None if args.trace is None
-        else args.trace / f"memory-{i}-{Path(lib).name}-a{a}-c{c}.csv")
-        for i, (lib, a, c) in enumerate(configs)]
+        else args.trace / f"memory-{i}-{Path(lib).name}-a{a}-c{c}-{comp}.csv")
+        for i, (lib, a, c, comp) in enumerate(configs)]
     if args.trace is not None:
         print(f"memory samples: {args.trace}/memory-*.csv")
     print(f"\nmodel={args.model} precision={args.precision} stacked={args.stack_members} "
-          f"compiled={args.compile_members} "
           f"cpus={'2 x cores' if args.cores else args.cpus} object_store_mb={args.object_store_mb} "
           f"rows_per_file={args.rows_per_file} calls_per_actor={args.calls_per_actor or 'default'}")
-    print(f"{'cores':>5} {'actors':>6} {'inputs':>7} {'wall s':>8} {'struct/s':>9} {'infer/s':>8} "
+    print(f"{'cores':>5} {'actors':>6} {'compiled':>8} {'inputs':>7} {'wall s':>8} {'struct/s':>9} {'infer/s':>8} "
           f"{'e2e/infer':>9} {'peak RSS GB':>12} {'peak PSS GB':>12} {'shm GB':>7}  busy s per stage "
           "(validate/graph/infer/calibrate)  library")
     for r in rows:
         st = r["stage_s"]
-        print(f"{r['cores'] or 'all':>5} {r['actors']:>6} {r['n']:>7} {r['wall_s']:>8.1f} "
+        print(f"{r['cores'] or 'all':>5} {r['actors']:>6} {str(r['compiled']):>8} {r['n']:>7} {r['wall_s']:>8.1f} "
               f"{r['structures_per_s']:>9.2f} {r['infer_rate']:>8.2f} "
               f"{r['structures_per_s'] / r['infer_rate']:>9.2f} {r['peak_rss_gb']:>12.2f} "
               f"{r['peak_pss_gb']:>12.2f} {r['peak_shm_gb']:>7.2f}  {st['validate']:.1f}/{st['graph']:.1f}/"
@@ -237,8 +239,10 @@ def main() -> None:
         parts = ", ".join(f"{k} {v:.2f}" for k, v in r["pss_by_process_gb"].items() if v >= 0.05)
         print(f"  PSS at peak by process (GB), {r['n']} inputs from {r['library']}: {parts}")
     if args.cores and len(rows) > 1:
-        base = rows[0]
-        for r in rows[1:]:
+        for r in rows:
+            base = next(b for b in rows if b["compiled"] == r["compiled"] and b["library"] == r["library"])
+            if r is base:
+                continue
             speedup = r["structures_per_s"] / base["structures_per_s"]
             print(f"parallel efficiency {base['cores']} -> {r['cores']} cores: speed-up {speedup:.2f}x, "
                   f"efficiency {speedup * base['cores'] / r['cores']:.2f}")

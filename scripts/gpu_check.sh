@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU figure of docs/performance.md in one call on a CUDA node (6-9 minutes on an H100):
-#   1. five members vs naive (compiled members included), MACE-MP-0-medium shape and CHGNet
+#   1. five members vs naive (compiled trunk and members included), MACE-MP-0-medium shape and CHGNet
 #      (scripts/bench_ensemble.py)
 #   2. TF32 / bf16 against float32 on real MP structures          (scripts/bench_precision.py)
 #   3. does the CPU side keep the GPU fed? end to end vs inference (scripts/bench_feed.py)

@@ -11,8 +11,8 @@ graph (``fullgraph=True``; MACE and CHGNet are): a graph break raises, and the e
 
 The first call compiles (25-50 s for the MACE-MP-0-medium shape on 2 CPU cores; Inductor
 caches the result on disk for later processes). Outputs equal the uncompiled members to float
-rounding (tested). ``Ensemble(compile_members=True)`` uses it and falls back to the uncompiled
-loop, logged, if compiling fails.
+rounding (tested). ``Ensemble(compile_model=True)`` uses it (and compiles the trunk,
+``Backbone.compile_trunk``) and falls back to the uncompiled loop, logged, if compiling fails.
 """
 
 from __future__ import annotations

@@ -15,8 +15,11 @@ on the device (``predict_graphs``, the screen):
   there (TorchScript's fused kernels cannot be vmapped); its stacked call now runs with the fuser
   off (``MaceBackbone.vmap_context``), not yet measured on a GPU;
 - or through one ``torch.compile``d function (:class:`~cathode_ray.model.compiled.CompiledLastBlocks`,
-  ``compile_members=True``, float32 only; falls back to the loop when compiling fails). Measured
-  on CPU with the MACE-MP-0-medium shape: see ``docs/performance.md``.
+  ``compile_model=True``, float32 only; falls back to the loop when compiling fails).
+
+``compile_model=True`` also compiles the trunk (``Backbone.compile_trunk``; :meth:`Ensemble.trunk_batch`)
+and a head-only ensemble's one last block; each part falls back by itself, logged. Measured on CPU:
+see ``docs/performance.md``.
 
 ``precision`` (``float32`` | ``tf32`` | ``bf16``) applies to the last block(s); heads stay float32.
 """
@@ -26,9 +29,9 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -36,14 +39,15 @@ import torch
 from cathode_ray.data.splits import SoapClusterer
 
 from .artifact import ArtifactIntegrityError, ModelDir
-from .backbones import Backbone, TrunkBatch, TrunkFeatures, load_backbone
-from .compiled import CompiledLastBlocks
+from .backbones import Backbone, TrunkBatch, TrunkBatchFn, TrunkFeatures, load_backbone
+from .compiled import CompiledLastBlocks, LastBlockFn
 from .head import HeadConfig
 from .member import Member, Normalizer, ThermoInputs
 from .prediction import EnsemblePrediction
 from .stacked import StackedMembers, check_precision, precision_deviation
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -58,15 +62,18 @@ class Ensemble:
     files: dict[str, bytes]
     precision: str = "float32"
     stack_members: bool = False
-    compile_members: bool = False
+    compile_model: bool = False
     _stacked: StackedMembers | None = field(default=None, repr=False)
     _compiled: CompiledLastBlocks | None = field(default=None, repr=False)
+    _compiled_trunk: TrunkBatchFn | None = field(default=None, repr=False)
+    #: parts that failed to compile and run uncompiled from then on ("trunk", "members") -> reason
+    compile_failures: dict[str, str] = field(default_factory=dict, init=False)
     _compile_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
-        if self.stack_members and self.compile_members:
-            raise ValueError("stack_members and compile_members are alternatives: choose one")
+        if self.stack_members and self.compile_model:
+            raise ValueError("stack_members and compile_model are alternatives: choose one")
 
     @property
     def shared_last_block(self) -> bool:
@@ -80,7 +87,7 @@ class Ensemble:
     @classmethod
     def load(cls, uri: str, *, device: str = "cpu", backbone: Backbone | None = None,
              precision: str = "float32", stack_members: bool = False,
-             compile_members: bool = False) -> Ensemble:
+             compile_model: bool = False) -> Ensemble:
         md = ModelDir(uri=uri)
         manifest = md.read_manifest(verify=False)
         files = md.verify(manifest)  # raises before anything is deserialised
@@ -103,7 +110,7 @@ class Ensemble:
             raise ArtifactIntegrityError(f"{uri}: manifest lists no members")
         return cls(backbone=bb, members=members, normalizer=normalizer, manifest=manifest, uri=uri,
                    files=files, precision=check_precision(precision), stack_members=stack_members,
-                   compile_members=compile_members)
+                   compile_model=compile_model)
 
     def soap_clusterer(self) -> SoapClusterer | None:
         """The dataset's SOAP cluster model, to assign clusters to new structures."""
@@ -114,11 +121,22 @@ class Ensemble:
                        ) -> dict[str, torch.Tensor]:
         """Every member's outputs on one collated batch, stacked: each value [M, B] (or [M, B, D])."""
         precision = self.precision if precision is None else precision
+        compiled = self.compile_model and precision == "float32" and "members" not in self.compile_failures
         if self.shared_last_block:  # head-only members: one last-block pass, M heads
-            x, zs, e_pa = self.members[0].head_inputs(batch, thermo, precision)
+            def inputs(last_block: LastBlockFn | None = None) -> tuple[torch.Tensor, ...]:
+                return self.members[0].head_inputs(batch, thermo, precision, last_block)
+
+            if compiled:
+                x, zs, e_pa = self._compiled_part("members", lambda: inputs(self._compiled_last_block(0)), inputs)
+            else:
+                x, zs, e_pa = inputs()
             outs = [m.outputs(x, zs, e_pa, thermo.has_ref) for m in self.members]
-        elif self.compile_members and precision == "float32":
-            outs = self._compiled_outputs(batch, thermo)
+        elif compiled:
+            outs = self._compiled_part(
+                "members", lambda: [m(batch, thermo, "float32", self._compiled_last_block(i))
+                                    for i, m in enumerate(self.members)],
+                lambda: [m(batch, thermo) for m in self.members],
+            )
         elif self.stack_members and len(self.members) > 1:
             try:
                 if self._stacked is None:
@@ -126,28 +144,44 @@ class Ensemble:
                 return self._stacked(batch, thermo, precision)
             except Exception as exc:  # noqa: BLE001 - a backbone op without a vmap rule
                 outs = [m(batch, thermo, precision) for m in self.members]  # raises if not vmap's fault
-                log.warning("stacked members failed (%s: %s); running members one after another",
-                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                log.warning("stacked members failed (%s); running members one after another", _reason(exc))
                 self.stack_members, self._stacked = False, None
         else:
             outs = [m(batch, thermo, precision) for m in self.members]
         return {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
 
-    def _compiled_outputs(self, batch: TrunkBatch, thermo: ThermoInputs) -> list[dict[str, torch.Tensor]]:
-        """Every member's outputs with its last block compiled (float32); the uncompiled loop,
-        logged, from the first failure on (no compiler, an op Dynamo cannot trace)."""
-        try:
+    def trunk_batch(self, graphs: Sequence[Any], device: str | torch.device = "cpu") -> TrunkBatch:
+        """The backbone's frozen trunk on ``graphs``, collated on ``device`` (the screen's path);
+        compiled (``Backbone.compile_trunk``) when ``compile_model`` is on."""
+        if not self.compile_model or "trunk" in self.compile_failures:
+            return self.backbone.trunk_batch(graphs, device)
+
+        def compiled() -> TrunkBatch:
             with self._compile_lock:  # an inference actor may take two calls at once
-                if self._compiled is None:
-                    template = self.backbone.compile_template(self.members[0].last_block)
-                    self._compiled = CompiledLastBlocks(template, [m.last_block for m in self.members])
-            return [m(batch, thermo, "float32", self._compiled.member(i)) for i, m in enumerate(self.members)]
+                if self._compiled_trunk is None:
+                    self._compiled_trunk = self.backbone.compile_trunk()
+            return self._compiled_trunk(graphs, device)
+
+        return self._compiled_part("trunk", compiled, lambda: self.backbone.trunk_batch(graphs, device))
+
+    def _compiled_last_block(self, i: int) -> LastBlockFn:
+        """Member ``i``'s last block through the members' one compiled function (built once)."""
+        with self._compile_lock:  # an inference actor may take two calls at once
+            if self._compiled is None:
+                blocks = [m.last_block for m in self.members[:1 if self.shared_last_block else None]]
+                self._compiled = CompiledLastBlocks(self.backbone.compile_template(blocks[0]), blocks)
+        return self._compiled.member(i)
+
+    def _compiled_part(self, part: str, compiled: Callable[[], T], uncompiled: Callable[[], T]) -> T:
+        """``compiled()``; on its first failure (no compiler, an op Dynamo cannot trace), ``part``
+        runs ``uncompiled()`` from then on, logged and recorded in :attr:`compile_failures`."""
+        try:
+            return compiled()
         except Exception as exc:  # noqa: BLE001 - compiler or tracer failure
-            outs = [m(batch, thermo) for m in self.members]  # raises if not the compiler's fault
-            log.warning("compiled members failed (%s: %s); running them uncompiled", type(exc).__name__,
-                        str(exc).splitlines()[0] if str(exc) else "")
-            self.compile_members, self._compiled = False, None
-            return outs
+            out = uncompiled()  # raises if not the compiler's fault
+            self.compile_failures[part] = _reason(exc)
+            log.warning("compiled %s failed (%s); running the %s uncompiled", part, _reason(exc), part)
+            return out
 
     @torch.inference_mode()
     def precision_deviation(self, batch: TrunkBatch, thermo: ThermoInputs, *,
@@ -197,13 +231,18 @@ class Ensemble:
     def predict_graphs(self, graphs: Sequence[Any], thermo: ThermoInputs, *, device: str = "cpu",
                        batch_size: int = 32) -> EnsemblePrediction:
         """Trunk then members, in chunks of ``batch_size`` structures; the trunk's output stays
-        on ``device`` (``backbone.trunk_batch``)."""
+        on ``device`` (:meth:`trunk_batch`)."""
         parts = []
         for s in range(0, len(graphs), batch_size):
             sl = slice(s, s + batch_size)
             th = ThermoInputs(hull_pa=thermo.hull_pa[sl], corr_pa=thermo.corr_pa[sl], has_ref=thermo.has_ref[sl])
-            parts.append(self.predict_batch(self.backbone.trunk_batch(graphs[sl], device), th))
+            parts.append(self.predict_batch(self.trunk_batch(graphs[sl], device), th))
         return EnsemblePrediction.concat(parts)
+
+
+def _reason(exc: BaseException) -> str:
+    """``Type: first line of the message`` for a log line."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 def as_numpy_prediction(pred: EnsemblePrediction) -> dict[str, np.ndarray]:

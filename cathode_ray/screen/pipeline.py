@@ -99,9 +99,10 @@ class ScreenConfig:
         stack_members: run last-block members as one vectorised call (``torch.func``) rather
             than one after another (same results; falls back by itself where unsupported).
             Off by default: on CPU it measured slower than the loop (docs/performance.md).
-        compile_members: run last-block members' last blocks through one ``torch.compile``d
-            function (float32; same results; each actor compiles on its first batch and falls
-            back to the plain loop if compiling fails). An alternative to ``stack_members``.
+        compile_model: run the frozen trunk and the members' last blocks through
+            ``torch.compile``d functions (TorchInductor; the last blocks in float32 only; same
+            results to float rounding). Each actor compiles on its first batch, and a part that
+            fails to compile runs uncompiled, logged. An alternative to ``stack_members``.
         demo_size: structures of the ``demo`` library.
         min_rows_per_file: rows gathered (as Arrow tables, in the driver) before one results
             file and one rejects file are written; a run's last files hold the rest.
@@ -128,7 +129,7 @@ class ScreenConfig:
     object_store_mb: float | None = 128.0
     precision: str = "float32"
     stack_members: bool = False
-    compile_members: bool = False
+    compile_model: bool = False
     demo_size: int = 2000
     min_rows_per_file: int = stages.ROWS_PER_FILE
     lock_ttl_s: float = 600.0
@@ -146,8 +147,8 @@ class ScreenConfig:
         from cathode_ray.model.stacked import check_precision
 
         check_precision(self.precision)
-        if self.stack_members and self.compile_members:
-            raise ValueError("stack_members and compile_members are alternatives: choose one")
+        if self.stack_members and self.compile_model:
+            raise ValueError("stack_members and compile_model are alternatives: choose one")
         for name in ("graph_actors", "light_tasks", "max_edges_per_batch", "inference_batch_rows",
                      "inference_calls_per_actor"):
             value = getattr(self, name)
@@ -388,7 +389,7 @@ def build_dataset(config: ScreenConfig, source: Source, *, run_id: str, index: I
         fn_constructor_kwargs={"model": config.model, "device": "cuda" if gpu else "cpu",
                                "max_edges": config.edge_budget, "run_id": run_id,
                                "precision": config.precision, "stack_members": config.stack_members,
-                               "compile_members": config.compile_members},
+                               "compile_model": config.compile_model},
         compute=ray.data.ActorPoolStrategy(size=config.gpu_actors if gpu else config.cpu_actors,
                                            max_concurrent_calls_per_actor=config.calls_per_actor),
         **({"num_gpus": 1} if gpu else {"num_cpus": config.cpus_per_actor}), **env,

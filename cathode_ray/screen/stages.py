@@ -375,12 +375,12 @@ class InferenceStage:
 
     def __init__(self, *, model: str, device: str = "cpu", max_edges: int = 50_000,
                  run_id: str, precision: str = "float32", stack_members: bool = False,
-                 compile_members: bool = False) -> None:
+                 compile_model: bool = False) -> None:
         from cathode_ray.calibrate.calibrator import Calibrator
         from cathode_ray.model.ensemble import Ensemble
 
         self.ensemble = Ensemble.load(model, device=device, precision=precision,
-                                      stack_members=stack_members, compile_members=compile_members)
+                                      stack_members=stack_members, compile_model=compile_model)
         self._precision_checked = precision == "float32"
         self.calibrator = Calibrator.from_files(self.ensemble.files, where=model)
         self.device = device
@@ -401,7 +401,7 @@ class InferenceStage:
             has_ref=torch.from_numpy(column("has_ref").astype(bool)),  # [B]
         )
         # the trunk's output stays on the device
-        batch = self.ensemble.backbone.trunk_batch(list(column("graph")), self.device)
+        batch = self.ensemble.trunk_batch(list(column("graph")), self.device)
         if not self._precision_checked:
             self._check_precision(batch, thermo)
         return self.ensemble.predict_batch(batch, thermo)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import io
+import shutil
 from collections.abc import Sequence
 from typing import Any
 
@@ -154,6 +155,24 @@ def _assert_compile_template(backbone: Backbone, last: LastBlock, batch: dict[st
         "compile_template with a member's weights differs from the member's last block"
 
 
+def _assert_compile_trunk(backbone: Backbone, graphs: Sequence[Any], device: Any) -> None:
+    """``compile_trunk``'s function equals ``trunk_batch`` (every key, two batch sizes: one compiled
+    graph with dynamic shapes serves both), or raises NotImplementedError (the ensemble then
+    runs the trunk uncompiled). Skipped without a C++ compiler (TorchInductor needs one on CPU)."""
+    if str(device).startswith("cpu") and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        return
+    try:
+        compiled = backbone.compile_trunk()
+    except NotImplementedError:
+        return
+    for part in (graphs, graphs[1:]):
+        got, want = compiled(part, device), backbone.trunk_batch(part, device)
+        assert got.keys() == want.keys(), f"compiled trunk keys {sorted(got)} != {sorted(want)}"
+        for key, value in want.items():
+            assert got[key].dtype == value.dtype and got[key].shape == value.shape, key
+            assert torch.allclose(got[key], value, atol=BATCH_ATOL), f"compiled trunk differs in {key}"
+
+
 def check_backbone(backbone: Backbone, structures: Sequence[Structure]) -> dict[str, float]:
     """Assert the Backbone contract on ``structures`` (>= 2); returns the measured errors.
 
@@ -162,7 +181,8 @@ def check_backbone(backbone: Backbone, structures: Sequence[Structure]) -> dict[
     [B, embedding_dim]; trunk_embedding is finite [B, D']; the split reproduces
     ``backbone.reference_energy`` within :data:`ENERGY_ATOL`; outputs do not depend on batch
     composition (:data:`BATCH_ATOL`); trunk frozen, last block trainable with gradients; the
-    last block is a copy; ``compile_template`` with a block's weights computes what the block does.
+    last block is a copy; ``compile_template`` with a block's weights computes what the block does;
+    ``compile_trunk`` computes what ``trunk_batch`` does.
     """
     n = len(structures)
     assert n >= 2, "need at least two structures to test batching"
@@ -180,6 +200,7 @@ def check_backbone(backbone: Backbone, structures: Sequence[Structure]) -> dict[
     assert batch["n_atoms"].tolist() == [len(s) for s in structures]
     _assert_trunk_batch_equals_collate(backbone, graphs, batch, device)
     _assert_compile_template(backbone, backbone.new_last_block(), backbone.trunk_batch(graphs, device))
+    _assert_compile_trunk(backbone, graphs, device)
     last = backbone.new_last_block()
     e_pa, emb = _run(backbone, last, feats)
     assert e_pa.shape == (n,) and torch.isfinite(e_pa).all(), f"bad e_pa {e_pa}"

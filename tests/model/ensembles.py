@@ -16,7 +16,7 @@ def perturbed_ensemble(bb: Backbone, n_members: int = 3, *, head_only: bool = Fa
                        **options: Any) -> Ensemble:
     """``n_members`` members whose last blocks differ (pretrained weights perturbed by ~2 % of their
     scale) and whose heads differ (seeds ``seed``...). ``options``: Ensemble fields
-    (``stack_members``, ``compile_members``, ...)."""
+    (``stack_members``, ``compile_model``, ...)."""
     norm = Normalizer(mean=0.08, std=0.05)
     members = []
     for i in range(n_members):

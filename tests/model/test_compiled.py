@@ -1,7 +1,8 @@
-"""Compiled members (one torch.compile'd last block for all members) equal the uncompiled loop."""
+"""Compiled models (trunk and one torch.compile'd last block for all members) equal the uncompiled ones."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 
@@ -18,8 +19,8 @@ from cathode_ray.model.ensemble import Ensemble
 from cathode_ray.testing.tiny_mace import build_tiny_mace
 
 
-def _ensemble(bb: Backbone, n_members: int = 3) -> Ensemble:
-    return perturbed_ensemble(bb, n_members, seed=200, compile_members=True)
+def _ensemble(bb: Backbone, n_members: int = 3, **options: bool) -> Ensemble:
+    return perturbed_ensemble(bb, n_members, seed=200, compile_model=True, **options)
 
 
 #: TorchInductor compiles C++ on the CPU; without a compiler the ensemble falls back (tested below).
@@ -53,11 +54,12 @@ def test_compiled_lastblocks_refuse_members_without_the_templates_parameters(tin
 @needs_compiler
 def test_compiled_mace_members_equal_loop_across_batch_sizes(tiny_mace: MaceBackbone,
                                                              caplog: pytest.LogCaptureFixture) -> None:
-    """Inductor compiles once for all members (weights are inputs) with dynamic shapes: batches
-    of 4 and then 3 structures both run compiled and equal the uncompiled members."""
+    """Inductor compiles the trunk once and the last blocks once for all members (weights are
+    inputs), with dynamic shapes: batches of 4 and then 3 structures both run compiled and equal
+    the uncompiled ensemble."""
     structures = small_cathode_structures()
     ens = _ensemble(tiny_mace)
-    loop = Ensemble(**{**ens.__dict__, "compile_members": False, "_compiled": None})
+    loop = dataclasses.replace(ens, compile_model=False)
     graphs = [tiny_mace.build_graph(s) for s in structures]
     counters = torch._dynamo.utils.counters["stats"]
     frames = counters["unique_graphs"]
@@ -65,13 +67,13 @@ def test_compiled_mace_members_equal_loop_across_batch_sizes(tiny_mace: MaceBack
         n = sl.stop - sl.start
         with caplog.at_level(logging.WARNING):
             got = ens.predict_graphs(graphs[sl], thermo(n))
-        assert ens.compile_members, f"compiled members fell back: {caplog.text}"
+        assert not ens.compile_failures, f"compiled parts fell back: {caplog.text}"
         ref = loop.predict_graphs(graphs[sl], thermo(n))
         assert np.abs(ref.q50[0] - ref.q50[2]).max() > 1e-4  # members really differ
         for k in ("q10", "q50", "q90", "p_stable", "p_metastable", "embedding"):
             np.testing.assert_allclose(getattr(got, k), getattr(ref, k), atol=1e-5)
         np.testing.assert_allclose(got.zero_shot_ehull, ref.zero_shot_ehull, atol=1e-5, equal_nan=True)
-    assert counters["unique_graphs"] - frames == 1  # one graph for 3 members and both batch sizes
+    assert counters["unique_graphs"] - frames == 2  # the trunk's, and one for 3 members; both sizes
 
 
 def test_falls_back_to_the_loop_when_compiling_fails(tiny_mace: MaceBackbone, monkeypatch: pytest.MonkeyPatch,
@@ -83,10 +85,11 @@ def test_falls_back_to_the_loop_when_compiling_fails(tiny_mace: MaceBackbone, mo
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(tiny_mace, "compile_template", no_template)
+    monkeypatch.setattr(tiny_mace, "compile_trunk", lambda: tiny_mace.trunk_batch)  # members only
     graphs = [tiny_mace.build_graph(s) for s in structures]
     with caplog.at_level(logging.WARNING):
         pred = ens.predict_graphs(graphs, thermo(2))
-    assert ens.compile_members is False
+    assert ens.compile_failures == {"members": "RuntimeError: no C++ compiler"}
     assert "compiled members failed (RuntimeError: no C++ compiler)" in caplog.text
     ref = ens.predict_graphs(graphs, thermo(2))
     np.testing.assert_allclose(pred.q50, ref.q50, atol=1e-6)
@@ -95,7 +98,7 @@ def test_falls_back_to_the_loop_when_compiling_fails(tiny_mace: MaceBackbone, mo
 def test_compile_and_stack_are_alternatives(tiny_mace: MaceBackbone) -> None:
     ens = _ensemble(tiny_mace, 1)
     with pytest.raises(ValueError, match="alternatives"):
-        Ensemble(**{**ens.__dict__, "stack_members": True})
+        dataclasses.replace(ens, stack_members=True)
 
 
 def test_plain_mace_cannot_be_compiled_and_the_ensemble_runs_it_uncompiled(
@@ -105,11 +108,13 @@ def test_plain_mace_cannot_be_compiled_and_the_ensemble_runs_it_uncompiled(
     bb = MaceBackbone.from_spec(f"mace:{build_tiny_mace(tmp_path / 'plain.model', scale_shift=False, seed=1)}")
     with pytest.raises(NotImplementedError, match="cannot compile MACE"):
         bb.compile_template(bb.new_last_block())
+    with pytest.raises(NotImplementedError, match="cannot compile MACE"):
+        bb.compile_trunk()
     ens = _ensemble(bb, 2)
     graphs = [bb.build_graph(s) for s in small_cathode_structures()[:2]]
     with caplog.at_level(logging.WARNING):
         pred = ens.predict_graphs(graphs, thermo(2))
-    assert ens.compile_members is False and "cannot compile MACE" in caplog.text
+    assert set(ens.compile_failures) == {"trunk", "members"} and "cannot compile MACE" in caplog.text
     assert np.isfinite(pred.q50).all()
 
 
@@ -135,6 +140,52 @@ def test_two_threads_share_one_compiled_function(tiny_mace: MaceBackbone) -> Non
         with ThreadPoolExecutor(2) as pool:
             preds = list(pool.map(lambda sl: ens.predict_graphs(graphs[sl], thermo(3)),
                                   [slice(0, 3), slice(1, 4)]))
-    assert ens.compile_members and len(built) == 1
+    assert not ens.compile_failures and len(built) == 1
     for sl, got in zip([slice(0, 3), slice(1, 4)], preds, strict=True):
         np.testing.assert_allclose(got.q50, loop.predict_graphs(graphs[sl], thermo(3)).q50, atol=1e-5)
+
+
+def test_trunk_falls_back_by_itself(tiny_mace: MaceBackbone, monkeypatch: pytest.MonkeyPatch,
+                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A trunk that fails to compile runs uncompiled from then on (logged, recorded), with the
+    same batch as the backbone's own trunk; the members' compiling is not switched off."""
+    ens = _ensemble(tiny_mace, 2)
+    calls = []
+
+    def broken() -> None:
+        calls.append(1)
+        raise RuntimeError("InvalidCxxCompiler")
+
+    monkeypatch.setattr(tiny_mace, "compile_trunk", broken)
+    graphs = [tiny_mace.build_graph(s) for s in small_cathode_structures()[:3]]
+    with caplog.at_level(logging.WARNING):
+        got = ens.trunk_batch(graphs)
+        again = ens.trunk_batch(graphs[:2])
+    assert ens.compile_failures == {"trunk": "RuntimeError: InvalidCxxCompiler"} and len(calls) == 1
+    assert "compiled trunk failed (RuntimeError: InvalidCxxCompiler); running the trunk uncompiled" in caplog.text
+    for key, value in tiny_mace.trunk_batch(graphs).items():
+        torch.testing.assert_close(got[key], value)
+    assert again["n_atoms"].shape == (2,)
+
+
+def test_an_error_of_the_structures_is_raised_not_taken_for_a_compiler_failure(tiny_mace: MaceBackbone) -> None:
+    """When the uncompiled trunk fails too, the error is the caller's and compiling stays on."""
+    ens = _ensemble(tiny_mace, 1)
+    with pytest.raises(Exception):  # noqa: B017 - whatever mace raises on an empty batch
+        ens.trunk_batch([])
+    assert not ens.compile_failures
+
+
+@pytest.mark.slow
+@needs_compiler
+def test_compiled_head_only_ensemble_equals_uncompiled(tiny_mace: MaceBackbone) -> None:
+    """Head-only members share the pretrained last block: compiled, it runs once per batch
+    through a one-block CompiledLastBlocks, and predictions equal the uncompiled ensemble's."""
+    ens = _ensemble(tiny_mace, 3, head_only=True)
+    plain = dataclasses.replace(ens, compile_model=False)
+    graphs = [tiny_mace.build_graph(s) for s in small_cathode_structures()[:3]]
+    got, want = ens.predict_graphs(graphs, thermo(3)), plain.predict_graphs(graphs, thermo(3))
+    assert not ens.compile_failures and len(ens._compiled.states) == 1
+    assert np.abs(want.q50[0] - want.q50[1]).max() > 1e-4  # the heads differ
+    for k in ("q10", "q50", "q90", "p_stable", "p_metastable", "embedding"):
+        np.testing.assert_allclose(getattr(got, k), getattr(want, k), atol=1e-5)

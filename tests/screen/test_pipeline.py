@@ -63,7 +63,7 @@ def test_demo_library_to_s3(s3_server, local_ray, tiny_model, references) -> Non
                     run_id="demo1", resume=True))
 
 
-def test_cli_screen_sizes_the_cpu_stages_and_compiles_members(local_ray, tiny_model, references, tmp_path) -> None:
+def test_cli_screen_sizes_the_cpu_stages_and_compiles_the_model(local_ray, tiny_model, references, tmp_path) -> None:
     from typer.testing import CliRunner
 
     from cathode_ray.cli import app
@@ -71,13 +71,13 @@ def test_cli_screen_sizes_the_cpu_stages_and_compiles_members(local_ray, tiny_mo
     res = CliRunner().invoke(app, [
         "screen", "--library", "demo", "--demo-size", "8", "--model", str(tiny_model),
         "--out", str(tmp_path / "dest"), "--references", references, "--run-id", "cli1",
-        "--graph-actors", "2", "--light-tasks", "1", "--compile-members"])
+        "--graph-actors", "2", "--light-tasks", "1", "--compile-model"])
     assert res.exit_code == 0, res.output
     assert "run cli1: 8 inputs -> 8 results" in res.output
     attempt = runs.read_json(runs.RunPaths(dest=str(tmp_path / "dest"), run_id="cli1").manifest)[
         "attempts"][-1]
     assert (attempt["config"]["graph_actors"], attempt["config"]["light_tasks"]) == (2, 1)
-    assert attempt["config"]["compile_members"] is True
+    assert attempt["config"]["compile_model"] is True
 
 
 def _bad_library(root: Path) -> Path:

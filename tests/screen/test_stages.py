@@ -337,28 +337,29 @@ def test_screen_config_rejects_unknown_precision() -> None:
         ScreenConfig(library="demo", model="m", out="o", references="snapshot:x", precision="fp16")
 
 
-def test_screen_config_rejects_stacked_and_compiled_members_together() -> None:
+def test_screen_config_rejects_stacked_members_and_compiling_together() -> None:
     with pytest.raises(ValueError, match="alternatives"):
         ScreenConfig(library="demo", model="m", out="o", references="snapshot:x", stack_members=True,
-                     compile_members=True)
+                     compile_model=True)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
                     reason="TorchInductor needs a C++ compiler (g++/clang++) on the CPU")
 def test_inference_stage_with_compiled_members_equals_uncompiled(tiny_model) -> None:
-    """The screen's actor with ``compile_members``: the tiny CHGNet ensemble's last blocks run
-    compiled (no fallback) and predict what the uncompiled actor predicts."""
+    """The screen's actor with ``compile_model``: the tiny CHGNet ensemble's trunk and last blocks
+    run compiled (no fallback) and predict what the uncompiled actor predicts."""
     from cathode_ray.screen.stages import InferenceStage
     from tests.chgnet_data import layered_cells
 
-    compiled = InferenceStage(model=str(tiny_model), run_id="t", compile_members=True)
+    compiled = InferenceStage(model=str(tiny_model), run_id="t", compile_model=True)
     plain = InferenceStage(model=str(tiny_model), run_id="t")
     bb = plain.ensemble.backbone
     df = pd.DataFrame({"graph": [bb.build_graph(s) for s in layered_cells(3)],
                        "hull_pa": [-6.0] * 3, "corr_pa": [0.0] * 3, "has_ref": [True, True, False]})
     got, ref = compiled._predict(df, [0, 1, 2]), plain._predict(df, [0, 1, 2])
-    assert compiled.ensemble.compile_members and compiled.ensemble._compiled is not None
+    ens = compiled.ensemble
+    assert not ens.compile_failures and ens._compiled is not None and ens._compiled_trunk is not None
     for k in ("q10", "q50", "q90", "p_stable", "p_metastable"):
         np.testing.assert_allclose(getattr(got, k), getattr(ref, k), atol=1e-5)
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .base import Backbone, LastBlock, TrunkBatch, TrunkFeatures
+from .base import Backbone, LastBlock, TrunkBatch, TrunkBatchFn, TrunkFeatures
 
-__all__ = ["Backbone", "LastBlock", "TrunkBatch", "TrunkFeatures", "load_backbone"]
+__all__ = ["Backbone", "LastBlock", "TrunkBatch", "TrunkBatchFn", "TrunkFeatures", "load_backbone"]
 
 
 def load_backbone(spec: str, *, device: str = "cpu") -> Backbone:

@@ -25,7 +25,7 @@ import contextlib
 import copy
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ from torch import nn
 TrunkFeatures = dict[str, torch.Tensor]
 #: A collated batch of TrunkFeatures on one device (backbone-specific keys, plus "n_atoms" [B]).
 TrunkBatch = dict[str, torch.Tensor]
+#: ``trunk_batch``'s call: (graphs, device) -> collated trunk batch on that device.
+TrunkBatchFn = Callable[[Sequence[Any], "str | torch.device"], TrunkBatch]
 
 
 class LastBlock(nn.Module):
@@ -102,6 +104,16 @@ class Backbone(ABC):
         Default: mean over atoms of the ``node_feats`` scalar channels.
         """
         return segment_mean(batch["node_scalars"], batch["atom_owners"], batch["n_atoms"])  # [B, D']
+
+    def compile_trunk(self) -> TrunkBatchFn:
+        """:meth:`trunk_batch` with the trunk's tensor work through one ``torch.compile``d function
+        (TorchInductor, dynamic shapes, one graph); the host-side batching of graphs stays eager.
+
+        Compiles on the first call. Must equal :meth:`trunk_batch` to float rounding (the
+        conformance check compares them). Default: NotImplementedError, and the ensemble then
+        runs the trunk uncompiled.
+        """
+        raise NotImplementedError(f"backbone {self.name} has no compiled trunk")
 
     def compile_template(self, last_block: LastBlock) -> nn.Module:
         """A module of ``last_block``'s structure that ``torch.compile`` can trace (eval mode).

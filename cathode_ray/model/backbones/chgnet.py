@@ -8,8 +8,9 @@ energy per atom can be compared with the reference hull directly.
 from __future__ import annotations
 
 import copy
+import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from .base import (
     Backbone,
     LastBlock,
     TrunkBatch,
+    TrunkBatchFn,
     TrunkFeatures,
     batch_to_device,
     segment_mean,
@@ -60,6 +62,49 @@ def _atom_conv(conv: Any, *, atom_feas: torch.Tensor, bond_feas: torch.Tensor, b
     if conv.atom_norm is not None:
         new = conv.atom_norm(new)
     return new
+
+
+def _graph_tensors(g: Any) -> tuple[torch.Tensor, ...]:
+    """The BatchedGraph tensors :func:`trunk_tensors` reads, in its argument order."""
+    return (g.atomic_numbers, g.bond_bases_ag, g.bond_bases_bg, g.angle_bases, g.batched_atom_graph,
+            g.directed2undirected, g.batched_bond_graph)
+
+
+def trunk_tensors(
+    m: Any, atomic_numbers: torch.Tensor, bond_bases_ag: torch.Tensor, bond_bases_bg: torch.Tensor,
+    angle_bases: torch.Tensor, atom_graph: torch.Tensor, directed2undirected: torch.Tensor,
+    bond_graph: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Embeddings and the first n_conv-1 atom/bond/angle convolutions of CHGNet model ``m``, as
+    ``CHGNet._compute`` runs them, on one BatchedGraph's tensors: atomic numbers [A], bond bases
+    [U, n_rbf] (atom graph) and [U', n_rbf] (bond graph), angle bases [G, n_fourier], atom graph
+    [E, 2], directed-to-undirected map [E], bond graph [G, 5].
+
+    Returns (atom features [A, D], bond features [U, D], atom-graph bond weights [U, D]). Tensor
+    work only, so :meth:`ChgnetBackbone.compile_trunk` can compile it.
+    """
+    atom_feas = m.atom_embedding(atomic_numbers - 1)
+    bond_feas = m.bond_embedding(bond_bases_ag)
+    bond_weights_ag = m.bond_weights_ag(bond_bases_ag)
+    bond_weights_bg = m.bond_weights_bg(bond_bases_bg)
+    angle_feas = m.angle_embedding(angle_bases) if angle_bases.shape[0] != 0 else None
+    for atom_layer, bond_layer, angle_layer in zip(
+        m.atom_conv_layers[:-1], m.bond_conv_layers, m.angle_layers, strict=False
+    ):
+        atom_feas = atom_layer(
+            atom_feas=atom_feas, bond_feas=bond_feas, bond_weights=bond_weights_ag,
+            atom_graph=atom_graph, directed2undirected=directed2undirected,
+        )
+        if angle_feas is not None and bond_layer is not None:
+            bond_feas = bond_layer(
+                atom_feas=atom_feas, bond_feas=bond_feas, bond_weights=bond_weights_bg,
+                angle_feas=angle_feas, bond_graph=bond_graph,
+            )
+            if angle_layer is not None:
+                angle_feas = angle_layer(
+                    atom_feas=atom_feas, bond_feas=bond_feas, angle_feas=angle_feas, bond_graph=bond_graph,
+                )
+    return atom_feas, bond_feas, bond_weights_ag
 
 
 class ChgnetLastBlock(LastBlock):
@@ -123,13 +168,27 @@ class ChgnetBackbone(Backbone):
 
     @torch.no_grad()
     def trunk(self, graphs: Sequence[Any], *, device: str | torch.device | None = None) -> list[TrunkFeatures]:
-        graphs, _, atom_feas, bond_feas, bond_weights, comp_energy = self._trunk_outputs(graphs, device)
+        graphs, g, comp_energy = self._batch_graphs(graphs, device)
+        atom_feas, bond_feas, bond_weights = trunk_tensors(self.model, *_graph_tensors(g))
         return self._split(graphs, atom_feas, bond_feas, bond_weights, comp_energy)
 
-    @torch.inference_mode()
     def trunk_batch(self, graphs: Sequence[Any], device: str | torch.device = "cpu") -> TrunkBatch:
         """:meth:`trunk` + :meth:`collate` without leaving ``device`` (same keys and values)."""
-        graphs, g, atom_feas, bond_feas, bond_weights, comp_energy = self._trunk_outputs(graphs, device)
+        return self._trunk_batch(graphs, device, functools.partial(trunk_tensors, self.model))
+
+    def compile_trunk(self) -> TrunkBatchFn:
+        """:meth:`trunk_batch` with :func:`trunk_tensors` compiled; the BatchedGraph is still built
+        eagerly on the host. chgnet's modules are compiled as they are, in a few graphs: its
+        ``aggregate`` sizes its output with ``torch.bincount``, a data-dependent shape that Dynamo
+        runs eagerly between graphs."""
+        core = torch.compile(functools.partial(trunk_tensors, self.model), dynamic=True)
+        return functools.partial(self._trunk_batch, core=core)
+
+    @torch.inference_mode()
+    def _trunk_batch(self, graphs: Sequence[Any], device: str | torch.device,
+                     core: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> TrunkBatch:
+        graphs, g, comp_energy = self._batch_graphs(graphs, device)
+        atom_feas, bond_feas, bond_weights = core(*_graph_tensors(g))
         n_atoms = torch.tensor([int(gr.atomic_number.shape[0]) for gr in graphs], dtype=torch.long)
         return {
             "atom_feas": atom_feas,  # [A, D]
@@ -143,9 +202,8 @@ class ChgnetBackbone(Backbone):
             "node_scalars": atom_feas,
         }
 
-    def _trunk_outputs(self, graphs: Sequence[Any], device: str | torch.device | None) -> tuple[Any, ...]:
-        """(graphs on device, BatchedGraph, atom_feas [A, D], bond_feas [U, D], bond weights
-        [U, D], composition energy [B] eV/atom) after the first n_conv-1 convolutions."""
+    def _batch_graphs(self, graphs: Sequence[Any], device: str | torch.device | None) -> tuple[list[Any], Any, torch.Tensor]:
+        """(graphs on device, chgnet BatchedGraph, composition energy [B] eV/atom): host work."""
         from chgnet.model.model import BatchedGraph
 
         m = self.model
@@ -156,29 +214,7 @@ class ChgnetBackbone(Backbone):
             graphs, bond_basis_expansion=m.bond_basis_expansion,
             angle_basis_expansion=m.angle_basis_expansion, compute_stress=False,
         )
-        atom_feas = m.atom_embedding(g.atomic_numbers - 1)
-        bond_feas = m.bond_embedding(g.bond_bases_ag)
-        bond_weights_ag = m.bond_weights_ag(g.bond_bases_ag)
-        bond_weights_bg = m.bond_weights_bg(g.bond_bases_bg)
-        angle_feas = m.angle_embedding(g.angle_bases) if len(g.angle_bases) != 0 else None
-        for atom_layer, bond_layer, angle_layer in zip(
-            m.atom_conv_layers[:-1], m.bond_conv_layers, m.angle_layers, strict=False
-        ):
-            atom_feas = atom_layer(
-                atom_feas=atom_feas, bond_feas=bond_feas, bond_weights=bond_weights_ag,
-                atom_graph=g.batched_atom_graph, directed2undirected=g.directed2undirected,
-            )
-            if angle_feas is not None and bond_layer is not None:
-                bond_feas = bond_layer(
-                    atom_feas=atom_feas, bond_feas=bond_feas, bond_weights=bond_weights_bg,
-                    angle_feas=angle_feas, bond_graph=g.batched_bond_graph,
-                )
-                if angle_layer is not None:
-                    angle_feas = angle_layer(
-                        atom_feas=atom_feas, bond_feas=bond_feas, angle_feas=angle_feas,
-                        bond_graph=g.batched_bond_graph,
-                    )
-        return graphs, g, atom_feas, bond_feas, bond_weights_ag, comp_energy
+        return graphs, g, comp_energy
 
     @staticmethod
     def _split(graphs: Sequence[Any], atom_feas: torch.Tensor, bond_feas: torch.Tensor,

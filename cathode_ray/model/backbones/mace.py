@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from .base import (
     Backbone,
     LastBlock,
     TrunkBatch,
+    TrunkBatchFn,
     TrunkFeatures,
     batch_to_device,
     segment_mean,
@@ -318,6 +320,56 @@ def _interact(
     return product(node_feats=node_feats, sc=sc, node_attrs=node_attrs)
 
 
+#: The trunk's tensors: node features [A, F] after layer L-2, edge vectors [E, 3] (Angstrom),
+#: frozen energy [B] (eV, float64) and the frozen edge embedding (``edge_attrs``, ``edge_feats``,
+#: ``edge_cutoff`` when the model has one).
+TrunkOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
+
+
+def trunk_tensors(m: nn.Module, data: dict[str, torch.Tensor]) -> TrunkOutputs:
+    """Frozen layers 0..L-2 of MACE model ``m`` and its frozen energy terms on one batch dict
+    (mace's ``Batch.to_dict()``, floats in the model's dtype), as ``MACE.forward`` computes them.
+
+    Tensor work only (no host-side batching), so :meth:`MaceBackbone.compile_trunk` can compile
+    it: the number of structures is read from a shape (``ptr`` [B + 1]), not passed as an int.
+    """
+    from mace.modules.utils import get_edge_vectors_and_lengths
+
+    node_attrs = data["node_attrs"]  # [A, n_elements]
+    edge_index = data["edge_index"]  # [2, E]
+    node_heads = data["head"][data["batch"]]  # [A]
+    arange = torch.arange(node_attrs.shape[0], device=node_attrs.device)
+    vectors, lengths = get_edge_vectors_and_lengths(data["positions"], edge_index, data["shifts"])
+    node_e0 = m.atomic_energies_fn(node_attrs)[arange, node_heads]  # [A] eV
+    node_feats = m.node_embedding(node_attrs)
+    edge_attrs = m.spherical_harmonics(vectors)
+    edge_feats, cutoff = m.radial_embedding(lengths, node_attrs, edge_index, m.atomic_numbers)
+    if hasattr(m, "pair_repulsion"):  # ZBL pair repulsion per atom [A] eV (unscaled)
+        pair_es = m.pair_repulsion_fn(lengths, node_attrs, edge_index, m.atomic_numbers)
+    else:
+        pair_es = torch.zeros_like(node_e0)
+    if hasattr(m, "joint_embedding"):  # charge/spin embeddings of newer MACE models
+        node_feats = node_feats + m.joint_embedding(data["batch"], {name: data[name] for name in m.embedding_specs})
+        if hasattr(m, "embedding_readout"):
+            node_e0 = node_e0 + m.embedding_readout(node_feats, node_heads)[arange, node_heads]
+    feats_list: list[torch.Tensor] = []
+    for i, (interaction, product) in enumerate(zip(m.interactions[:-1], m.products[:-1], strict=True)):
+        node_feats = _interact(
+            interaction, product, node_attrs=node_attrs, node_feats=node_feats, edge_attrs=edge_attrs,
+            edge_feats=edge_feats, edge_index=edge_index, cutoff=cutoff, first_layer=(i == 0),
+        )
+        feats_list.append(node_feats)
+    node_inter = pair_es
+    for i, readout in enumerate(m.readouts[:-1]):  # readout i <-> layer i; the last is the last block's
+        node_inter = node_inter + readout(feats_list[i], node_heads)[arange, node_heads]
+    node_frozen = node_e0.double() + _scale_shift(m, node_inter, node_heads).double()  # [A] eV
+    e_frozen = segment_sum(node_frozen, data["batch"], data["ptr"].shape[0] - 1)  # [B] eV
+    edges = {"edge_attrs": edge_attrs, "edge_feats": edge_feats}
+    if cutoff is not None:
+        edges["edge_cutoff"] = cutoff
+    return node_feats, vectors, e_frozen, edges
+
+
 def _autocast_low_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype of an autocast active on ``device`` (e.g. bfloat16), or None."""
     if not torch.is_autocast_enabled(device.type):
@@ -534,15 +586,28 @@ class MaceBackbone(Backbone):
     @torch.no_grad()
     def trunk(self, graphs: Sequence[Any], *, device: str | torch.device | None = None) -> list[TrunkFeatures]:
         """Frozen layers 0..L-2 and frozen energy terms; one CPU TrunkFeatures per graph."""
-        _, node_feats, vectors, e_frozen, _ = self._trunk_outputs(graphs, device)
+        data = self._batch_dict(graphs, torch.device(device) if device is not None else self.device)
+        node_feats, vectors, e_frozen, _ = trunk_tensors(self.model, data)
         return self._split(graphs, node_feats, vectors, e_frozen)
 
-    @torch.inference_mode()
     def trunk_batch(self, graphs: Sequence[Any], device: str | torch.device = "cpu") -> TrunkBatch:
         """:meth:`trunk` + :meth:`collate` without leaving ``device`` (same keys and values),
         plus the frozen edge embedding the trunk computed (``edge_attrs`` [E, (l_max+1)^2],
         ``edge_feats`` [E, n_bessel], ``edge_cutoff``), so members do not recompute it."""
-        data, node_feats, vectors, e_frozen, edges = self._trunk_outputs(graphs, device)
+        return self._trunk_batch(graphs, device, functools.partial(trunk_tensors, self.model))
+
+    def compile_trunk(self) -> TrunkBatchFn:
+        """:meth:`trunk_batch` with :func:`trunk_tensors` compiled, on a copy of the model rebuilt
+        for Dynamo (see :meth:`compile_template`; same NotImplementedError for plain MACE)."""
+        core = torch.compile(functools.partial(trunk_tensors, self._traceable_model()),
+                             dynamic=True, fullgraph=True)
+        return functools.partial(self._trunk_batch, core=core)
+
+    @torch.inference_mode()
+    def _trunk_batch(self, graphs: Sequence[Any], device: str | torch.device,
+                     core: Callable[[dict[str, torch.Tensor]], TrunkOutputs]) -> TrunkBatch:
+        data = self._batch_dict(graphs, torch.device(device))
+        node_feats, vectors, e_frozen, edges = core(data)
         owners = data["batch"]  # [A]
         return edges | {
             "node_feats": node_feats,  # [A, F]
@@ -556,67 +621,27 @@ class MaceBackbone(Backbone):
             "node_scalars": node_feats[:, self._trunk_scalar_cols.to(node_feats.device)],  # [A, D']
         }
 
-    def _trunk_outputs(
-        self, graphs: Sequence[Any], device: str | torch.device | None,
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Batch dict, node features [A, F] after layer L-2, edge vectors [E, 3] (Angstrom),
-        frozen energy [B] (eV, float64) and the edge embedding, all on ``device``."""
-        from mace.modules.utils import get_edge_vectors_and_lengths
+    def _traceable_model(self) -> nn.Module:
+        """A copy of the model that Dynamo can trace: rebuilt from its config with e3nn's code
+        generation off and simplified (what mace's ``prepare(extract_model)`` does for
+        ``mace_mp(compile_mode=...)``, without its global autograd setting); eval mode, frozen.
 
-        m = self.model
-        dev = torch.device(device) if device is not None else self.device
-        data = self._batch_dict(graphs, dev)
-        node_attrs = data["node_attrs"]  # [A, n_elements]
-        edge_index = data["edge_index"]  # [2, E]
-        node_heads = data["head"][data["batch"]]  # [A]
-        arange = torch.arange(node_attrs.shape[0], device=dev)
-        vectors, lengths = get_edge_vectors_and_lengths(data["positions"], edge_index, data["shifts"])
-        node_e0 = m.atomic_energies_fn(node_attrs)[arange, node_heads]  # [A] eV
-        node_feats = m.node_embedding(node_attrs)
-        edge_attrs = m.spherical_harmonics(vectors)
-        edge_feats, cutoff = m.radial_embedding(lengths, node_attrs, edge_index, m.atomic_numbers)
-        pair_es = self._pair_energy(lengths, node_attrs, edge_index, node_e0)  # [A] eV (unscaled)
-        node_feats, node_e0 = self._joint_embedding(data, node_feats, node_e0, node_heads, arange)
-        feats_list: list[torch.Tensor] = []
-        for i, (interaction, product) in enumerate(zip(m.interactions[:-1], m.products[:-1], strict=True)):
-            node_feats = _interact(
-                interaction, product, node_attrs=node_attrs, node_feats=node_feats, edge_attrs=edge_attrs,
-                edge_feats=edge_feats, edge_index=edge_index, cutoff=cutoff, first_layer=(i == 0),
-            )
-            feats_list.append(node_feats)
-        node_inter = pair_es
-        if len(m.readouts) > 1:  # readout i <-> layer i; the last one belongs to the last block
-            for i, readout in enumerate(m.readouts[:-1]):
-                node_inter = node_inter + readout(feats_list[i], node_heads)[arange, node_heads]
-        node_frozen = node_e0.double() + _scale_shift(m, node_inter, node_heads).double()  # [A] eV
-        e_frozen = segment_sum(node_frozen, data["batch"], len(graphs))  # [B] eV
-        edges = {"edge_attrs": edge_attrs, "edge_feats": edge_feats}
-        if cutoff is not None:
-            edges["edge_cutoff"] = cutoff
-        return data, node_feats, vectors, e_frozen, edges
+        Raises:
+            NotImplementedError: mace cannot rebuild this model class from its config (mace's
+                ``extract_config_mace_model`` knows ScaleShiftMACE, the MACE-MP-0 class, but not
+                plain MACE).
+        """
+        from mace.tools.compile import disable_e3nn_codegen, simplify
+        from mace.tools.scripts_utils import extract_config_mace_model, extract_model
 
-    def _pair_energy(
-        self, lengths: torch.Tensor, node_attrs: torch.Tensor, edge_index: torch.Tensor, like: torch.Tensor
-    ) -> torch.Tensor:
-        """ZBL pair repulsion per atom [A] eV when the model has it, else zeros."""
-        m = self.model
-        if hasattr(m, "pair_repulsion"):
-            return m.pair_repulsion_fn(lengths, node_attrs, edge_index, m.atomic_numbers)
-        return torch.zeros_like(like)
-
-    def _joint_embedding(
-        self, data: dict[str, torch.Tensor], node_feats: torch.Tensor, node_e0: torch.Tensor,
-        node_heads: torch.Tensor, arange: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Extra (charge/spin) embeddings of newer MACE models; returns (node_feats, node_e0)."""
-        m = self.model
-        if not hasattr(m, "joint_embedding"):
-            return node_feats, node_e0
-        feats = {name: data[name] for name in m.embedding_specs}
-        node_feats = node_feats + m.joint_embedding(data["batch"], feats)
-        if hasattr(m, "embedding_readout"):
-            node_e0 = node_e0 + m.embedding_readout(node_feats, node_heads)[arange, node_heads]
-        return node_feats, node_e0
+        if "error" in (config := extract_config_mace_model(self.model)):
+            raise NotImplementedError(f"cannot compile {type(self.model).__name__}: {config['error']}")
+        with disable_e3nn_codegen():
+            rebuilt = simplify(extract_model(self.model, map_location=str(self.device)))
+        rebuilt = rebuilt.to(device=self.device, dtype=self.dtype).eval()
+        for p in rebuilt.parameters():
+            p.requires_grad_(False)
+        return rebuilt
 
     @staticmethod
     def _split(
@@ -674,25 +699,15 @@ class MaceBackbone(Backbone):
         """A last block that ``torch.compile`` can trace, with the pretrained weights.
 
         e3nn runs its contractions as TorchScript, which Dynamo cannot trace into, and copying or
-        pickling an e3nn module scripts them again. So the modules are rebuilt from the model's
-        config with e3nn's code generation off and simplified for Dynamo (what mace's
-        ``prepare(extract_model)`` does for ``mace_mp(compile_mode=...)``, without its global
-        autograd setting), and used as they are, not copied: their contractions stay ``torch.fx``
-        graphs. The members' weights are passed in at call time.
+        pickling an e3nn module scripts them again. So the modules come from a model rebuilt for
+        Dynamo (:meth:`_traceable_model`) and are used as they are, not copied: their
+        contractions stay ``torch.fx`` graphs. The members' weights are passed in at call time.
 
         Raises:
-            NotImplementedError: mace cannot rebuild this model class from its config (mace's
-                ``extract_config_mace_model`` knows ScaleShiftMACE, the MACE-MP-0 class, but not
-                plain MACE); compiled members then fall back to the uncompiled loop.
+            NotImplementedError: plain MACE (see :meth:`_traceable_model`); compiled members then
+                fall back to the uncompiled loop.
         """
-        from mace.tools.compile import disable_e3nn_codegen, simplify
-        from mace.tools.scripts_utils import extract_config_mace_model, extract_model
-
-        if "error" in (config := extract_config_mace_model(self.model)):
-            raise NotImplementedError(f"cannot compile {type(self.model).__name__}: {config['error']}")
-        with disable_e3nn_codegen():
-            rebuilt = simplify(extract_model(self.model, map_location=str(self.device)))
-        return MaceLastBlock(rebuilt.to(self.dtype), copy_modules=False).to(self.device).eval()
+        return MaceLastBlock(self._traceable_model(), copy_modules=False).to(self.device).eval()
 
     def vmap_context(self) -> contextlib.AbstractContextManager[None]:
         """mace's interaction blocks scatter in place (see :func:`vmap_safe_scatter`), and e3nn's
