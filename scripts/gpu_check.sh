@@ -23,11 +23,11 @@ step() {  # step NAME TIMEOUT_S CMD...: run, log, keep going on failure
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
     rc=$?
     echo "   exit $rc after $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
-    grep -E "structures/s|meV/atom|fell back|Error" "$OUT/$name.log" | tee -a "$OUT/summary.txt"
+    grep -iE "structures/s|meV/atom|fell back|error|ms$" "$OUT/$name.log" | tee -a "$OUT/summary.txt"
 }
 
-step ensemble_mace 330 python scripts/bench_ensemble.py --backbone mace-medium-shape --n 512 --batch 64 --device cuda
-step ensemble_chgnet 180 python scripts/bench_ensemble.py --backbone chgnet --n 384 --batch 64 --device cuda
+step ensemble_mace 330 python scripts/bench_ensemble.py --backbone mace-medium-shape --n 512 --batch 64 --device cuda --rounds 2
+step ensemble_chgnet 180 python scripts/bench_ensemble.py --backbone chgnet --n 384 --batch 64 --device cuda --rounds 2
 step precision_chgnet 60 python scripts/bench_precision.py --backbone chgnet --n 256 --batch 64 --device cuda
 LIB="$OUT/library"
 step library 60 python -m cathode_ray.cli library generate --from ../shared/data/mp_litmo_summary.jsonl.gz \
