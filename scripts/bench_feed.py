@@ -1,7 +1,7 @@
 """Do the CPU stages keep the inference device fed? End to end on one node, without Ray.
 
     python scripts/bench_feed.py --model MODEL --library LIB.parquet --n 3072 --workers 15 \
-        [--device cuda] [--batch-rows 32 256] [--max-edges 50000 400000]
+        [--device cuda] [--batch-rows 32 256] [--max-edges 50000 400000] [--compile-model]
 
 The screen's own stage classes (``cathode_ray.screen.stages``) in the same order as the Ray Data
 pipeline, with a process pool in place of Ray (for nodes where Ray is not installed, such as a
@@ -23,7 +23,9 @@ materials) on a random-weight MACE-MP-0-medium-shaped backbone on ``--device``: 
 the same as trained ones, and a 45 MB backbone need not be carried to a borrowed node.
 
 Prints structures/s for each and the ratio end to end / inference alone (the issue's target on a
-GPU node: >= 0.8). All figures come from one run.
+GPU node: >= 0.8). All figures come from one run. ``--compile-model`` runs the inference stage
+with the compiled trunk and last blocks; every ``InferenceStage`` is warmed up (and so compiled) on
+one batch before it is timed.
 """
 
 from __future__ import annotations
@@ -98,10 +100,10 @@ def _sync(device: str) -> None:
 
 
 def inference_alone(model: str, graphs: list[pd.DataFrame], *, device: str, max_edges: int,
-                    precision: str) -> float:
+                    precision: str, compile_model: bool = False) -> float:
     """Structures/s of ``InferenceStage`` on pre-built graph batches (one warm-up batch first)."""
     stage = stages.InferenceStage(model=model, device=device, max_edges=max_edges, run_id="bench",
-                                  precision=precision)
+                                  precision=precision, compile_model=compile_model)
     stage(graphs[0].copy())
     _sync(device)
     t0 = time.perf_counter()
@@ -128,11 +130,15 @@ def _unpickled(blocks: Iterator[bytes], ahead: int) -> Iterator[pd.DataFrame]:
 
 
 def end_to_end(pool: ProcessPoolExecutor, model: str, raw: list[pd.DataFrame], *, device: str,
-               max_edges: int, precision: str, out: Path, calls: int = 1) -> tuple[float, dict[str, Any]]:
+               max_edges: int, precision: str, out: Path, warm_up: pd.DataFrame, calls: int = 1,
+               compile_model: bool = False) -> tuple[float, dict[str, Any]]:
     """Structures/s from raw rows to Parquet, ``pool`` feeding the device (``calls`` as the
-    inference actor's concurrent calls: see :func:`_unpickled`)."""
+    inference actor's concurrent calls: see :func:`_unpickled`); the stage is warmed up (and
+    compiled) on the graph batch ``warm_up`` first, untimed and not written."""
     stage = stages.InferenceStage(model=model, device=device, max_edges=max_edges, run_id="bench",
-                                  precision=precision)
+                                  precision=precision, compile_model=compile_model)
+    stage(warm_up.copy())
+    _sync(device)
     writer = stages.ScreenWriter(results_uri=str(out / "results"), rejects_uri=str(out / "rejects"),
                                  run_id="bench")
     t0 = time.perf_counter()
@@ -160,6 +166,8 @@ def main() -> None:
     ap.add_argument("--precision", default="float32")
     ap.add_argument("--calls-per-actor", type=int, nargs="+", default=[1, 2],
                     help="end to end with each: the inference actor's concurrent calls")
+    ap.add_argument("--compile-model", action="store_true",
+                    help="the inference stage with the compiled trunk and last blocks")
     args = ap.parse_args()
     import torch
 
@@ -172,7 +180,7 @@ def main() -> None:
     pool = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_init_worker, initargs=(args.model, args.references))
     print(f"device={args.device} cpus={os.cpu_count()} workers={args.workers} n={args.n} "
-          f"model={args.model}", flush=True)
+          f"model={args.model} compiled={args.compile_model}", flush=True)
     rows: list[str] = []
     with pool:
         list(pool.map(_cpu_stages, raw_batches(args.library, args.workers, 1)))  # load the workers
@@ -192,7 +200,7 @@ def main() -> None:
             batches = [allg.iloc[i:i + br].reset_index(drop=True) for i in range(0, n, br)]
             for me in args.max_edges:
                 r = inference_alone(args.model, batches, device=args.device, max_edges=me,
-                                    precision=args.precision)
+                                    precision=args.precision, compile_model=args.compile_model)
                 alone[(br, me)] = r
                 rows.append(f"inference alone, batch_rows={br:4d} max_edges={me:7d}: {r:8.1f} structures/s")
                 print(rows[-1], flush=True)
@@ -201,7 +209,8 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 r, stats = end_to_end(pool, args.model, raw_batches(args.library, args.n, br),
                                       device=args.device, max_edges=me, precision=args.precision,
-                                      out=Path(tmp), calls=calls)
+                                      out=Path(tmp), warm_up=allg.iloc[:br].reset_index(drop=True),
+                                      calls=calls, compile_model=args.compile_model)
             rows.append(f"end to end, {args.workers} workers, batch_rows={br} max_edges={me} "
                         f"calls_per_actor={calls}: {r:8.1f} structures/s = {r / alone[(br, me)]:.2f} "
                         f"of inference alone ({stats['results']} results + {stats['rejects']} rejects)")
