@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import io
-import shutil
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch
 from pymatgen.core import Lattice, Structure
 
 from cathode_ray.model.backbones.base import Backbone, LastBlock, TrunkFeatures
+from cathode_ray.testing.compilers import cxx_compiler_available
 
 #: Max |split - full model| energy per atom (eV/atom).
 ENERGY_ATOL = 1e-4
@@ -159,7 +159,7 @@ def _assert_compile_trunk(backbone: Backbone, graphs: Sequence[Any], device: Any
     """``compile_trunk``'s function equals ``trunk_batch`` (every key, two batch sizes: one compiled
     graph with dynamic shapes serves both), or raises NotImplementedError (the ensemble then
     runs the trunk uncompiled). Skipped without a C++ compiler (TorchInductor needs one on CPU)."""
-    if str(device).startswith("cpu") and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+    if str(device).startswith("cpu") and not cxx_compiler_available():
         return
     try:
         compiled = backbone.compile_trunk()

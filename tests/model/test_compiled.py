@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from cathode_ray.model.backbones import Backbone
 from cathode_ray.model.backbones.mace import MaceBackbone
 from cathode_ray.model.compiled import CompiledLastBlocks
 from cathode_ray.model.ensemble import Ensemble
+from cathode_ray.testing.compilers import cxx_compiler_available
 from cathode_ray.testing.tiny_mace import build_tiny_mace
 
 
@@ -24,7 +24,7 @@ def _ensemble(bb: Backbone, n_members: int = 3, **options: bool) -> Ensemble:
 
 
 #: TorchInductor compiles C++ on the CPU; without a compiler the ensemble falls back (tested below).
-needs_compiler = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+needs_compiler = pytest.mark.skipif(not cxx_compiler_available(),
                                     reason="TorchInductor needs a C++ compiler (g++/clang++) on the CPU")
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 
 import numpy as np
 import pandas as pd
@@ -32,6 +31,7 @@ from cathode_ray.screen.stages import (
     read_items,
     split_output,
 )
+from cathode_ray.testing.compilers import cxx_compiler_available
 
 
 def test_edge_batches_respect_budget_and_order() -> None:
@@ -344,9 +344,9 @@ def test_screen_config_rejects_stacked_members_and_compiling_together() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+@pytest.mark.skipif(not cxx_compiler_available(),
                     reason="TorchInductor needs a C++ compiler (g++/clang++) on the CPU")
-def test_inference_stage_with_compiled_members_equals_uncompiled(tiny_model) -> None:
+def test_inference_stage_with_compiled_model_equals_uncompiled(tiny_model) -> None:
     """The screen's actor with ``compile_model``: the tiny CHGNet ensemble's trunk and last blocks
     run compiled (no fallback) and predict what the uncompiled actor predicts."""
     from cathode_ray.screen.stages import InferenceStage

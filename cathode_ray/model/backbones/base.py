@@ -106,8 +106,9 @@ class Backbone(ABC):
         return segment_mean(batch["node_scalars"], batch["atom_owners"], batch["n_atoms"])  # [B, D']
 
     def compile_trunk(self) -> TrunkBatchFn:
-        """:meth:`trunk_batch` with the trunk's tensor work through one ``torch.compile``d function
-        (TorchInductor, dynamic shapes, one graph); the host-side batching of graphs stays eager.
+        """:meth:`trunk_batch` with the trunk's tensor work through ``torch.compile`` (TorchInductor,
+        dynamic shapes; one graph where the library's ops allow); the host-side batching of graphs
+        stays eager.
 
         Compiles on the first call. Must equal :meth:`trunk_batch` to float rounding (the
         conformance check compares them). Default: NotImplementedError, and the ensemble then
