@@ -123,11 +123,16 @@ def calibrate(
     model: Annotated[str, typer.Option(help="model directory to recalibrate (members untouched)")],
     data: Annotated[str, typer.Option(help="dataset directory; its val split calibrates")],
     references: str = DEFAULT_REFERENCES,
+    zero_shot_fallback: Annotated[bool, typer.Option(
+        help="new chemical systems take the backbone's zero-shot E_hull (cathode_ray.calibrate.fallback)")] = True,
 ) -> None:
-    """Refit conformal intervals, OOD gates and triage thresholds of an existing model."""
+    """Refit conformal intervals, OOD gates, the backbone fallback and triage thresholds of an existing model."""
+    from cathode_ray.calibrate.calibrator import CalibratorConfig
     from cathode_ray.train.ensemble import RecalibrateConfig, recalibrate
 
-    manifest = recalibrate(RecalibrateConfig(model=model, data=data, references=references))
+    manifest = recalibrate(RecalibrateConfig(
+        model=model, data=data, references=references,
+        calibration=CalibratorConfig(zero_shot_fallback=zero_shot_fallback)))
     typer.echo(f"recalibrated {model}: model_id {manifest['model_id']}")
 
 

@@ -1,7 +1,9 @@
-"""The fitted calibration bundle: aggregation + CQR + OOD gates + triage.
+"""The fitted calibration bundle: aggregation + CQR + OOD gates + backbone fallback + triage.
 
 ``Calibrator.fit`` runs once on validation (calibration) and training predictions;
-``Calibrator.apply`` is cheap per batch (no refitting: cluster lookups, kNN queries, numpy).
+``Calibrator.apply`` is cheap per batch (no refitting: cluster lookups, kNN queries, numpy):
+aggregate the members, calibrate the interval, score OOD, fall back to the backbone's zero-shot
+E_hull on new chemical systems (:mod:`cathode_ray.calibrate.fallback`), triage.
 Persisted as conformal_params.json, triage.json, ood_params.json and ood_train.npz.
 """
 
@@ -18,7 +20,8 @@ import numpy as np
 from cathode_ray import seedcard
 from cathode_ray.calibrate.aggregate import Aggregated, aggregate
 from cathode_ray.calibrate.conformal import METHODS, ConformalParams, fit_conformal
-from cathode_ray.calibrate.ood import OODConfig, OODModel
+from cathode_ray.calibrate.fallback import ENSEMBLE, ZERO_SHOT, ZeroShotFallback
+from cathode_ray.calibrate.ood import OODConfig, OODModel, OODResult
 from cathode_ray.calibrate.triage import TriageConfig, choose_thresholds, triage
 from cathode_ray.model.prediction import EnsemblePrediction
 
@@ -27,6 +30,7 @@ TRIAGE_FILE = "triage.json"
 RESULT_COLUMNS: tuple[str, ...] = (
     "e_hull_pred", "e_hull_lo", "e_hull_hi", "q10", "q90", "epistemic_std", "aleatoric_width",
     "p_stable", "p_metastable", "ood_score", "ood_gates", "decision", "decision_reason",
+    "e_hull_source",
 )
 
 
@@ -46,6 +50,8 @@ class CalibratorConfig:
             (1.2816: 90 % confidence on the validation sample; 0: the plain ratio).
         epistemic_reference: "val" or "train": which rows define the disagreement gate's
             percentile scale (training rows are over-fitted, so their spread is too small).
+        zero_shot_fallback: report the backbone's zero-shot E_hull for new chemical systems
+            (:mod:`cathode_ray.calibrate.fallback`); False keeps the ensemble's estimate everywhere.
     """
 
     method: str = "asymmetric"
@@ -56,6 +62,7 @@ class CalibratorConfig:
     min_keep_precision: float = 0.93
     keep_precision_z: float = 1.2816
     epistemic_reference: str = "val"
+    zero_shot_fallback: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -69,10 +76,12 @@ class CalibratorConfig:
 
 
 class Calibrator:
-    """Aggregation + conformal params (both methods) + OOD model + triage thresholds."""
+    """Aggregation + conformal params (both methods) + OOD model + backbone fallback (None: off)
+    + triage thresholds."""
 
     def __init__(self, *, conformal: dict[str, ConformalParams], method: str, ood: OODModel,
-                 triage_config: TriageConfig, triage_reasoning: str = "") -> None:
+                 triage_config: TriageConfig, triage_reasoning: str = "",
+                 fallback: ZeroShotFallback | None = None) -> None:
         if method not in conformal:
             raise ValueError(f"no conformal params for method {method!r}")
         self.conformal = conformal
@@ -80,6 +89,7 @@ class Calibrator:
         self.ood = ood
         self.triage_config = triage_config
         self.triage_reasoning = triage_reasoning
+        self.fallback = fallback
 
     @property
     def params(self) -> ConformalParams:
@@ -99,35 +109,55 @@ class Calibrator:
                      for m in METHODS}
         ref = agg if cfg.epistemic_reference == "val" else aggregate(train_pred)
         ood = OODModel.fit(train_pred.embedding, train_compositions, ref.epistemic_std, cfg.ood)
+        fallback = (ZeroShotFallback.fit(val_pred.zero_shot_ehull, y_val, coverage=cfg.target_coverage)
+                    if cfg.zero_shot_fallback else None)
         if cfg.triage is not None:
             tri, text = cfg.triage, "Triage thresholds fixed by configuration."
         else:
-            lo_cal, hi_cal = conformal[cfg.method].apply(agg.lo, agg.hi, val_clusters)
-            val_ood = ood.score(val_pred.embedding, val_compositions, agg.epistemic_std)
-            tri, text = choose_thresholds(agg, lo_cal, hi_cal, y_val, ood=val_ood,
+            partial = cls(conformal=conformal, method=cfg.method, ood=ood, triage_config=TriageConfig(),
+                          fallback=fallback)
+            est, lo_cal, hi_cal, val_ood, _ = partial.estimate(val_pred, val_clusters, val_compositions)
+            tri, text = choose_thresholds(est, lo_cal, hi_cal, y_val, ood=val_ood,
                                           precision_z=cfg.keep_precision_z,
                                           min_keep_precision=cfg.min_keep_precision)
         return cls(conformal=conformal, method=cfg.method, ood=ood, triage_config=tri,
-                   triage_reasoning=text)
+                   triage_reasoning=text, fallback=fallback)
 
     def calibrated(self, agg: Aggregated, clusters: np.ndarray | None,
                    method: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Calibrated bounds (lo [N], hi [N]) in eV/atom with the given or default method."""
+        """The ensemble's calibrated bounds (lo [N], hi [N]) in eV/atom with the given or default
+        method (before the backbone fallback)."""
         return self.conformal[method or self.method].apply(agg.lo, agg.hi, clusters)
 
-    def apply(self, pred: EnsemblePrediction, clusters: np.ndarray | None,
-              compositions: Sequence[Mapping[str, float]]) -> dict[str, np.ndarray]:
-        """Result columns (RESULT_COLUMNS), each [N]; energies in eV/atom."""
+    def estimate(self, pred: EnsemblePrediction, clusters: np.ndarray | None,
+                 compositions: Sequence[Mapping[str, float]], method: str | None = None,
+                 ) -> tuple[Aggregated, np.ndarray, np.ndarray, OODResult, np.ndarray]:
+        """(estimate, lo [N], hi [N], OOD result, zero-shot fallback used [N] bool), eV/atom.
+
+        The estimate is the aggregated ensemble, its q50 replaced by the backbone's zero-shot
+        E_hull on the fallback rows; lo/hi are calibrated (and widened on fallback rows)."""
         agg = aggregate(pred)
-        lo_cal, hi_cal = self.calibrated(agg, clusters)
+        lo_cal, hi_cal = self.calibrated(agg, clusters, method)
         ood = self.ood.score(pred.embedding, compositions, agg.epistemic_std)
-        decision, reason = triage(agg, lo_cal, hi_cal, ood, self.triage_config)
+        if self.fallback is None:
+            return agg, lo_cal, hi_cal, ood, np.zeros(len(agg), dtype=bool)
+        use = self.fallback.rows(ood.composition_jaccard, pred.zero_shot_ehull)
+        est, lo_cal, hi_cal = self.fallback.apply(agg, lo_cal, hi_cal, pred.zero_shot_ehull, use)
+        return est, lo_cal, hi_cal, ood, use
+
+    def apply(self, pred: EnsemblePrediction, clusters: np.ndarray | None,
+              compositions: Sequence[Mapping[str, float]], method: str | None = None,
+              ) -> dict[str, np.ndarray]:
+        """Result columns (RESULT_COLUMNS), each [N]; energies in eV/atom."""
+        est, lo_cal, hi_cal, ood, use = self.estimate(pred, clusters, compositions, method)
+        decision, reason = triage(est, lo_cal, hi_cal, ood, self.triage_config)
         return {
-            "e_hull_pred": agg.q50, "e_hull_lo": lo_cal, "e_hull_hi": hi_cal,
-            "q10": agg.lo, "q90": agg.hi, "epistemic_std": agg.epistemic_std,
-            "aleatoric_width": agg.aleatoric_width, "p_stable": agg.p_stable,
-            "p_metastable": agg.p_metastable, "ood_score": ood.ood_score,
+            "e_hull_pred": est.q50, "e_hull_lo": lo_cal, "e_hull_hi": hi_cal,
+            "q10": est.lo, "q90": est.hi, "epistemic_std": est.epistemic_std,
+            "aleatoric_width": est.aleatoric_width, "p_stable": est.p_stable,
+            "p_metastable": est.p_metastable, "ood_score": ood.ood_score,
             "ood_gates": ood.ood_gates, "decision": decision, "decision_reason": reason,
+            "e_hull_source": np.where(use, ZERO_SHOT, ENSEMBLE).astype(object),
         }
 
     def save(self, model_dir: str | Path) -> list[Path]:
@@ -135,7 +165,8 @@ class Calibrator:
         model_dir = Path(model_dir)
         model_dir.mkdir(parents=True, exist_ok=True)
         conf = {"method": self.method,
-                "params": {m: p.to_dict() for m, p in self.conformal.items()}}
+                "params": {m: p.to_dict() for m, p in self.conformal.items()},
+                "zero_shot_fallback": None if self.fallback is None else self.fallback.to_dict()}
         tri = {"config": self.triage_config.to_dict(), "reasoning": self.triage_reasoning}
         p_conf, p_tri = model_dir / CONFORMAL_FILE, model_dir / TRIAGE_FILE
         p_conf.write_text(json.dumps(conf, indent=2, sort_keys=True))
@@ -162,9 +193,11 @@ class Calibrator:
         model_dir = Path(model_dir)
         conf = json.loads((model_dir / CONFORMAL_FILE).read_text())
         tri = json.loads((model_dir / TRIAGE_FILE).read_text())
+        fallback = conf.get("zero_shot_fallback")  # absent in models calibrated before it existed
         return cls(
             conformal={m: ConformalParams.from_dict(d) for m, d in conf["params"].items()},
             method=conf["method"], ood=OODModel.load(model_dir),
             triage_config=TriageConfig.from_dict(tri["config"]),
             triage_reasoning=str(tri["reasoning"]),
+            fallback=None if fallback is None else ZeroShotFallback.from_dict(fallback),
         )

@@ -20,6 +20,7 @@ from cathode_ray import seedcard
 from cathode_ray.calibrate.aggregate import aggregate
 from cathode_ray.calibrate.calibrator import Calibrator
 from cathode_ray.calibrate.conformal import METHODS, fit_conformal
+from cathode_ray.calibrate.fallback import ZERO_SHOT, ZeroShotFallback
 from cathode_ray.calibrate.metrics import all_metrics, coverage, median_width, point_metrics
 from cathode_ray.calibrate.ood import GATE_NAMES
 from cathode_ray.calibrate.triage import DECISIONS
@@ -83,18 +84,26 @@ def _checks(metrics: Mapping[str, Mapping[str, float]]) -> list[dict[str, Any]]:
     return out
 
 
-def _coverage_curve(splits: Mapping[str, SplitData], method: str, min_points: int,
+def _coverage_curve(splits: Mapping[str, SplitData], calibrator: Calibrator,
                     aggs: Mapping[str, Any]) -> dict[str, list[float]]:
-    """Refit conformal on val at each nominal level; measured coverage on the other splits."""
+    """Refit conformal (and the zero-shot fallback's interval) on val at each nominal level;
+    measured coverage on the other splits."""
     val = splits["val"]
+    method, min_points = calibrator.method, calibrator.params.min_points
     curve: dict[str, list[float]] = {"levels": list(COVERAGE_LEVELS)}
     for name in (s for s in splits if s != "val"):
+        d = splits[name]
+        use = calibrator.estimate(d.pred, d.clusters, d.compositions)[4]  # [N] fallback rows
         curve[name] = []
         for level in COVERAGE_LEVELS:
             params = fit_conformal(aggs["val"].lo, aggs["val"].hi, val.y, val.clusters,
                                    method=method, coverage=level, min_points=min_points)
-            lo, hi = params.apply(aggs[name].lo, aggs[name].hi, splits[name].clusters)
-            curve[name].append(coverage(splits[name].y, lo, hi))
+            lo, hi = params.apply(aggs[name].lo, aggs[name].hi, d.clusters)
+            if calibrator.fallback is not None:
+                fb = ZeroShotFallback.fit(val.pred.zero_shot_ehull, val.y, coverage=level,
+                                          max_jaccard=calibrator.fallback.max_jaccard)
+                _, lo, hi = fb.apply(aggs[name], lo, hi, d.pred.zero_shot_ehull, use)
+            curve[name].append(coverage(d.y, lo, hi))
     return curve
 
 
@@ -127,24 +136,26 @@ def report_from_predictions(splits: dict[str, SplitData], calibrator: Calibrator
     others optional). ``baselines``: name -> split -> point predictions [N] (eV/atom)."""
     if "val" not in splits:
         raise ValueError("splits must include 'val' (the calibration split)")
-    aggs = {s: aggregate(d.pred) for s, d in splits.items()}
+    aggs = {s: aggregate(d.pred) for s, d in splits.items()}  # the ensemble alone
+    ests = {s: calibrator.estimate(d.pred, d.clusters, d.compositions)[0] for s, d in splits.items()}
     results = {s: calibrator.apply(d.pred, d.clusters, d.compositions) for s, d in splits.items()}
     metrics, counts, ood, clusters_cov, comparison = {}, {}, {}, {}, {}
     for s, d in splits.items():
         r = results[s]
-        metrics[s] = all_metrics(d.y, aggs[s], r["e_hull_lo"], r["e_hull_hi"], r["decision"])
+        metrics[s] = all_metrics(d.y, ests[s], r["e_hull_lo"], r["e_hull_hi"], r["decision"])
         counts[s] = {k: int((r["decision"] == k).sum()) for k in DECISIONS}
         gates = r["ood_gates"]
         # as triage counts them: a fired gate, or a score over either threshold
         cut = min(calibrator.ood.config.score_threshold, calibrator.triage_config.ood_threshold)
         is_ood = (gates != "") | (r["ood_score"] >= cut)
         ood[s] = {"frac_ood": float(np.mean(is_ood)) if len(gates) else math.nan,
-                  **{g: int(sum(g in x.split(",") for x in gates)) for g in GATE_NAMES}}
+                  **{g: int(sum(g in x.split(",") for x in gates)) for g in GATE_NAMES},
+                  "zero_shot_fallback": int((r["e_hull_source"] == ZERO_SHOT).sum())}
         clusters_cov[s] = _cluster_coverage(d.y, d.clusters, r["e_hull_lo"], r["e_hull_hi"])
         if s != "val":
             comparison[s] = {}
             for m in METHODS:
-                lo, hi = calibrator.calibrated(aggs[s], d.clusters, m)
+                _, lo, hi, _, _ = calibrator.estimate(d.pred, d.clusters, d.compositions, m)
                 comparison[s][m] = {"coverage": coverage(d.y, lo, hi),
                                     "median_width": median_width(lo, hi)}
     params = calibrator.params
@@ -159,13 +170,13 @@ def report_from_predictions(splits: dict[str, SplitData], calibrator: Calibrator
         "decision_counts": counts,
         "ood": ood,
         "conformal_comparison": comparison,
-        "coverage_curve": _coverage_curve(splits, calibrator.method, params.min_points, aggs),
+        "coverage_curve": _coverage_curve(splits, calibrator, aggs),
         "cluster_coverage": clusters_cov,
         "baselines": _baselines(splits, baselines, aggs),
         "triage": {"config": calibrator.triage_config.to_dict(),
                    "reasoning": calibrator.triage_reasoning},
         "conformal_params": {m: p.to_dict() for m, p in calibrator.conformal.items()},
-        "plot_data": {s: {"y": d.y, "q50": aggs[s].q50, "lo": results[s]["e_hull_lo"],
+        "plot_data": {s: {"y": d.y, "q50": ests[s].q50, "lo": results[s]["e_hull_lo"],
                           "hi": results[s]["e_hull_hi"]} for s, d in splits.items()},
     }
 
@@ -241,9 +252,9 @@ def render_markdown(report: Mapping[str, Any], images: Sequence[str] = ()) -> st
                  [[b, s, m["n"], m["spearman"], m["mae"], m["f1"], m["daf"]]
                   for b, per in report["baselines"].items() for s, m in per.items()])
     md += ["", "## Decisions and OOD", ""]
-    md += _table(["split", *DECISIONS, "frac OOD", *GATE_NAMES],
+    md += _table(["split", *DECISIONS, "frac OOD", *GATE_NAMES, "zero-shot fallback"],
                  [[s, *(c[k] for k in DECISIONS), report["ood"][s]["frac_ood"],
-                   *(report["ood"][s][g] for g in GATE_NAMES)]
+                   *(report["ood"][s][g] for g in GATE_NAMES), report["ood"][s].get("zero_shot_fallback")]
                   for s, c in report["decision_counts"].items()])
     md += ["", "## Triage thresholds", "", "```", json.dumps(report["triage"]["config"]), "```",
            "", report["triage"]["reasoning"], ""]

@@ -55,10 +55,25 @@ def test_save_load_round_trip_exact(fitted, tmp_path) -> None:
         if p.suffix == ".json":
             json.loads(p.read_text())
     loaded = Calibrator.load(tmp_path)
+    comps = [{**c, "Co": 0.1} if i % 3 else c for i, c in enumerate(comps)]  # some fall back
     a, b = cal.apply(pred, clusters, comps), loaded.apply(pred, clusters, comps)
+    assert (a["e_hull_source"] == "zero_shot").any()
     for k in RESULT_COLUMNS:
         np.testing.assert_array_equal(a[k], b[k])
     assert loaded.conformal == cal.conformal and loaded.triage_config == cal.triage_config
+    assert loaded.fallback == cal.fallback is not None
+
+
+def test_model_calibrated_before_the_fallback_loads_without_it(fitted, tmp_path) -> None:
+    cal, (pred, _, clusters, comps) = fitted
+    cal.save(tmp_path)
+    conf = json.loads((tmp_path / "conformal_params.json").read_text())
+    del conf["zero_shot_fallback"]
+    (tmp_path / "conformal_params.json").write_text(json.dumps(conf))
+    old = Calibrator.load(tmp_path)
+    assert old.fallback is None
+    out = old.apply(pred, clusters, [{**c, "Co": 0.1} for c in comps])
+    assert set(out["e_hull_source"]) == {"ensemble"}
 
 
 def test_method_choice_and_fixed_triage(synth) -> None:

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 
@@ -8,6 +9,7 @@ from matplotlib.image import imread
 from cathode_ray.report.governance import (
     COVERAGE_LEVELS,
     SplitData,
+    render_markdown,
     report_from_predictions,
     write_report,
 )
@@ -99,3 +101,24 @@ def test_frac_ood_counts_score_only_rows_as_triage_does(fitted_report_inputs) ->
     rep = report_from_predictions({"val": splits["val"], "test": splits["test"]}, strict)
     assert rep["ood"]["test"]["frac_ood"] == 1.0
     assert rep["decision_counts"]["test"]["KILL"] == 0  # OOD rows are never killed
+
+
+def test_new_chemistry_split_is_reported_with_the_zero_shot_fallback(split_factory, fitted_report_inputs) -> None:
+    splits, cal = fitted_report_inputs
+    new = split_factory(600, 41)
+    p = new.pred
+    biased = dataclasses.replace(p, q10=p.q10 + 0.1, q50=p.q50 + 0.1, q90=p.q90 + 0.1)
+    comps = [{"Li": 1.0, "Co": 1.0, "O": 2.0}] * 600  # an element set absent from training
+    loco = SplitData(y=new.y, pred=biased, clusters=new.clusters, compositions=comps)
+    rep = report_from_predictions({"val": splits["val"], "test": splits["test"], "loco": loco}, cal)
+    has_zs = np.isfinite(p.zero_shot_ehull)
+    assert rep["ood"]["loco"]["zero_shot_fallback"] == int(has_zs.sum())
+    assert rep["ood"]["test"]["zero_shot_fallback"] == 0
+    est = np.where(has_zs, p.zero_shot_ehull, biased.q50.mean(axis=0))
+    assert rep["metrics"]["loco"]["mae"] == pytest.approx(np.mean(np.abs(est - new.y)))
+    assert rep["baselines"]["ensemble_q50"]["loco"]["mae"] > rep["metrics"]["loco"]["mae"]
+    level = rep["coverage_curve"]["levels"].index(0.9)
+    assert rep["coverage_curve"]["loco"][level] == pytest.approx(rep["metrics"]["loco"]["coverage"])
+    assert rep["conformal_comparison"]["loco"][rep["conformal_method"]]["coverage"] == \
+        pytest.approx(rep["metrics"]["loco"]["coverage"])
+    assert "zero-shot fallback" in render_markdown(rep)

@@ -80,3 +80,30 @@ def test_report_compares_head_only_with_last_block(model_dir: Path, tmp_path: Pa
     assert "## Ensemble modes" in md and "head-only" in md and "last-block" in md
     saved = json.loads((tmp_path / "rep" / "governance.json").read_text())
     assert len(saved["ensemble_modes"]) == 2
+
+
+@pytest.mark.slow
+def test_cli_calibrate_refits_calibration_only(model_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from cathode_ray.cli import app
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    before = json.loads((model / "manifest.json").read_text())
+    args = ["calibrate", "--model", str(model), "--data", str(model_dir.parent / "dataset"),
+            "--references", f"snapshot:{REFERENCES}"]
+    ids = []
+    for flag, has_fallback in (("--no-zero-shot-fallback", False), ("--zero-shot-fallback", True)):
+        res = CliRunner().invoke(app, [*args, flag])
+        assert res.exit_code == 0, res.output
+        after = json.loads((model / "manifest.json").read_text())
+        ids.append(after["model_id"])
+        assert after["model_id"] in res.output
+        for name in ("member_0.pt", "member_1.pt", "normalizer.json"):  # members untouched
+            assert after["files"][name] == before["files"][name]
+        cal = Calibrator.from_files(Ensemble.load(str(model)).files)  # hashes verify
+        assert (cal.fallback is not None) == has_fallback
+    assert ids == [ids[0], before["model_id"]] and ids[0] != before["model_id"]  # deterministic refits
