@@ -75,6 +75,24 @@ class CalibratorConfig:
             raise ValueError("epistemic_reference must be 'val' or 'train'")
 
 
+@dataclass(frozen=True)
+class Estimate:
+    """What triage decides on, per structure; arrays [N], energies in eV/atom.
+
+    Attributes:
+        agg: the aggregated ensemble, its q50 replaced by the zero-shot E_hull on fallback rows.
+        lo, hi: calibrated bounds (widened on fallback rows).
+        ood: OOD gates and score.
+        fallback: bool, the row took the backbone fallback (:mod:`cathode_ray.calibrate.fallback`).
+    """
+
+    agg: Aggregated
+    lo: np.ndarray
+    hi: np.ndarray
+    ood: OODResult
+    fallback: np.ndarray
+
+
 class Calibrator:
     """Aggregation + conformal params (both methods) + OOD model + backbone fallback (None: off)
     + triage thresholds."""
@@ -114,10 +132,11 @@ class Calibrator:
         if cfg.triage is not None:
             tri, text = cfg.triage, "Triage thresholds fixed by configuration."
         else:
-            partial = cls(conformal=conformal, method=cfg.method, ood=ood, triage_config=TriageConfig(),
-                          fallback=fallback)
-            est, lo_cal, hi_cal, val_ood, _ = partial.estimate(val_pred, val_clusters, val_compositions)
-            tri, text = choose_thresholds(est, lo_cal, hi_cal, y_val, ood=val_ood,
+            # thresholds are chosen on the estimate triage will see (a calibrator without them yet)
+            untriaged = cls(conformal=conformal, method=cfg.method, ood=ood, triage_config=TriageConfig(),
+                            fallback=fallback)
+            est = untriaged.estimate(val_pred, val_clusters, val_compositions)
+            tri, text = choose_thresholds(est.agg, est.lo, est.hi, y_val, ood=est.ood,
                                           precision_z=cfg.keep_precision_z,
                                           min_keep_precision=cfg.min_keep_precision)
         return cls(conformal=conformal, method=cfg.method, ood=ood, triage_config=tri,
@@ -130,34 +149,31 @@ class Calibrator:
         return self.conformal[method or self.method].apply(agg.lo, agg.hi, clusters)
 
     def estimate(self, pred: EnsemblePrediction, clusters: np.ndarray | None,
-                 compositions: Sequence[Mapping[str, float]], method: str | None = None,
-                 ) -> tuple[Aggregated, np.ndarray, np.ndarray, OODResult, np.ndarray]:
-        """(estimate, lo [N], hi [N], OOD result, zero-shot fallback used [N] bool), eV/atom.
-
-        The estimate is the aggregated ensemble, its q50 replaced by the backbone's zero-shot
-        E_hull on the fallback rows; lo/hi are calibrated (and widened on fallback rows)."""
+                 compositions: Sequence[Mapping[str, float]], method: str | None = None) -> Estimate:
+        """Aggregate, calibrate (given or default method), score OOD, apply the backbone fallback."""
         agg = aggregate(pred)
         lo_cal, hi_cal = self.calibrated(agg, clusters, method)
         ood = self.ood.score(pred.embedding, compositions, agg.epistemic_std)
         if self.fallback is None:
-            return agg, lo_cal, hi_cal, ood, np.zeros(len(agg), dtype=bool)
+            return Estimate(agg=agg, lo=lo_cal, hi=hi_cal, ood=ood, fallback=np.zeros(len(agg), dtype=bool))
         use = self.fallback.rows(ood.composition_jaccard, pred.zero_shot_ehull)
-        est, lo_cal, hi_cal = self.fallback.apply(agg, lo_cal, hi_cal, pred.zero_shot_ehull, use)
-        return est, lo_cal, hi_cal, ood, use
+        agg, lo_cal, hi_cal = self.fallback.apply(agg, lo_cal, hi_cal, pred.zero_shot_ehull, use)
+        return Estimate(agg=agg, lo=lo_cal, hi=hi_cal, ood=ood, fallback=use)
 
     def apply(self, pred: EnsemblePrediction, clusters: np.ndarray | None,
               compositions: Sequence[Mapping[str, float]], method: str | None = None,
               ) -> dict[str, np.ndarray]:
         """Result columns (RESULT_COLUMNS), each [N]; energies in eV/atom."""
-        est, lo_cal, hi_cal, ood, use = self.estimate(pred, clusters, compositions, method)
-        decision, reason = triage(est, lo_cal, hi_cal, ood, self.triage_config)
+        e = self.estimate(pred, clusters, compositions, method)
+        a = e.agg
+        decision, reason = triage(a, e.lo, e.hi, e.ood, self.triage_config)
         return {
-            "e_hull_pred": est.q50, "e_hull_lo": lo_cal, "e_hull_hi": hi_cal,
-            "q10": est.lo, "q90": est.hi, "epistemic_std": est.epistemic_std,
-            "aleatoric_width": est.aleatoric_width, "p_stable": est.p_stable,
-            "p_metastable": est.p_metastable, "ood_score": ood.ood_score,
-            "ood_gates": ood.ood_gates, "decision": decision, "decision_reason": reason,
-            "e_hull_source": np.where(use, ZERO_SHOT, ENSEMBLE).astype(object),
+            "e_hull_pred": a.q50, "e_hull_lo": e.lo, "e_hull_hi": e.hi,
+            "q10": a.lo, "q90": a.hi, "epistemic_std": a.epistemic_std,
+            "aleatoric_width": a.aleatoric_width, "p_stable": a.p_stable,
+            "p_metastable": a.p_metastable, "ood_score": e.ood.ood_score,
+            "ood_gates": e.ood.ood_gates, "decision": decision, "decision_reason": reason,
+            "e_hull_source": np.where(e.fallback, ZERO_SHOT, ENSEMBLE).astype(object),
         }
 
     def save(self, model_dir: str | Path) -> list[Path]:

@@ -93,7 +93,7 @@ def _coverage_curve(splits: Mapping[str, SplitData], calibrator: Calibrator,
     curve: dict[str, list[float]] = {"levels": list(COVERAGE_LEVELS)}
     for name in (s for s in splits if s != "val"):
         d = splits[name]
-        use = calibrator.estimate(d.pred, d.clusters, d.compositions)[4]  # [N] fallback rows
+        use = calibrator.estimate(d.pred, d.clusters, d.compositions).fallback  # [N] bool
         curve[name] = []
         for level in COVERAGE_LEVELS:
             params = fit_conformal(aggs["val"].lo, aggs["val"].hi, val.y, val.clusters,
@@ -137,7 +137,7 @@ def report_from_predictions(splits: dict[str, SplitData], calibrator: Calibrator
     if "val" not in splits:
         raise ValueError("splits must include 'val' (the calibration split)")
     aggs = {s: aggregate(d.pred) for s, d in splits.items()}  # the ensemble alone
-    ests = {s: calibrator.estimate(d.pred, d.clusters, d.compositions)[0] for s, d in splits.items()}
+    ests = {s: calibrator.estimate(d.pred, d.clusters, d.compositions).agg for s, d in splits.items()}
     results = {s: calibrator.apply(d.pred, d.clusters, d.compositions) for s, d in splits.items()}
     metrics, counts, ood, clusters_cov, comparison = {}, {}, {}, {}, {}
     for s, d in splits.items():
@@ -155,7 +155,8 @@ def report_from_predictions(splits: dict[str, SplitData], calibrator: Calibrator
         if s != "val":
             comparison[s] = {}
             for m in METHODS:
-                _, lo, hi, _, _ = calibrator.estimate(d.pred, d.clusters, d.compositions, m)
+                e = calibrator.estimate(d.pred, d.clusters, d.compositions, m)
+                lo, hi = e.lo, e.hi
                 comparison[s][m] = {"coverage": coverage(d.y, lo, hi),
                                     "median_width": median_width(lo, hi)}
     params = calibrator.params
