@@ -45,7 +45,7 @@ def test_apply_changes_only_new_chemistry_rows_with_a_reference(synth) -> None:
     assert np.all(lo2[use] <= np.minimum(lo[use], zs[use] - 0.05))  # the union of both intervals
     assert np.all(hi2[use] >= np.maximum(hi[use], zs[use] + 0.07))
     assert np.all(np.isfinite(lo2) & np.isfinite(hi2))
-    np.testing.assert_array_equal(est.p_stable, agg.p_stable)
+    np.testing.assert_array_equal(est.p_stable, agg.p_stable)  # no residuals stored: heads' kept
     assert ZeroShotFallback(alpha=0.1, d_lo=0, d_hi=0, n_calib=1, max_jaccard=0.3).rows(jac, zs).sum() == 2
 
 
@@ -87,3 +87,20 @@ def test_fallback_restores_coverage_and_error_on_a_new_chemical_system(synth, bi
     for k in ("e_hull_pred", "e_hull_lo", "e_hull_hi", "decision"):  # known chemistry: untouched
         np.testing.assert_array_equal(k_on[k], k_off[k])
     assert on.triage_config == off.triage_config  # val has no new chemistry
+
+
+def test_fallback_probabilities_come_from_the_zero_shot_residuals(synth) -> None:
+    fb = ZeroShotFallback(alpha=0.1, d_lo=0.05, d_hi=0.05, n_calib=4, residuals=(-0.02, 0.0, 0.01, 0.04))
+    np.testing.assert_allclose(fb.probability_below(np.array([0.0, 0.045, 0.065, 0.2]), 0.05),
+                               [1.0, 0.5, 0.25, 0.0])  # share of r with zs + r < 0.05
+    pred, _, _, _ = synth(4, 2)
+    agg = aggregate(pred)
+    zs = np.array([0.0, 0.045, 0.065, 0.2])
+    use = np.array([True, True, True, False])
+    est, _, _ = fb.apply(agg, agg.lo, agg.hi, zs, use)
+    np.testing.assert_allclose(est.p_stable[:3], [1.0, 0.5, 0.25])
+    np.testing.assert_allclose(est.p_metastable[:3], fb.probability_below(zs[:3], 0.10))
+    assert est.p_stable[3] == agg.p_stable[3] and est.p_metastable[3] == agg.p_metastable[3]
+    fitted = ZeroShotFallback.fit(np.array([0.1, np.nan, 0.2, 0.0]), np.array([0.12, 0.0, 0.15, 0.01]))
+    assert fitted.residuals == pytest.approx((-0.05, 0.01, 0.02))  # sorted, NaN row dropped
+    assert ZeroShotFallback.from_dict(fitted.to_dict()) == fitted
