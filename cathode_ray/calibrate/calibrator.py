@@ -164,7 +164,10 @@ class Calibrator:
               compositions: Sequence[Mapping[str, float]], method: str | None = None,
               ) -> dict[str, np.ndarray]:
         """Result columns (RESULT_COLUMNS), each [N]; energies in eV/atom."""
-        e = self.estimate(pred, clusters, compositions, method)
+        return self.columns(self.estimate(pred, clusters, compositions, method))
+
+    def columns(self, e: Estimate) -> dict[str, np.ndarray]:
+        """Triage ``e`` and lay it out as the result columns (RESULT_COLUMNS), each [N]."""
         a = e.agg
         decision, reason = triage(a, e.lo, e.hi, e.ood, self.triage_config)
         return {

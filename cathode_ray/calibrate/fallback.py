@@ -45,7 +45,7 @@ import numpy as np
 
 from cathode_ray import seedcard
 from cathode_ray.calibrate.aggregate import Aggregated
-from cathode_ray.calibrate.conformal import conformal_quantile, float_from_json, float_to_json
+from cathode_ray.calibrate.conformal import fit_conformal, float_from_json, float_to_json
 
 #: ``e_hull_source`` values: which estimate a result row carries.
 ENSEMBLE, ZERO_SHOT = "ensemble", "zero_shot"
@@ -85,12 +85,10 @@ class ZeroShotFallback:
         """Offsets from calibration rows: zero-shot E_hull [N] (NaN without a reference) and
         labels y [N], eV/atom. With no usable row the offsets are +inf (an unbounded interval)."""
         zs, y = np.asarray(zero_shot, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        cqr = fit_conformal(zs, zs, y, method="asymmetric", coverage=coverage)  # global; NaN rows dropped
         ok = np.isfinite(zs) & np.isfinite(y)
-        resid = y[ok] - zs[ok]  # [n]
-        alpha = 1.0 - coverage
-        return cls(alpha=alpha, d_lo=conformal_quantile(-resid, alpha / 2.0),
-                   d_hi=conformal_quantile(resid, alpha / 2.0), n_calib=int(ok.sum()),
-                   max_jaccard=max_jaccard, residuals=tuple(float(r) for r in np.sort(resid)))
+        return cls(alpha=cqr.alpha, d_lo=cqr.d_lo, d_hi=cqr.d_hi, n_calib=cqr.n_calib,
+                   max_jaccard=max_jaccard, residuals=tuple(float(r) for r in np.sort(y[ok] - zs[ok])))
 
     def probability_below(self, zero_shot: np.ndarray, threshold: float) -> np.ndarray:
         """P(E_hull < threshold) [N] for zero-shot values [N] (eV/atom): the share of calibration

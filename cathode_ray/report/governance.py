@@ -18,7 +18,7 @@ import numpy as np
 
 from cathode_ray import seedcard
 from cathode_ray.calibrate.aggregate import aggregate
-from cathode_ray.calibrate.calibrator import Calibrator
+from cathode_ray.calibrate.calibrator import Calibrator, Estimate
 from cathode_ray.calibrate.conformal import METHODS, fit_conformal
 from cathode_ray.calibrate.fallback import ZERO_SHOT, ZeroShotFallback
 from cathode_ray.calibrate.metrics import all_metrics, coverage, median_width, point_metrics
@@ -85,7 +85,7 @@ def _checks(metrics: Mapping[str, Mapping[str, float]]) -> list[dict[str, Any]]:
 
 
 def _coverage_curve(splits: Mapping[str, SplitData], calibrator: Calibrator,
-                    aggs: Mapping[str, Any]) -> dict[str, list[float]]:
+                    aggs: Mapping[str, Any], ests: Mapping[str, Estimate]) -> dict[str, list[float]]:
     """Refit conformal (and the zero-shot fallback's interval) on val at each nominal level;
     measured coverage on the other splits."""
     val = splits["val"]
@@ -93,7 +93,7 @@ def _coverage_curve(splits: Mapping[str, SplitData], calibrator: Calibrator,
     curve: dict[str, list[float]] = {"levels": list(COVERAGE_LEVELS)}
     for name in (s for s in splits if s != "val"):
         d = splits[name]
-        use = calibrator.estimate(d.pred, d.clusters, d.compositions).fallback  # [N] bool
+        use = ests[name].fallback  # [N] bool
         curve[name] = []
         for level in COVERAGE_LEVELS:
             params = fit_conformal(aggs["val"].lo, aggs["val"].hi, val.y, val.clusters,
@@ -137,12 +137,12 @@ def report_from_predictions(splits: dict[str, SplitData], calibrator: Calibrator
     if "val" not in splits:
         raise ValueError("splits must include 'val' (the calibration split)")
     aggs = {s: aggregate(d.pred) for s, d in splits.items()}  # the ensemble alone
-    ests = {s: calibrator.estimate(d.pred, d.clusters, d.compositions).agg for s, d in splits.items()}
-    results = {s: calibrator.apply(d.pred, d.clusters, d.compositions) for s, d in splits.items()}
+    ests = {s: calibrator.estimate(d.pred, d.clusters, d.compositions) for s, d in splits.items()}
+    results = {s: calibrator.columns(e) for s, e in ests.items()}
     metrics, counts, ood, clusters_cov, comparison = {}, {}, {}, {}, {}
     for s, d in splits.items():
         r = results[s]
-        metrics[s] = all_metrics(d.y, ests[s], r["e_hull_lo"], r["e_hull_hi"], r["decision"])
+        metrics[s] = all_metrics(d.y, ests[s].agg, r["e_hull_lo"], r["e_hull_hi"], r["decision"])
         counts[s] = {k: int((r["decision"] == k).sum()) for k in DECISIONS}
         gates = r["ood_gates"]
         # as triage counts them: a fired gate, or a score over either threshold
@@ -155,7 +155,8 @@ def report_from_predictions(splits: dict[str, SplitData], calibrator: Calibrator
         if s != "val":
             comparison[s] = {}
             for m in METHODS:
-                e = calibrator.estimate(d.pred, d.clusters, d.compositions, m)
+                e = ests[s] if m == calibrator.method else calibrator.estimate(
+                    d.pred, d.clusters, d.compositions, m)
                 lo, hi = e.lo, e.hi
                 comparison[s][m] = {"coverage": coverage(d.y, lo, hi),
                                     "median_width": median_width(lo, hi)}
@@ -171,13 +172,13 @@ def report_from_predictions(splits: dict[str, SplitData], calibrator: Calibrator
         "decision_counts": counts,
         "ood": ood,
         "conformal_comparison": comparison,
-        "coverage_curve": _coverage_curve(splits, calibrator, aggs),
+        "coverage_curve": _coverage_curve(splits, calibrator, aggs, ests),
         "cluster_coverage": clusters_cov,
         "baselines": _baselines(splits, baselines, aggs),
         "triage": {"config": calibrator.triage_config.to_dict(),
                    "reasoning": calibrator.triage_reasoning},
         "conformal_params": {m: p.to_dict() for m, p in calibrator.conformal.items()},
-        "plot_data": {s: {"y": d.y, "q50": ests[s].q50, "lo": results[s]["e_hull_lo"],
+        "plot_data": {s: {"y": d.y, "q50": ests[s].agg.q50, "lo": results[s]["e_hull_lo"],
                           "hi": results[s]["e_hull_hi"]} for s, d in splits.items()},
     }
 
