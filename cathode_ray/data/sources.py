@@ -8,6 +8,13 @@ The pinned query (:data:`PINNED_QUERY`): materials whose elements include Li and
 one transition metal of :data:`cathode_ray.seedcard.TRANSITION_METALS`. mp-api cannot express "at
 least one of" in one call, so :func:`fetch_mp_summary` runs one ``summary.search`` per metal
 (``elements=["Li", "O", tm]``) and unions the results by ``material_id``.
+
+Labels come from one thermo type, :data:`LABEL_THERMO_TYPE` (GGA/GGA+U, MP2020-corrected), the scale
+of the reference hulls (:mod:`cathode_ray.data.references`) and of the offline snapshot. MP's
+summary documents carry the *mixed* GGA/GGA+U/r2SCAN hull's values instead (its default thermo
+type since 2022), which differ for materials with r2SCAN calculations, so :func:`fetch_mp_summary`
+replaces the summary's label fields (:data:`LABEL_FIELDS`) by those of the material's GGA_GGA+U
+thermo document. A material without one keeps no label: ingest rejects it with a reason.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import logging
 import os
 import urllib.request
 from collections.abc import Iterable, Sequence
@@ -26,12 +34,17 @@ from pymatgen.core import Structure
 
 from cathode_ray import seedcard
 from cathode_ray.data.library import structure_from_untrusted_dict
+from cathode_ray.data.references import THERMO_TYPE
+
+#: The thermo type labels are taken from (the reference hulls' scale).
+LABEL_THERMO_TYPE: str = THERMO_TYPE
 
 #: The pinned data query, recorded in DATA_VERSION.json.
 PINNED_QUERY: dict[str, Any] = {
     "collection": "materials/summary",
     "elements_all": ["Li", "O"],
     "elements_any": list(seedcard.TRANSITION_METALS),
+    "label_thermo_type": LABEL_THERMO_TYPE,
 }
 
 #: Summary fields requested from MP (and present in snapshots).
@@ -54,10 +67,21 @@ SUMMARY_FIELDS: tuple[str, ...] = (
 
 #: Decimal places kept for floats when hashing (well below DFT precision, above float noise).
 _HASH_DECIMALS: int = 8
+#: Label fields (eV/atom; ``is_stable`` bool) replaced by the GGA_GGA+U thermo document's values.
+LABEL_FIELDS: tuple[str, ...] = (
+    "energy_above_hull",
+    "formation_energy_per_atom",
+    "is_stable",
+    "energy_per_atom",
+    "uncorrected_energy_per_atom",
+)
+#: material_ids per thermo request (keeps the URL short; mp-api would split on HTTP 414 anyway).
+_THERMO_IDS_PER_REQUEST: int = 200
 _HEARTBEAT_TIMEOUT_S: float = 20.0
 _DEFAULT_ENDPOINT: str = "https://api.materialsproject.org/"
 
 Doc = dict[str, Any]
+log = logging.getLogger(__name__)
 
 
 class SourceError(RuntimeError):
@@ -141,6 +165,7 @@ def fetch_mp_summary(
     endpoint: str | None = None,
     transition_metals: Sequence[str] = seedcard.TRANSITION_METALS,
     fields: Sequence[str] = SUMMARY_FIELDS,
+    label_thermo_type: str | None = LABEL_THERMO_TYPE,
 ) -> list[Doc]:
     """Fetch the pinned Li-TM-O query from MP: one filtered search per TM, union by material_id.
 
@@ -148,6 +173,10 @@ def fetch_mp_summary(
     MPRester); the key is never logged or stored. Each per-metal result is checked against the
     server's document count, so truncated paging is an error, not silently fewer materials.
     Returned docs are sorted by material_id.
+
+    ``label_thermo_type`` (default GGA_GGA+U): the label fields (:data:`LABEL_FIELDS`) are replaced
+    by that thermo type's values and ``thermo_type`` names it; a material without such a thermo
+    document is returned without labels. ``None`` keeps the summary's own (mixed-hull) values.
 
     Raises:
         SourceError: no API key, MP refused/failed the query, or a result was incomplete.
@@ -173,9 +202,41 @@ def fetch_mp_summary(
                 for raw in hits:
                     doc = _normalise_doc(raw)
                     by_id.setdefault(doc["material_id"], doc)
+            if label_thermo_type is not None:
+                _relabel(mpr, by_id, label_thermo_type)
     except MPRestError as exc:
         raise SourceError(f"Materials Project query failed: {exc}") from exc
     return [by_id[k] for k in sorted(by_id)]
+
+
+def _relabel(mpr: Any, by_id: dict[str, Doc], thermo_type: str) -> None:
+    """Replace each doc's :data:`LABEL_FIELDS` by its ``thermo_type`` thermo document's, in place.
+
+    Docs without such a document lose their labels (ingest then rejects them as unlabelled).
+    """
+    ids = sorted(by_id)
+    labels: dict[str, Doc] = {}
+    for start in range(0, len(ids), _THERMO_IDS_PER_REQUEST):
+        hits = mpr.materials.thermo.search(
+            material_ids=ids[start : start + _THERMO_IDS_PER_REQUEST],
+            thermo_types=[thermo_type],
+            fields=["material_id", "thermo_type", *LABEL_FIELDS],
+            all_fields=False,
+        )
+        for raw in hits:
+            doc = dict(raw.model_dump() if hasattr(raw, "model_dump") else raw)
+            if str(doc.get("thermo_type", thermo_type)) == thermo_type:
+                labels[str(doc["material_id"])] = doc
+    for mid, doc in by_id.items():
+        for key in LABEL_FIELDS:
+            doc.pop(key, None)
+        doc.pop("thermo_type", None)
+        if mid in labels:
+            doc.update({k: labels[mid][k] for k in LABEL_FIELDS if labels[mid].get(k) is not None})
+            doc["thermo_type"] = thermo_type
+    if missing := len(by_id) - len(labels.keys() & by_id.keys()):
+        log.warning("%d of %d materials have no %s thermo document; they carry no label",
+                    missing, len(by_id), thermo_type)
 
 
 def _check_complete(mpr: Any, elements: list[str], *, got: int) -> None:

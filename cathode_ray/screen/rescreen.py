@@ -379,7 +379,9 @@ def _rescreen_locked(config: RescreenConfig, store: StateStore, lock: StateLock,
                      state: Mapping[str, Any], versions: _Versions, t0: float) -> RescreenOutcome:
     from cathode_ray.data.sources import fetch_mp_summary
 
-    docs = {str(d["material_id"]): d for d in fetch_mp_summary(endpoint=config.endpoint)}
+    # Screening needs no labels: the summary's own energies only feed the fingerprints.
+    docs = {str(d["material_id"]): d
+            for d in fetch_mp_summary(endpoint=config.endpoint, label_thermo_type=None)}
     current = {mid: fingerprint(doc) for mid, doc in docs.items()}
     previous: dict[str, str] = dict(state.get("fingerprints", {}))
     full = config.force or not state or state.get("model_id") != versions.model_id

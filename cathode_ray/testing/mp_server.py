@@ -12,6 +12,8 @@ Routes (the ones ``MPRester`` uses for summary search and ``get_entries_in_chems
 * ``GET /materials/summary/`` with ``elements``, ``exclude_elements``, ``chemsys``, ``formula``,
   ``material_ids``, ``nelements_min/max``, ``batch_id`` filters
 * ``GET /materials/thermo/`` with ``chemsys``, ``thermo_types``, ``material_ids`` filters
+  (documents from :func:`thermo_docs_from_entries` for hulls, :func:`thermo_docs_from_summary`
+  for labels)
 
 Both collection routes page with ``_skip``/``_limit`` and project with ``_fields``/``_all_fields``;
 responses are ``{"data": [...], "meta": {"total_doc": N, ...}}``. An unknown filter parameter is
@@ -33,6 +35,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from pymatgen.core import Composition
+
+from cathode_ray.data.sources import LABEL_FIELDS
 
 #: Emmet version reported on /heartbeat; mp-api warns below its MIN_EMMET_VERSION (0.86.3rc0).
 EMMET_VERSION: str = "0.86.3"
@@ -106,6 +110,18 @@ class _State:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+def _thermo_head(material_id: str, elements: list[str], thermo_type: str) -> Doc:
+    """The identifying fields every thermo document has."""
+    return {
+        "material_id": material_id,
+        "thermo_id": f"{material_id}_{thermo_type}",
+        "thermo_type": thermo_type,
+        "chemsys": "-".join(elements),
+        "elements": elements,
+        "nelements": len(elements),
+    }
+
+
 def thermo_docs_from_entries(
     entries: Iterable[Doc], *, thermo_type: str = "GGA_GGA+U"
 ) -> list[Doc]:
@@ -121,16 +137,27 @@ def thermo_docs_from_entries(
         elements = sorted(Composition(entry["composition"]).chemical_system.split("-"))
         run_type = str(entry.get("parameters", {}).get("run_type", "GGA"))
         docs.append(
-            {
-                "material_id": material_id,
-                "thermo_id": f"{material_id}_{thermo_type}",
-                "thermo_type": thermo_type,
-                "chemsys": "-".join(elements),
-                "elements": elements,
-                "nelements": len(elements),
-                "entries": {run_type: entry},
-            }
+            _thermo_head(material_id, elements, thermo_type) | {"entries": {run_type: entry}}
         )
+    return docs
+
+
+def thermo_docs_from_summary(
+    summary_docs: Iterable[Doc], *, thermo_type: str = "GGA_GGA+U"
+) -> list[Doc]:
+    """Thermo documents of ``thermo_type`` carrying each summary document's label fields.
+
+    On the live API a material has one thermo document per thermo type, and the summary shows the
+    mixed GGA/GGA+U/r2SCAN one's values; a recorded snapshot's labels are GGA/GGA+U. Serve these
+    beside the summary documents to answer label queries like MP (without ``entries``; use
+    :func:`thermo_docs_from_entries` for hull queries).
+    """
+    docs: list[Doc] = []
+    for summary in summary_docs:
+        material_id = str(summary["material_id"])
+        elements = sorted(_doc_elements(summary))
+        labels = {k: summary[k] for k in LABEL_FIELDS if k in summary}
+        docs.append(_thermo_head(material_id, elements, thermo_type) | labels)
     return docs
 
 

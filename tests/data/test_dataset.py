@@ -21,7 +21,7 @@ from cathode_ray.data.dataset import (
 )
 from cathode_ray.data.sources import SourceError, content_hash, read_snapshot
 from cathode_ray.data.splits import SoapConfig
-from cathode_ray.testing.mp_server import MPServer
+from cathode_ray.testing.mp_server import MPServer, thermo_docs_from_summary
 from tests.conftest import SUMMARY_FILE
 
 FAST = SoapConfig(n_max=2, l_max=2, n_clusters=3)
@@ -97,7 +97,7 @@ def test_ingest_missing_snapshot_and_dataset(tmp_path: Path) -> None:
 def test_ingest_mp_equals_snapshot(
     tmp_path: Path, mp_server: MPServer, tiny_docs: list[dict]
 ) -> None:
-    mp_server.set_documents(tiny_docs)
+    mp_server.set_documents(tiny_docs, thermo_docs_from_summary(tiny_docs))
     mp_server.set_db_version("2025.04.01")
     via_mp = run(IngestConfig(source="mp", out=str(tmp_path / "mp"), soap=FAST, verbose=False))
     snap = _snapshot(tmp_path / "s.jsonl.gz", tiny_docs)
@@ -107,6 +107,21 @@ def test_ingest_mp_equals_snapshot(
     assert via_mp.data_version["query"]["elements_all"] == ["Li", "O"]
     a, b = load_dataset(str(tmp_path / "mp")), load_dataset(str(tmp_path / "snap"))
     assert a["split"].tolist() == b["split"].tolist()  # same data, same seed -> same splits
+
+
+@pytest.mark.slow  # mp-api import + 8 searches
+def test_ingest_mp_rejects_materials_without_gga_label(
+    tmp_path: Path, mp_server: MPServer, tiny_docs: list[dict]
+) -> None:
+    gga = thermo_docs_from_summary(tiny_docs)
+    unlabelled = gga.pop(2)["material_id"]  # no GGA_GGA+U thermo document (r2SCAN only)
+    mp_server.set_documents(tiny_docs, gga)
+    result = run(IngestConfig(source="mp", out=str(tmp_path / "mp"), soap=FAST, verbose=False))
+    assert (result.n_inputs, result.n_rows, result.n_rejects) == (len(tiny_docs), len(tiny_docs) - 1, 1)
+    rejects = load_rejects(str(tmp_path / "mp"))
+    assert rejects["structure_id"].tolist() == [unlabelled]
+    assert rejects["reason"].tolist() == ["missing_label"]
+    assert result.data_version["query"]["label_thermo_type"] == "GGA_GGA+U"
 
 
 @pytest.mark.slow
@@ -128,7 +143,7 @@ def test_ingest_real_snapshot(tmp_path: Path, shared_data: Path, capsys) -> None
 @pytest.mark.slow
 def test_ingest_mp_subset_same_hash(tmp_path: Path, shared_data: Path, mp_server: MPServer) -> None:
     docs = read_snapshot(shared_data / SUMMARY_FILE)[::26][:50]
-    mp_server.set_documents(docs)
+    mp_server.set_documents(docs, thermo_docs_from_summary(docs))
     via_mp = run(IngestConfig(source="mp", out=str(tmp_path / "mp"), verbose=False))
     snap = _snapshot(tmp_path / "s.jsonl.gz", docs)
     via_snap = run(IngestConfig(source=snap, out=str(tmp_path / "snap"), verbose=False))

@@ -19,7 +19,7 @@ from cathode_ray.data.sources import (
     mp_database_version,
     read_snapshot,
 )
-from cathode_ray.testing.mp_server import MPServer
+from cathode_ray.testing.mp_server import MPServer, thermo_docs_from_summary
 from tests.conftest import SUMMARY_FILE, TEST_API_KEY
 
 
@@ -108,7 +108,8 @@ def test_fetch_mp_summary_unions_per_metal(mp_server: MPServer, tiny_docs: list[
     mixed["material_id"], mixed["elements"] = "mp-9001", ["Fe", "Li", "Mn", "O"]
     no_li = copy.deepcopy(tiny_docs[1])
     no_li["material_id"], no_li["elements"] = "mp-9002", ["Mn", "O"]
-    mp_server.set_documents(tiny_docs + [mixed, no_li])
+    served = tiny_docs + [mixed, no_li]
+    mp_server.set_documents(served, thermo_docs_from_summary(served))
     got = fetch_mp_summary()  # key and endpoint from the environment (fixture)
     assert [d["material_id"] for d in got] == sorted(d["material_id"] for d in tiny_docs + [mixed])
     assert content_hash([d for d in got if d["material_id"] != "mp-9001"]) == content_hash(
@@ -117,6 +118,40 @@ def test_fetch_mp_summary_unions_per_metal(mp_server: MPServer, tiny_docs: list[
     searched = [r.params["elements"] for r in mp_server.requests if r.path.endswith("summary")]
     assert {"Li,O,Ti", "Li,O,Cu", "Li,O,Mn"} <= set(searched)  # one filtered search per TM
     assert all(searched)  # never an unfiltered (S3-bound) search
+
+
+def test_fetch_mp_summary_labels_come_from_gga_thermo_docs(
+    mp_server: MPServer, tiny_docs: list[dict]
+) -> None:
+    """MP's summary shows the mixed GGA/GGA+U/r2SCAN hull; labels must be the GGA/GGA+U ones."""
+    summary = copy.deepcopy(tiny_docs)
+    for k, doc in enumerate(summary):  # the summary's (mixed-hull) values differ per material
+        doc["energy_above_hull"] += 0.01 * (k + 1)
+        doc["formation_energy_per_atom"] += 0.02
+        doc["is_stable"] = False
+    gga = thermo_docs_from_summary(tiny_docs)
+    no_gga = gga.pop(4)["material_id"]  # e.g. a material computed with r2SCAN only
+    mixed = thermo_docs_from_summary(summary, thermo_type="GGA_GGA+U_R2SCAN")
+    mp_server.set_documents(summary, gga + mixed)
+
+    got = {d["material_id"]: d for d in fetch_mp_summary(transition_metals=["Mn", "Fe", "Co", "Ni"])}
+    assert len(got) == len(tiny_docs)  # no material dropped, only its label
+    for doc in tiny_docs:
+        mid = doc["material_id"]
+        if mid == no_gga:
+            assert not set(sources.LABEL_FIELDS) & set(got[mid]) and "thermo_type" not in got[mid]
+            continue
+        assert got[mid]["thermo_type"] == "GGA_GGA+U"
+        assert {k: got[mid][k] for k in sources.LABEL_FIELDS} == {k: doc[k] for k in sources.LABEL_FIELDS}
+        assert got[mid]["structure"] == doc["structure"]
+    thermo = [r for r in mp_server.requests if r.path == "/materials/thermo"]
+    assert thermo and all(r.params["thermo_types"] == "GGA_GGA+U" and r.params["material_ids"]
+                          for r in thermo)
+
+    kept = {d["material_id"]: d for d in fetch_mp_summary(label_thermo_type=None)}
+    assert [kept[d["material_id"]]["energy_above_hull"] for d in summary] == [
+        d["energy_above_hull"] for d in summary
+    ]
 
 
 def test_fetch_mp_summary_detects_truncated_paging(tiny_docs: list[dict]) -> None:
@@ -149,7 +184,7 @@ def test_mp_database_version_unreachable() -> None:
 def test_full_snapshot_same_hash_through_mp_server(shared_data: Path, mp_server: MPServer) -> None:
     docs = read_snapshot(shared_data / SUMMARY_FILE)
     assert len(docs) == 1326
-    mp_server.set_documents(docs)
+    mp_server.set_documents(docs, thermo_docs_from_summary(docs))
     got = fetch_mp_summary()
     assert len(got) == 1326
     assert content_hash(got) == content_hash(docs)

@@ -253,8 +253,9 @@ def test_secrets_never_written_by_ingest(tmp_path: Path, mp_server: object, tiny
     from cathode_ray.data.dataset import IngestConfig
     from cathode_ray.data.dataset import run as ingest
     from cathode_ray.data.splits import SoapConfig
+    from cathode_ray.testing.mp_server import thermo_docs_from_summary
 
-    mp_server.set_documents(tiny_docs)  # type: ignore[attr-defined]
+    mp_server.set_documents(tiny_docs, thermo_docs_from_summary(tiny_docs))  # type: ignore[attr-defined]
     monkeypatch.setenv("MP_API_KEY", SECRET_MP_KEY)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", SECRET_KEY_ID)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY)

@@ -186,6 +186,7 @@ def test_rescreen_a_then_b_with_crash(local_ray, tiny_model, references, mp_serv
     assert first.n_results + first.n_rejects == 12 and first.withdrawn == 0
     view = _latest(out)
     assert len(view) == first.n_results and {r["db_version"] for r in view.values()} == {DB_A}
+    assert not any(r.path == "/materials/thermo" for r in mp_server.requests)  # no labels needed
 
     # unchanged: up to date, only the heartbeat is asked
     seen = len(mp_server.requests)
