@@ -7,7 +7,7 @@ Both give the same document shape (an MP *summary* document as a plain dict, ``s
 The pinned query (:data:`PINNED_QUERY`): materials whose elements include Li and O and at least
 one transition metal of :data:`cathode_ray.seedcard.TRANSITION_METALS`. mp-api cannot express "at
 least one of" in one call, so :func:`fetch_mp_summary` runs one ``summary.search`` per metal
-(``elements=["Li", "O", tm]``) and unions the results by ``material_id``.
+(``elements=["Li", "O", tm]``, ``deprecated=False``) and unions the results by ``material_id``.
 
 Labels come from one thermo type, :data:`LABEL_THERMO_TYPE` (GGA/GGA+U, MP2020-corrected), the scale
 of the reference hulls (:mod:`cathode_ray.data.references`) and of the offline snapshot. MP's
@@ -44,6 +44,7 @@ PINNED_QUERY: dict[str, Any] = {
     "collection": "materials/summary",
     "elements_all": ["Li", "O"],
     "elements_any": list(seedcard.TRANSITION_METALS),
+    "deprecated": False,
     "label_thermo_type": LABEL_THERMO_TYPE,
 }
 
@@ -194,9 +195,10 @@ def fetch_mp_summary(
         ) as mpr:
             for tm in transition_metals:
                 # Always filtered: an unfiltered search makes mp-api download full datasets.
+                # Deprecated materials (superseded calculations) are never labels.
                 elements = ["Li", "O", tm]
                 hits = mpr.materials.summary.search(
-                    elements=elements, fields=list(fields), all_fields=False
+                    elements=elements, deprecated=False, fields=list(fields), all_fields=False
                 )
                 _check_complete(mpr, elements, got=len(hits))
                 for raw in hits:
@@ -241,7 +243,7 @@ def _relabel(mpr: Any, by_id: dict[str, Doc], thermo_type: str) -> None:
 
 def _check_complete(mpr: Any, elements: list[str], *, got: int) -> None:
     """Raise when mp-api returned fewer documents than the server counts (truncated paging)."""
-    expected = int(mpr.materials.summary.count({"elements": ",".join(elements)}))
+    expected = int(mpr.materials.summary.count({"elements": ",".join(elements), "deprecated": False}))
     if got != expected:
         raise SourceError(
             f"MP returned {got} of {expected} summary documents for elements={elements}; "

@@ -108,7 +108,9 @@ def test_fetch_mp_summary_unions_per_metal(mp_server: MPServer, tiny_docs: list[
     mixed["material_id"], mixed["elements"] = "mp-9001", ["Fe", "Li", "Mn", "O"]
     no_li = copy.deepcopy(tiny_docs[1])
     no_li["material_id"], no_li["elements"] = "mp-9002", ["Mn", "O"]
-    served = tiny_docs + [mixed, no_li]
+    deprecated = copy.deepcopy(tiny_docs[2])
+    deprecated["material_id"], deprecated["deprecated"] = "mp-9003", True
+    served = tiny_docs + [mixed, no_li, deprecated]
     mp_server.set_documents(served, thermo_docs_from_summary(served))
     got = fetch_mp_summary()  # key and endpoint from the environment (fixture)
     assert [d["material_id"] for d in got] == sorted(d["material_id"] for d in tiny_docs + [mixed])
@@ -118,6 +120,8 @@ def test_fetch_mp_summary_unions_per_metal(mp_server: MPServer, tiny_docs: list[
     searched = [r.params["elements"] for r in mp_server.requests if r.path.endswith("summary")]
     assert {"Li,O,Ti", "Li,O,Cu", "Li,O,Mn"} <= set(searched)  # one filtered search per TM
     assert all(searched)  # never an unfiltered (S3-bound) search
+    summary = [r.params for r in mp_server.requests if r.path.endswith("summary")]
+    assert {p.get("deprecated") for p in summary} == {"False"}  # searches and counts
 
 
 def test_fetch_mp_summary_labels_come_from_gga_thermo_docs(
