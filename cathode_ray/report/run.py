@@ -59,8 +59,9 @@ def _evaluate(model: str, config: ReportConfig) -> tuple[Ensemble, dict[str, Any
     """Load ``model``, predict the chosen splits, build its report; also time the members' part."""
     ens = Ensemble.load(model, device=config.device)
     calibrator = Calibrator.from_files(ens.files, where=model)
+    wanted = {"splits": ("val", "test", "loco"), "all": None}.get(config.split, ("val", config.split))
     prepared = prepare(config.data, ens.backbone, config.references, cache_dir=config.cache_dir,
-                       device=config.device)
+                       device=config.device, splits=wanted)
     if config.split == "all":
         names = {"val": prepared.split == "val", "all": np.ones(len(prepared.ids), dtype=bool)}
         if not names["val"].any():

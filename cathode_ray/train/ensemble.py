@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -105,9 +106,18 @@ class PreparedData:
 
 
 def prepare(dataset_dir: str, backbone: Backbone, references: str, *,
-            cache_dir: str | None = DEFAULT_CACHE, device: str = "cpu") -> PreparedData:
-    """Load a dataset, run the frozen trunk once, and compute leave-self-out hull inputs."""
+            cache_dir: str | None = DEFAULT_CACHE, device: str = "cpu",
+            splits: Collection[str] | None = None) -> PreparedData:
+    """Load a dataset, run the frozen trunk once, and compute leave-self-out hull inputs.
+
+    ``splits`` keeps only the rows of those splits (None: every row), so that e.g. a report does
+    not pay the trunk for training rows it never predicts.
+    """
     df = load_dataset(dataset_dir)
+    if splits is not None:
+        df = df[df["split"].isin(list(splits))].reset_index(drop=True)
+        if df.empty:
+            raise ValueError(f"{dataset_dir} has no rows in splits {sorted(splits)}")
     structures = [Structure.from_str(s, fmt="json") for s in df["structure"]]
     ids = [str(i) for i in df["structure_id"]]
     feats = cached_trunk_features(backbone, structures, ids, cache_dir, device=device)

@@ -47,6 +47,28 @@ def test_manifest_pins_everything(model_dir: Path) -> None:
 
 
 @pytest.mark.slow
+def test_prepare_keeps_only_the_requested_splits(model_dir: Path) -> None:
+    import numpy as np
+    import torch
+
+    from cathode_ray.train.ensemble import prepare
+
+    backbone, data = Ensemble.load(str(model_dir)).backbone, str(model_dir.parent / "dataset")
+    refs = f"snapshot:{REFERENCES}"
+    full = prepare(data, backbone, refs, cache_dir=None)
+    part = prepare(data, backbone, refs, cache_dir=None, splits=("val", "test"))
+    rows = np.flatnonzero(np.isin(full.split, ["val", "test"]))
+    assert 0 < len(rows) < len(full.ids) and part.ids == [full.ids[i] for i in rows]
+    assert part.split.tolist() == full.split[rows].tolist()
+    want = full.part_rows(rows)
+    for name in ("y", "hull_pa", "corr_pa", "has_ref"):
+        torch.testing.assert_close(getattr(part.data, name), getattr(want, name), rtol=0, atol=0,
+                                   equal_nan=True, msg=name)
+    with pytest.raises(ValueError, match="no rows"):
+        prepare(data, backbone, refs, cache_dir=None, splits=("nope",))
+
+
+@pytest.mark.slow
 def test_report_runs_on_the_dataset(model_dir: Path, tmp_path: Path) -> None:
     from cathode_ray.report.run import ReportConfig, run
 
