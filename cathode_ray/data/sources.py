@@ -145,9 +145,14 @@ def resolve_endpoint(endpoint: str | None) -> str:
     return endpoint or os.environ.get("MP_API_ENDPOINT") or _DEFAULT_ENDPOINT
 
 
+def _as_dict(raw: Any) -> Doc:
+    """An mp-api result (dict or document model) as a plain dict."""
+    return dict(raw.model_dump() if hasattr(raw, "model_dump") else raw)
+
+
 def _normalise_doc(raw: Any) -> Doc:
     """An mp-api result (dict or document model) as a plain snapshot-shaped dict."""
-    doc = dict(raw.model_dump() if hasattr(raw, "model_dump") else raw)
+    doc = _as_dict(raw)
     out = {k: doc[k] for k in SUMMARY_FIELDS if k in doc and doc[k] is not None}
     out["material_id"] = str(doc["material_id"])
     if "structure" in out:
@@ -225,18 +230,17 @@ def _relabel(mpr: Any, by_id: dict[str, Doc], thermo_type: str) -> None:
             fields=["material_id", "thermo_type", *LABEL_FIELDS],
             all_fields=False,
         )
-        for raw in hits:
-            doc = dict(raw.model_dump() if hasattr(raw, "model_dump") else raw)
-            if str(doc.get("thermo_type", thermo_type)) == thermo_type:
-                labels[str(doc["material_id"])] = doc
+        labels.update((str(d["material_id"]), d) for d in map(_as_dict, hits))
+    missing = 0
     for mid, doc in by_id.items():
         for key in LABEL_FIELDS:
             doc.pop(key, None)
-        doc.pop("thermo_type", None)
         if mid in labels:
             doc.update({k: labels[mid][k] for k in LABEL_FIELDS if labels[mid].get(k) is not None})
             doc["thermo_type"] = thermo_type
-    if missing := len(by_id) - len(labels.keys() & by_id.keys()):
+        else:
+            missing += 1
+    if missing:
         log.warning("%d of %d materials have no %s thermo document; they carry no label",
                     missing, len(by_id), thermo_type)
 

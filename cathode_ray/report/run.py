@@ -67,9 +67,8 @@ def _evaluate(model: str, config: ReportConfig) -> tuple[Ensemble, dict[str, Any
         if not names["val"].any():
             names.pop("val")
     else:
+        # prepared holds only the wanted splits
         names = {n: prepared.split == n for n in ("val", "test", "loco") if (prepared.split == n).any()}
-        if config.split != "splits":
-            names = {n: m for n, m in names.items() if n in ("val", config.split)}
     t0 = time.perf_counter()
     splits = {n: _split_data(ens, prepared, m) for n, m in names.items()}
     ms = 1e3 * (time.perf_counter() - t0) / max(sum(int(m.sum()) for m in names.values()), 1)
