@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -79,9 +79,14 @@ class CalibratorConfig:
 class Estimate:
     """What triage decides on, per structure; arrays [N], energies in eV/atom.
 
+    E_hull is >= 0 by definition (a structure below the hull would itself be on it), so the
+    estimate and its bounds are clipped at 0. A negative raw value means "below the known reference
+    hull"; it survives in the raw member quantiles (q10/q90) and in ``zero_shot_ehull``.
+
     Attributes:
-        agg: the aggregated ensemble, its q50 replaced by the zero-shot E_hull on fallback rows.
-        lo, hi: calibrated bounds (widened on fallback rows).
+        agg: the aggregated ensemble, its q50 replaced by the zero-shot E_hull on fallback rows,
+            then clipped at 0.
+        lo, hi: calibrated bounds (widened on fallback rows), clipped at 0.
         ood: OOD gates and score.
         fallback: bool, the row took the backbone fallback (:mod:`cathode_ray.calibrate.fallback`).
     """
@@ -150,15 +155,18 @@ class Calibrator:
 
     def estimate(self, pred: EnsemblePrediction, clusters: np.ndarray | None,
                  compositions: Sequence[Mapping[str, float]], method: str | None = None) -> Estimate:
-        """Aggregate, calibrate (given or default method), score OOD, apply the backbone fallback."""
+        """Aggregate, calibrate (given or default method), score OOD, apply the backbone fallback,
+        clip at 0 (see :class:`Estimate`)."""
         agg = aggregate(pred)
         lo_cal, hi_cal = self.calibrated(agg, clusters, method)
         ood = self.ood.score(pred.embedding, compositions, agg.epistemic_std)
-        if self.fallback is None:
-            return Estimate(agg=agg, lo=lo_cal, hi=hi_cal, ood=ood, fallback=np.zeros(len(agg), dtype=bool))
-        use = self.fallback.rows(ood.composition_jaccard, pred.zero_shot_ehull)
-        agg, lo_cal, hi_cal = self.fallback.apply(agg, lo_cal, hi_cal, pred.zero_shot_ehull, use)
-        return Estimate(agg=agg, lo=lo_cal, hi=hi_cal, ood=ood, fallback=use)
+        use = np.zeros(len(agg), dtype=bool)
+        if self.fallback is not None:
+            use = self.fallback.rows(ood.composition_jaccard, pred.zero_shot_ehull)
+            agg, lo_cal, hi_cal = self.fallback.apply(agg, lo_cal, hi_cal, pred.zero_shot_ehull, use)
+        # Clipping never moves an estimate away from a true E_hull (>= 0) and never uncovers one.
+        return Estimate(agg=replace(agg, q50=np.maximum(agg.q50, 0.0)), lo=np.maximum(lo_cal, 0.0),
+                        hi=np.maximum(hi_cal, 0.0), ood=ood, fallback=use)
 
     def apply(self, pred: EnsemblePrediction, clusters: np.ndarray | None,
               compositions: Sequence[Mapping[str, float]], method: str | None = None,

@@ -18,8 +18,8 @@ RESULT_SCHEMA = pa.schema(
         pa.field("formula", pa.string(), nullable=False),  # reduced formula
         pa.field("chemsys", pa.string(), nullable=False),  # e.g. "Co-Li-O"
         pa.field("nsites", pa.int32(), nullable=False),
-        pa.field("e_hull_pred", pa.float64(), nullable=False),  # E_hull estimate, eV/atom (e_hull_source)
-        pa.field("e_hull_lo", pa.float64(), nullable=False),  # calibrated lower bound, eV/atom
+        pa.field("e_hull_pred", pa.float64(), nullable=False),  # E_hull estimate >= 0, eV/atom (e_hull_source)
+        pa.field("e_hull_lo", pa.float64(), nullable=False),  # calibrated lower bound >= 0, eV/atom
         pa.field("e_hull_hi", pa.float64(), nullable=False),  # calibrated upper bound, eV/atom
         pa.field("q10", pa.float64(), nullable=False),  # aggregated raw q10, eV/atom
         pa.field("q90", pa.float64(), nullable=False),  # aggregated raw q90, eV/atom
@@ -35,7 +35,7 @@ RESULT_SCHEMA = pa.schema(
         pa.field("model_id", pa.string(), nullable=False),
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("has_reference", pa.bool_(), nullable=False),  # reference hull existed
-        pa.field("zero_shot_ehull", pa.float64()),  # backbone E_hull, eV/atom; null w/o refs
+        pa.field("zero_shot_ehull", pa.float64()),  # backbone E_hull, eV/atom, unclipped; null w/o refs
         # which estimate e_hull_pred is: "ensemble", or "zero_shot" for a new chemical system
         # (cathode_ray.calibrate.fallback); null in results written before the column existed
         pa.field("e_hull_source", pa.string()),

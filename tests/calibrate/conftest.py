@@ -15,12 +15,13 @@ Synth = tuple[EnsemblePrediction, np.ndarray, np.ndarray, list[dict[str, float]]
 
 def make_synthetic(n: int, seed: int, *, members: int = 5, dim: int = 8,
                    shift: float = 0.0) -> Synth:
-    """(pred, y [N], clusters [N], compositions) with y = 0.25 x + sigma(x) eps, sigma = 0.01 +
-    0.06 x; member intervals are 30% too narrow so conformal has work to do."""
+    """(pred, y [N], clusters [N], compositions) with y = max(0.25 x + sigma(x) eps, 0) (E_hull is
+    never negative), sigma = 0.01 + 0.06 x; member intervals are 30% too narrow so conformal has
+    work to do."""
     rng = np.random.default_rng(seed)
     x = rng.uniform(0.0, 1.0, n)  # [N]
     sigma = 0.01 + 0.06 * x
-    y = 0.25 * x + sigma * rng.standard_normal(n)
+    y = np.maximum(0.25 * x + sigma * rng.standard_normal(n), 0.0)
     q50 = 0.25 * x[None, :] + 0.005 * rng.standard_normal((members, n))  # [M, N]
     half = 1.2816 * 0.7 * sigma[None, :]
     p_st = norm.cdf((0.05 - q50) / sigma[None, :])

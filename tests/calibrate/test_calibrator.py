@@ -1,9 +1,11 @@
+import dataclasses
 import json
 import time
 
 import numpy as np
 import pytest
 
+from cathode_ray.calibrate.aggregate import aggregate
 from cathode_ray.calibrate.calibrator import (
     RESULT_COLUMNS,
     Calibrator,
@@ -29,7 +31,7 @@ def test_apply_returns_exact_columns(fitted) -> None:
     assert all(len(v) == len(y) for v in out.values())
     assert set(out["decision"]) <= {"KEEP", "MAYBE", "KILL"}
     assert np.all(out["e_hull_lo"] <= out["e_hull_pred"])
-    assert np.all(out["q10"] >= out["e_hull_lo"]) or cal.params.d_lo < 0
+    assert np.all(np.maximum(out["q10"], 0.0) >= out["e_hull_lo"]) or cal.params.d_lo < 0
     cov = np.mean((out["e_hull_lo"] <= y) & (y <= out["e_hull_hi"]))
     assert 0.86 <= cov <= 0.94
     assert all(isinstance(r, str) and r for r in out["decision_reason"])
@@ -93,3 +95,20 @@ def test_apply_is_cheap_per_batch(fitted) -> None:
     t0 = time.perf_counter()
     cal.apply(pred, clusters, comps)
     assert time.perf_counter() - t0 < 1.0  # 1000 rows
+
+
+def test_estimates_and_bounds_are_clipped_at_zero(fitted) -> None:
+    """E_hull >= 0: a negative raw estimate becomes 0, bounds too; raw quantiles keep the sign.
+    Clipping never moves an estimate away from a label and never uncovers one."""
+    cal, (pred, y, clusters, comps) = fitted
+    low = dataclasses.replace(pred, q10=pred.q10 - 0.05, q50=pred.q50 - 0.05, q90=pred.q90 - 0.05)
+    out = cal.apply(low, clusters, comps)
+    raw = aggregate(low)
+    raw_lo, raw_hi = cal.calibrated(raw, clusters)
+    assert (raw.q50 < 0).sum() > 50 and (out["q10"] < 0).sum() > 50
+    np.testing.assert_array_equal(out["e_hull_pred"], np.maximum(raw.q50, 0.0))
+    np.testing.assert_array_equal(out["e_hull_lo"], np.maximum(raw_lo, 0.0))
+    np.testing.assert_array_equal(out["e_hull_hi"], np.maximum(raw_hi, 0.0))
+    assert np.all(np.abs(out["e_hull_pred"] - y) <= np.abs(raw.q50 - y))
+    covered_raw = (raw_lo <= y) & (y <= raw_hi)
+    assert np.all((out["e_hull_lo"] <= y) & (y <= out["e_hull_hi"]) | ~covered_raw)

@@ -14,11 +14,12 @@ from cathode_ray.report.governance import SplitData
 
 
 def make_split(n: int, seed: int, *, noise_scale: float = 1.0, shift: float = 0.0) -> SplitData:
-    """y = 0.25 x + sigma(x) eps with sigma = 0.01 + 0.06 x; members 30% too narrow."""
+    """y = max(0.25 x + sigma(x) eps, 0) (E_hull is never negative) with sigma = 0.01 + 0.06 x;
+    members 30% too narrow."""
     rng = np.random.default_rng(seed)
     x = rng.uniform(0.0, 1.0, n)
     sigma = 0.01 + 0.06 * x
-    y = 0.25 * x + noise_scale * sigma * rng.standard_normal(n)
+    y = np.maximum(0.25 * x + noise_scale * sigma * rng.standard_normal(n), 0.0)
     q50 = 0.25 * x[None, :] + 0.005 * rng.standard_normal((5, n))  # [M, N]
     half = 1.2816 * 0.7 * sigma[None, :]
     emb = rng.standard_normal((n, 6)) + shift
