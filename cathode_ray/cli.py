@@ -26,10 +26,12 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.split
 library_app = typer.Typer(no_args_is_help=True, help="Candidate libraries.")
 app.add_typer(library_app, name="library")
 
-#: Default references for the offline snapshot, relative to a checkout (../shared/data).
-DEFAULT_REFERENCES = "snapshot:../shared/data/mp_reference_entries.jsonl.gz"
+_CHECKOUT = Path(__file__).resolve().parents[1]
+#: Default references: the offline snapshot beside the checkout (``../shared/data``), found from
+#: any working directory.
+DEFAULT_REFERENCES = f"snapshot:{_CHECKOUT.parent / 'shared' / 'data' / 'mp_reference_entries.jsonl.gz'}"
 #: The bundled model, shipped in the repository.
-BUNDLED_MODEL = str(Path(__file__).resolve().parents[1] / "artifacts" / "models" / "chgnet-litmo-v1")
+BUNDLED_MODEL = str(_CHECKOUT / "artifacts" / "models" / "chgnet-litmo-v1")
 
 
 def _yaml_defaults(path: Path | None) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from cathode_ray.cli import BUNDLED_MODEL, app
+from cathode_ray.cli import BUNDLED_MODEL, DEFAULT_REFERENCES, app
 
 runner = CliRunner()
 
@@ -24,6 +24,13 @@ def test_bundled_model_is_in_the_repo() -> None:
     manifest = json.loads((Path(BUNDLED_MODEL) / "manifest.json").read_text())
     assert manifest["backbone"]["spec"] == "chgnet" and len(manifest["members"]) == 5
     assert [m["seed"] for m in manifest["members"]] == [42, 43, 44, 45, 46]
+
+
+def test_default_references_are_found_from_any_working_directory(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)  # a user screening from their own project directory
+    path = Path(DEFAULT_REFERENCES.removeprefix("snapshot:"))
+    assert path.is_absolute()
+    assert path == Path(__file__).resolve().parents[2] / "shared" / "data" / "mp_reference_entries.jsonl.gz"
 
 
 def test_ingest_command(tmp_path: Path, tiny_docs) -> None:
