@@ -27,6 +27,9 @@ SPLIT_SEED: int = 42
 #: Validation limits.
 MAX_ATOMS: int = 500
 MIN_DISTANCE: float = 0.5  # Angstrom
+#: A site whose one element has an occupancy within this of 1 counts as fully occupied: CIFs
+#: from structure databases round full sites to 0.9999 or 1.0001.
+OCCUPANCY_TOLERANCE: float = 0.01
 
 #: Chemistry scope of the product.
 TRANSITION_METALS: tuple[str, ...] = ("Ti", "V", "Cr", "Mn", "Fe", "Co", "Ni", "Cu")

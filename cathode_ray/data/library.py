@@ -6,7 +6,8 @@ Supported files (each optionally gzipped, ``.gz``):
 ========================  ======================================================================
 suffix                    content
 ========================  ======================================================================
-``.cif``                  one CIF data block (several blocks -> one ``multiple_structures`` reject)
+``.cif``                  one raw row per data block with atom sites (metadata-only blocks, such
+                          as a journal's ``data_global``, are skipped)
 ``.vasp``/``POSCAR*``     one VASP POSCAR/CONTCAR (also ``CONTCAR*``, ``.poscar``)
 ``.xyz``/``.extxyz``      extended XYZ, one raw row per frame
 ``.json``                 a pymatgen ``Structure.as_dict()``, an item, or a list of either
@@ -21,7 +22,8 @@ Readers never parse structures: they yield raw rows (see :mod:`cathode_ray.data.
 ``payload`` is text, so that a broken structure becomes a reject row in :func:`parse_raw`, never an
 exception that kills a job. A file that cannot be read at all (truncated gzip, corrupt Parquet, not
 UTF-8) yields one ``fmt="error"`` row with code ``unreadable_file``; an empty file yields one
-``empty_source`` row.
+``empty_source`` row. Text is UTF-8 (a byte-order mark is ignored); CIF, POSCAR and XYZ files that
+are not UTF-8 but hold no NUL bytes are read as Latin-1 (CIFs exported on Windows often are).
 
 Structure ids are stable: the id given in the file (``structure_id`` or ``material_id``), else
 ``<file name>#<index within the file>`` (``<parent dir>/POSCAR#0`` for generic VASP names), else a
@@ -52,6 +54,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pymatgen.core import Structure
 
+from cathode_ray import seedcard
 from cathode_ray.data.records import Reject, RejectCode
 from cathode_ray.storage import filesystem_for
 
@@ -81,6 +84,7 @@ _PARQUET_BATCH_ROWS = 1024
 _GENERIC_VASP_NAMES = ("POSCAR", "CONTCAR")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _CIF_BLOCK = re.compile(r"^[ \t]*data_(\S*)", re.IGNORECASE | re.MULTILINE)
+_CIF_ATOM_SITES = re.compile(r"^[ \t]*_atom_site[._](?:fract|cartn)_x\b", re.IGNORECASE | re.MULTILINE)
 _XYZ_ID = re.compile(r"""(?:^|\s)(?:structure_id|material_id)=("[^"]*"|'[^']*'|\S+)""")
 
 #: Errors that mean "this file cannot be read": they become one ``unreadable_file`` row.
@@ -151,7 +155,9 @@ def list_library_files(spec: str) -> list[str]:
         found = [i.path for i in fs.get_file_info(selector) if i.type == pafs.FileType.File]
     supported = sorted(p for p in found if library_format(p) and not _hidden(p, root))
     if len(supported) < len(found):
-        log.warning("%s: skipped %d unsupported or hidden files", spec, len(found) - len(supported))
+        skipped = sorted(set(found) - set(supported))
+        log.warning("%s: skipped %d unsupported or hidden files (e.g. %s)", spec, len(skipped),
+                    ", ".join(PurePosixPath(p).name for p in skipped[:5]))
     if not supported:
         raise FileNotFoundError(
             f"no structure files (.cif, POSCAR/.vasp, .xyz/.extxyz, .json/.jsonl, .parquet, + .gz) "
@@ -290,32 +296,51 @@ def _open_bytes(fs: pafs.FileSystem, fs_path: str) -> bytes:
     return bytes(data)
 
 
-def _open_text(fs: pafs.FileSystem, fs_path: str) -> str:
-    return _open_bytes(fs, fs_path).decode("utf-8")
+def _open_text(fs: pafs.FileSystem, fs_path: str, *, latin1_fallback: bool = False) -> str:
+    """A whole file as text: UTF-8 without its byte-order mark; with ``latin1_fallback``, text that
+    is not UTF-8 but holds no NUL byte (so is not binary) is read as Latin-1."""
+    data = _open_bytes(fs, fs_path)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        if latin1_fallback and b"\x00" not in data:
+            return data.decode("latin-1")
+        raise
 
 
 def _iter_lines(fs: pafs.FileSystem, fs_path: str) -> Iterator[str]:
-    """Stream text lines (for JSON lines), decompressing ``.gz`` on the fly."""
+    """Stream text lines (for JSON lines), decompressing ``.gz`` on the fly; a leading byte-order
+    mark is dropped."""
     with fs.open_input_stream(fs_path, compression=None) as stream:
         raw: Any = gzip.GzipFile(fileobj=stream) if fs_path.lower().endswith(".gz") else stream
-        yield from io.TextIOWrapper(raw, encoding="utf-8")
+        yield from io.TextIOWrapper(raw, encoding="utf-8-sig")
+
+
+def cif_structure_blocks(text: str) -> list[str]:
+    """The data blocks of a CIF that hold atom sites, each as CIF text of its own.
+
+    Blocks without ``_atom_site_fract_x`` / ``_atom_site_Cartn_x`` (a journal's ``data_global``
+    with authors and citation, say) are left out; text before the first block is dropped.
+    """
+    starts = [m.start() for m in _CIF_BLOCK.finditer(text)]
+    blocks = [text[a:b] for a, b in zip(starts, [*starts[1:], len(text)], strict=True)]
+    return [block for block in blocks if _CIF_ATOM_SITES.search(block)]
 
 
 def _read_cif(fs: pafs.FileSystem, fs_path: str, source: str, name: str) -> Iterator[dict]:
-    text = _open_text(fs, fs_path)
+    text = _open_text(fs, fs_path, latin1_fallback=True)
     if not text.strip():
         return
-    blocks = _CIF_BLOCK.findall(text)
-    if len(blocks) > 1:
-        yield error_row(name, source, RejectCode.MULTIPLE_STRUCTURES,
-                        f"{source}: CIF has {len(blocks)} data blocks ({', '.join(blocks[:10])}); "
-                        "split it into one file per structure")
+    blocks = cif_structure_blocks(text)
+    if len(blocks) <= 1:  # the parser finds the one structure, or says why there is none
+        yield raw_row(make_structure_id(None, name, 0, text), source, "cif", text)
         return
-    yield raw_row(make_structure_id(None, name, 0, text), source, "cif", text)
+    for index, block in enumerate(blocks):
+        yield raw_row(make_structure_id(None, name, index, block), source, "cif", block)
 
 
 def _read_poscar(fs: pafs.FileSystem, fs_path: str, source: str, name: str) -> Iterator[dict]:
-    text = _open_text(fs, fs_path)
+    text = _open_text(fs, fs_path, latin1_fallback=True)
     if text.strip():
         yield raw_row(make_structure_id(None, name, 0, text), source, "poscar", text)
 
@@ -344,7 +369,7 @@ def split_extxyz(text: str) -> list[str]:
 
 
 def _read_extxyz(fs: pafs.FileSystem, fs_path: str, source: str, name: str) -> Iterator[dict]:
-    for index, frame in enumerate(split_extxyz(_open_text(fs, fs_path))):
+    for index, frame in enumerate(split_extxyz(_open_text(fs, fs_path, latin1_fallback=True))):
         comment = frame.split("\n", 2)[1] if frame.count("\n") >= 2 else ""
         match = _XYZ_ID.search(comment)
         given = match.group(1).strip("\"'") if match else None
@@ -515,9 +540,14 @@ def _short(exc: BaseException, limit: int = 200) -> str:
 def _parse_cif(text: str) -> Structure | str:
     from pymatgen.io.cif import CifParser
 
-    structures = CifParser.from_str(text, occupancy_tolerance=1.0).parse_structures(
-        primitive=False, on_error="raise"
-    )
+    blocks = cif_structure_blocks(text)
+    if len(blocks) > 1:
+        return (f"{RejectCode.MULTIPLE_STRUCTURES}:CIF holds {len(blocks)} data blocks with atom "
+                "sites; give one structure per row")
+    # a site over-full by a database's rounding (1.0001) is scaled to 1; validation fills 0.9999
+    structures = CifParser.from_str(blocks[0] if blocks else text,
+                                    occupancy_tolerance=1.0 + seedcard.OCCUPANCY_TOLERANCE
+                                    ).parse_structures(primitive=False, on_error="raise")
     if len(structures) != 1:
         return (f"{RejectCode.MULTIPLE_STRUCTURES}:CIF holds {len(structures)} structures; "
                 "split it into one file per structure")

@@ -1,5 +1,7 @@
 """Validation of parsed structures: every input becomes a valid row or a reject row with a code.
 
+A site holding one element at an occupancy within ``occupancy_tolerance`` of 1 (a database's
+rounding, e.g. 0.9999) is made fully occupied first; any other partial occupancy is rejected.
 Checks run cheapest and most fundamental first, so that NaN or degenerate cells never reach the
 neighbour search: empty -> too_many_atoms -> partial_occupancy -> unsupported_element ->
 degenerate_lattice -> non_finite_coordinates -> out_of_scope -> overlapping_atoms / isolated_atom
@@ -47,6 +49,7 @@ class ValidationConfig:
         require_li / require_o / require_tm: chemistry scope (Li, O, one of ``transition_metals``).
         transition_metals: element symbols counted as transition metals for the scope check.
         supported_elements: element symbols the backbones cover (default Z 1..94).
+        occupancy_tolerance: a one-element site with |occupancy - 1| <= this is fully occupied.
     """
 
     max_atoms: int = seedcard.MAX_ATOMS
@@ -59,8 +62,11 @@ class ValidationConfig:
     require_tm: bool = True
     transition_metals: tuple[str, ...] = seedcard.TRANSITION_METALS
     supported_elements: frozenset[str] = field(default=DEFAULT_SUPPORTED_ELEMENTS, repr=False)
+    occupancy_tolerance: float = seedcard.OCCUPANCY_TOLERANCE
 
     def __post_init__(self) -> None:
+        if not 0 <= self.occupancy_tolerance < 0.5:
+            raise ValueError(f"occupancy_tolerance must be in [0, 0.5), got {self.occupancy_tolerance}")
         if self.max_atoms < 1:
             raise ValueError(f"max_atoms must be >= 1, got {self.max_atoms}")
         if not self.min_distance > 0:
@@ -222,6 +228,24 @@ def _check_geometry(structure: Structure, config: ValidationConfig) -> Problem:
 
 
 # --------------------------------------------------------------------------- rows
+def fill_near_full_sites(structure: Structure, tolerance: float) -> Structure:
+    """``structure`` with every one-element site whose occupancy is within ``tolerance`` of 1 made
+    fully occupied (a new Structure; the same object when nothing changes). Sites with several
+    elements or a clearly partial occupancy are left for validation to reject."""
+    if structure.is_ordered:
+        return structure
+    filled = structure.copy()
+    changed = False
+    for index, site in enumerate(structure):
+        if len(site.species) != 1:
+            continue
+        ((specie, occupancy),) = site.species.items()
+        if occupancy != 1 and abs(occupancy - 1) <= tolerance:
+            filled.replace(index, specie)
+            changed = True
+    return filled if changed else structure
+
+
 def row_labels(raw_row: dict[str, Any]) -> dict[str, Any]:
     """Pass-through label/provenance fields present in a raw row."""
     return {k: raw_row[k] for k in PASSTHROUGH_FIELDS if k in raw_row}
@@ -264,6 +288,7 @@ def validate_raw(raw_row: dict[str, Any], config: ValidationConfig) -> Structure
     parsed = parse_raw(raw_row)
     if isinstance(parsed, Reject):
         return parsed
+    parsed = fill_near_full_sites(parsed, config.occupancy_tolerance)
     reject = validate_structure(parsed, structure_id=str(raw_row["structure_id"]),
                                 source=str(raw_row["source"]), config=config, labels=row_labels(raw_row))
     return parsed if reject is None else reject

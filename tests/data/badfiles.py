@@ -133,11 +133,10 @@ def write_bad_library(directory: str | Path) -> dict[str, RejectCode]:
     (d / "truncated.cif.gz").write_bytes(whole[: len(whole) // 2])
     expected["truncated.cif.gz"] = RejectCode.UNREADABLE_FILE
 
-    two_blocks = str(CifWriter(base)) + "\n" + str(CifWriter(limn2o4())).replace(
-        "data_", "data_second_", 1
-    )
-    (d / "multiple_blocks.cif").write_text(two_blocks)
-    expected["multiple_blocks.cif"] = RejectCode.MULTIPLE_STRUCTURES
+    # a CIF file may hold several structures (one row each), but one Parquet cell holds one
+    pq.write_table(pa.table({"structure_id": ["two-in-one"], "cif": [two_structure_cif()]}),
+                   d / "two_structures_in_one_cell.parquet")
+    expected["two_structures_in_one_cell.parquet"] = RejectCode.MULTIPLE_STRUCTURES
 
     _dump(d / "zz_duplicate_id.json", _item(base, SHARED_ID))
     expected["zz_duplicate_id.json"] = RejectCode.DUPLICATE_ID
@@ -185,5 +184,26 @@ def write_good_library(directory: str | Path) -> dict[str, int]:
     pq.write_table(pa.table({"structure_json": [s.to_json() for s in (a, b, c)]}),
                    d / "json_column.parquet")
     counts["json_column.parquet"] = 3
+    (d / "two_blocks.cif").write_text(two_structure_cif())
+    counts["two_blocks.cif"] = 2
+    # a journal's CIF: a metadata-only data_global block, Latin-1 text, Windows line ends
+    journal = ("data_global\n_journal_name_full 'Acta Cryst. E'\n_publ_author_name 'M\u00fcller, J.'\n"
+               + _cif_block(c, "I"))
+    (d / "journal.cif").write_bytes(journal.replace("\n", "\r\n").encode("latin-1"))
+    counts["journal.cif"] = 1
+    (d / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(a.as_dict()).encode())  # Windows
+    counts["bom.json"] = 1
     (d / "README.txt").write_text("not a structure file; library listing skips it\n")
     return counts
+
+
+def _cif_block(structure: Structure, name: str) -> str:
+    """CifWriter's text for ``structure`` from its ``data_`` line on, the block renamed ``name``."""
+    text = str(CifWriter(structure))
+    start = text.index("data_")
+    return f"data_{name}\n" + text[start:].split("\n", 1)[1]
+
+
+def two_structure_cif() -> str:
+    """One CIF text with two data blocks with atom sites (LiCoO2, LiMn2O4)."""
+    return _cif_block(licoo2(), "first") + "\n" + _cif_block(limn2o4(), "second")

@@ -126,7 +126,7 @@ def test_bad_files_each_yield_one_row_never_raise(bad_dir) -> None:
 @pytest.mark.parametrize(
     ("name", "code"),
     [("corrupt.parquet", RejectCode.UNREADABLE_FILE), ("truncated.cif.gz", RejectCode.UNREADABLE_FILE),
-     ("empty.cif", RejectCode.EMPTY_SOURCE), ("multiple_blocks.cif", RejectCode.MULTIPLE_STRUCTURES)],
+     ("empty.cif", RejectCode.EMPTY_SOURCE)],
 )
 def test_file_level_errors_become_error_rows(bad_dir, name: str, code: RejectCode) -> None:
     d, _ = bad_dir
@@ -134,6 +134,51 @@ def test_file_level_errors_become_error_rows(bad_dir, name: str, code: RejectCod
     assert row["fmt"] == "error" and row["error"] == code
     reject = parse_raw(row)
     assert isinstance(reject, Reject) and reject.reason == code and name in reject.message
+
+
+def test_cif_blocks_become_rows_and_metadata_blocks_are_skipped(good_dir) -> None:
+    d, _ = good_dir
+    rows = list(read_library_file(str(d / "two_blocks.cif")))
+    assert [r["structure_id"] for r in rows] == ["two_blocks.cif#0", "two_blocks.cif#1"]
+    assert [parse_raw(r).composition.reduced_formula for r in rows] == ["LiCoO2", "LiMn2O4"]
+    (row,) = read_library_file(str(d / "journal.cif"))  # data_global (authors) + data_I
+    assert row["structure_id"] == "journal.cif#0" and "M\u00fcller" in row["payload"]
+    assert parse_raw(row).composition.reduced_formula == "LiFePO4"
+
+
+def test_cif_without_atom_sites_is_rejected_with_the_parsers_reason(tmp_path: Path) -> None:
+    path = tmp_path / "meta.cif"
+    path.write_text("data_global\n_journal_name_full 'Acta Cryst'\n")
+    (row,) = read_library_file(str(path))
+    reject = parse_raw(row)
+    assert isinstance(reject, Reject) and reject.reason == RejectCode.UNPARSEABLE
+
+
+def test_text_encodings_byte_order_marks_and_binary(tmp_path: Path) -> None:
+    (tmp_path / "bom.jsonl").write_bytes(
+        b"\xef\xbb\xbf" + json.dumps({"structure_id": "a", "structure": licoo2().as_dict()}).encode())
+    (row,) = read_library_file(str(tmp_path / "bom.jsonl"))
+    assert row["structure_id"] == "a" and isinstance(parse_raw(row), Structure)
+    poscar = licoo2().to(fmt="poscar").replace("\n", " J\u00f6rg\n", 1)
+    (tmp_path / "latin1.vasp").write_bytes(poscar.encode("latin-1"))
+    (row,) = read_library_file(str(tmp_path / "latin1.vasp"))
+    assert isinstance(parse_raw(row), Structure)
+    # binary content (NUL bytes) is not taken for Latin-1 text: the file is unreadable, as before
+    (tmp_path / "binary.cif").write_bytes(bytes(range(256)) * 4)
+    (row,) = read_library_file(str(tmp_path / "binary.cif"))
+    assert row["error"] == RejectCode.UNREADABLE_FILE and "UnicodeDecodeError" in row["payload"]
+    # JSON must be UTF-8: Latin-1 bytes there stay an unreadable file
+    (tmp_path / "latin1.json").write_bytes('{"structure_id": "J\u00f6rg"}'.encode("latin-1"))
+    (row,) = read_library_file(str(tmp_path / "latin1.json"))
+    assert row["error"] == RejectCode.UNREADABLE_FILE
+
+
+def test_parquet_cell_with_two_structures_is_one_reject(bad_dir) -> None:
+    d, _ = bad_dir
+    (row,) = read_library_file(str(d / "two_structures_in_one_cell.parquet"))
+    reject = parse_raw(row)
+    assert isinstance(reject, Reject) and reject.reason == RejectCode.MULTIPLE_STRUCTURES
+    assert "2 data blocks" in reject.message and reject.structure_id == "two-in-one"
 
 
 def test_truncated_jsonl_gz_keeps_rows_before_the_cut(tmp_path: Path) -> None:
@@ -193,14 +238,18 @@ def test_parquet_structure_column_as_struct_reads_like_json(tmp_path: Path) -> N
     assert all(isinstance(p, Structure) and p.matches(licoo2()) for p in parsed)
 
 
-def test_files_in_hidden_directories_are_skipped(tmp_path: Path) -> None:
+def test_files_in_hidden_directories_are_skipped(tmp_path: Path, caplog) -> None:
     (tmp_path / "lib" / ".ipynb_checkpoints").mkdir(parents=True)
     (tmp_path / "lib" / "sub").mkdir()
     licoo2().to(filename=str(tmp_path / "lib" / "sub" / "LiCoO2.cif"))
     licoo2().to(filename=str(tmp_path / "lib" / ".ipynb_checkpoints" / "LiCoO2-checkpoint.cif"))
     licoo2().to(filename=str(tmp_path / "lib" / ".hidden.cif"))
     expected = [str(tmp_path / "lib" / "sub" / "LiCoO2.cif")]
-    assert list_library_files(str(tmp_path / "lib")) == expected
+    (tmp_path / "lib" / "vasprun.xml").write_text("<modeling/>")
+    with caplog.at_level("WARNING", logger=library.__name__):
+        assert list_library_files(str(tmp_path / "lib")) == expected
+    assert "skipped 3 unsupported or hidden files (e.g. .hidden.cif, LiCoO2-checkpoint.cif, " \
+           "vasprun.xml)" in caplog.text
     assert list_library_files(str(tmp_path / "lib") + "/**/*.cif") == expected
     # a library that itself lies below a dot-directory is still read
     (tmp_path / ".data").mkdir()
@@ -260,7 +309,8 @@ def test_s3_library_via_moto(good_dir, monkeypatch) -> None:
         files = list_library_files("s3://lib/screen")
         assert files == sorted(f"s3://lib/screen/{rel}" for rel in counts)
         assert list_library_files("s3://lib/screen/*.json") == [
-            "s3://lib/screen/list.json", "s3://lib/screen/single.json"]
+            "s3://lib/screen/bom.json", "s3://lib/screen/list.json",
+            "s3://lib/screen/single.json"]
         rows = list(iter_library("s3://lib/screen"))
         assert len(rows) == sum(counts.values())
         assert all(isinstance(parse_raw(r), Structure) for r in rows)

@@ -40,6 +40,8 @@ def test_config_validation() -> None:
         ValidationConfig(cutoff=0.4)
     with pytest.raises(ValueError, match="transition_metals"):
         ValidationConfig(transition_metals=("Co", "Am"))
+    with pytest.raises(ValueError, match="occupancy_tolerance"):
+        ValidationConfig(occupancy_tolerance=0.5)
     with pytest.raises(TypeError):
         ValidationConfig(500)  # type: ignore[misc]  # keyword-only
 
@@ -188,6 +190,33 @@ def test_validate_raw_returns_the_structure_or_the_reject() -> None:
     assert isinstance(checked, Structure) and checked.composition.reduced_formula == "LiCoO2"
     bad = validate_raw({**good, "payload": "{}"}, ValidationConfig())
     assert isinstance(bad, Reject) and bad.reason == RejectCode.UNPARSEABLE
+
+
+def test_sites_rounded_below_or_above_full_occupancy_are_filled() -> None:
+    """A database CIF writes full sites as 0.9999 or 1.0001: both screen as full; 0.98 does not."""
+    from pymatgen.io.cif import CifWriter
+
+    text = str(CifWriter(licoo2()))
+    rows = text.splitlines()
+    last = max(i for i, line in enumerate(rows) if line.split()[-1:] == ["1"])
+
+    def raw(occupancy: str, config: ValidationConfig = DEFAULT) -> Structure | Reject:
+        edited = rows[:last] + [rows[last].rsplit(" ", 1)[0] + " " + occupancy] + rows[last + 1:]
+        row = {"structure_id": occupancy, "source": "s", "fmt": "cif", "payload": "\n".join(edited)}
+        return validate_raw(row, config)
+
+    for occupancy in ("0.9999", "1.0001", "0.995"):
+        filled = raw(occupancy)
+        assert isinstance(filled, Structure) and filled.is_ordered, occupancy
+        assert filled.composition == licoo2().composition
+    for occupancy, config in (("0.98", DEFAULT), ("0.995", ValidationConfig(occupancy_tolerance=0.001))):
+        reject = raw(occupancy, config)
+        assert isinstance(reject, Reject) and reject.reason == RejectCode.PARTIAL_OCCUPANCY
+    mixed = licoo2()
+    mixed.replace(1, {"Co": 0.995, "Ni": 0.005})  # two elements on a site stay disordered
+    row = {"structure_id": "m", "source": "s", "fmt": "pymatgen_json", "payload": mixed.to_json()}
+    reject = validate_raw(row, DEFAULT)
+    assert isinstance(reject, Reject) and reject.reason == RejectCode.PARTIAL_OCCUPANCY
 
 
 def test_compact_structure_round_trips_elements_and_geometry() -> None:
