@@ -47,6 +47,7 @@ import pyarrow.parquet as pq
 
 from cathode_ray.data.validate import ValidationConfig
 from cathode_ray.screen import stages
+from cathode_ray.testing.tiny_ensemble import build_medium_shape_ensemble
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -79,17 +80,6 @@ def raw_batches(library: str, n: int, rows: int) -> list[pd.DataFrame]:
     items = pd.DataFrame([{"path": library, "file_index": 0, "row_start": 0,
                            "row_stop": min(n, pq.ParquetFile(library).metadata.num_rows)}])
     return list(stages.read_file_chunks(items, chunk_rows=rows))
-
-
-def medium_shape_model(workdir: Path, references: str, device: str) -> str:
-    """A calibrated 5-member ensemble on a random-weight MACE-MP-0-medium-shaped backbone."""
-    from cathode_ray.testing.tiny_ensemble import build_tiny_ensemble
-    from cathode_ray.testing.tiny_mace import build_medium_shape_mace
-
-    path = build_medium_shape_mace(workdir / "medium_shape.model")
-    return str(build_tiny_ensemble(workdir / "ensemble", summary=SHARED / "mp_litmo_summary.jsonl.gz",
-                                   references=references, backbone=f"mace:{path}", members=5,
-                                   device=device))
 
 
 def _sync(device: str) -> None:
@@ -173,8 +163,9 @@ def main() -> None:
 
     if args.model == "mace-medium-shape":
         t0 = time.perf_counter()
-        args.model = medium_shape_model(Path(tempfile.mkdtemp(prefix="medium_shape_")), args.references,
-                                        args.device)
+        args.model = str(build_medium_shape_ensemble(
+            Path(tempfile.mkdtemp(prefix="medium_shape_")), summary=SHARED / "mp_litmo_summary.jsonl.gz",
+            references=args.references, device=args.device))
         print(f"medium-shape ensemble trained in {time.perf_counter() - t0:.0f} s", flush=True)
     torch.set_grad_enabled(False)  # after training the model above
     pool = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),

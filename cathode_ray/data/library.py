@@ -1,7 +1,7 @@
 """Structure libraries: list files, read them into raw rows, parse raw rows into Structures.
 
 A *library* is a local file, a directory (searched recursively), a glob, or an ``s3://bucket/prefix``.
-Supported files (each optionally gzipped, ``.gz``):
+Supported files (each optionally gzipped: ``.gz``, though gzip data is recognised by its content):
 
 ========================  ======================================================================
 suffix                    content
@@ -83,6 +83,7 @@ _ID_FIELDS: tuple[str, ...] = ("structure_id", "material_id")
 _PARQUET_BATCH_ROWS = 1024
 _GENERIC_VASP_NAMES = ("POSCAR", "CONTCAR")
 _GLOB_CHARS = re.compile(r"[*?\[]")
+_GZIP_MAGIC = b"\x1f\x8b"
 _CIF_BLOCK = re.compile(r"^[ \t]*data_(\S*)", re.IGNORECASE | re.MULTILINE)
 _CIF_ATOM_SITES = re.compile(r"^[ \t]*_atom_site[._](?:fract|cartn)_x\b", re.IGNORECASE | re.MULTILINE)
 _XYZ_ID = re.compile(r"""(?:^|\s)(?:structure_id|material_id)=("[^"]*"|'[^']*'|\S+)""")
@@ -289,11 +290,10 @@ def read_library_file(path: str, fs: pafs.FileSystem | None = None, *,
 
 
 def _open_bytes(fs: pafs.FileSystem, fs_path: str) -> bytes:
+    """A whole file's bytes, gunzipped when they are gzip data (whatever the suffix says)."""
     with fs.open_input_stream(fs_path, compression=None) as stream:
-        data = stream.read()
-    if fs_path.lower().endswith(".gz"):
-        data = gzip.decompress(data)
-    return bytes(data)
+        data = bytes(stream.read())
+    return gzip.decompress(data) if data[:2] == _GZIP_MAGIC else data
 
 
 def _open_text(fs: pafs.FileSystem, fs_path: str, *, latin1_fallback: bool = False) -> str:
@@ -309,10 +309,11 @@ def _open_text(fs: pafs.FileSystem, fs_path: str, *, latin1_fallback: bool = Fal
 
 
 def _iter_lines(fs: pafs.FileSystem, fs_path: str) -> Iterator[str]:
-    """Stream text lines (for JSON lines), decompressing ``.gz`` on the fly; a leading byte-order
-    mark is dropped."""
+    """Stream text lines (for JSON lines), gunzipping gzip data on the fly (whatever the suffix
+    says); a leading byte-order mark is dropped."""
     with fs.open_input_stream(fs_path, compression=None) as stream:
-        raw: Any = gzip.GzipFile(fileobj=stream) if fs_path.lower().endswith(".gz") else stream
+        buffered = io.BufferedReader(stream)  # type: ignore[arg-type]  # a pyarrow NativeFile
+        raw: Any = gzip.GzipFile(fileobj=buffered) if buffered.peek(2)[:2] == _GZIP_MAGIC else buffered
         yield from io.TextIOWrapper(raw, encoding="utf-8-sig")
 
 

@@ -62,3 +62,15 @@ def build_tiny_ensemble(workdir: Path, *, summary: str | Path, references: str, 
                               backbone=backbone, members=members, max_epochs=2, runner="local",
                               cache_dir=None, device=device))
     return model
+
+
+def build_medium_shape_ensemble(workdir: Path, *, summary: str | Path, references: str,
+                                device: str = "cpu") -> Path:
+    """A calibrated 5-member ensemble on a random-weight MACE-MP-0-medium-shaped backbone (random
+    weights cost what trained ones do): for timings of the real model's size. Returns the model
+    directory."""
+    from cathode_ray.testing.tiny_mace import build_medium_shape_mace
+
+    path = build_medium_shape_mace(workdir / "medium_shape.model")
+    return build_tiny_ensemble(workdir / "ensemble", summary=summary, references=references,
+                               backbone=f"mace:{path}", members=5, device=device)

@@ -173,6 +173,19 @@ def test_text_encodings_byte_order_marks_and_binary(tmp_path: Path) -> None:
     assert row["error"] == RejectCode.UNREADABLE_FILE
 
 
+def test_gzip_is_recognised_by_content_not_by_suffix(tmp_path: Path) -> None:
+    """A gzipped .cif without .gz, and plain text named .gz, both read (streamed JSON lines too)."""
+    cif = str(licoo2().to(fmt="cif"))
+    line = json.dumps({"structure_id": "z", "structure": licoo2().as_dict()}) + "\n"
+    (tmp_path / "zipped.cif").write_bytes(gzip.compress(cif.encode()))
+    (tmp_path / "plain.cif.gz").write_text(cif)
+    (tmp_path / "zipped.jsonl").write_bytes(gzip.compress(line.encode()))
+    (tmp_path / "plain.jsonl.gz").write_text(line)
+    for name in ("zipped.cif", "plain.cif.gz", "zipped.jsonl", "plain.jsonl.gz"):
+        (row,) = read_library_file(str(tmp_path / name))
+        assert isinstance(parse_raw(row), Structure), (name, row)
+
+
 def test_parquet_cell_with_two_structures_is_one_reject(bad_dir) -> None:
     d, _ = bad_dir
     (row,) = read_library_file(str(d / "two_structures_in_one_cell.parquet"))
