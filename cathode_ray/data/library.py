@@ -16,7 +16,9 @@ suffix                    content
                           ``material_id`` and label columns), read in record batches
 ========================  ======================================================================
 
-An *item* is a dict ``{"structure_id" | "material_id": ..., "structure": {...}, <labels>}``.
+An *item* is a dict ``{"structure_id" | "material_id": ..., "structure": {...}, <labels>}``; the
+structure may also be CIF text, under ``structure`` or ``cif`` (as in Parquet, where a ``structure``
+or ``structure_json`` column may hold CIF text too).
 
 Readers never parse structures: they yield raw rows (see :mod:`cathode_ray.data.records`) whose
 ``payload`` is text, so that a broken structure becomes a reject row in :func:`parse_raw`, never an
@@ -377,8 +379,17 @@ def _read_extxyz(fs: pafs.FileSystem, fs_path: str, source: str, name: str) -> I
         yield raw_row(make_structure_id(given, name, index, frame), source, "extxyz", frame)
 
 
+def _structure_text_format(text: str) -> str:
+    """``cif`` for CIF text found where a Structure dict was expected (a ``structure`` field or
+    column holding CIFs), else ``pymatgen_json``."""
+    if not text.lstrip().startswith(("{", "[")) and _CIF_BLOCK.search(text):
+        return "cif"
+    return "pymatgen_json"
+
+
 def _item_row(item: Any, source: str, name: str, index: int) -> dict[str, Any]:
-    """Raw row for one JSON item: a Structure dict, or an item with a ``structure`` field."""
+    """Raw row for one JSON item: a Structure dict, or an item with a ``structure`` field (a
+    Structure dict or CIF text) or a ``cif`` field."""
     if not isinstance(item, dict):
         return error_row(f"{name}#{index}", source, RejectCode.UNPARSEABLE,
                          f"{source} item {index}: expected a JSON object, got {type(item).__name__}")
@@ -386,14 +397,16 @@ def _item_row(item: Any, source: str, name: str, index: int) -> dict[str, Any]:
     if "lattice" in item and "sites" in item:
         structure: Any = item
     else:
-        structure = item.get("structure", item.get("structure_json"))
+        structure = next((item[k] for k in ("structure", "structure_json", "cif")
+                          if item.get(k) is not None), None)
     sid = make_structure_id(given, name, index, json.dumps(item, sort_keys=True, default=str))
     if structure is None:
         return error_row(sid, source, RejectCode.UNPARSEABLE,
-                         f"{source} item {index}: no 'structure' field and not a pymatgen Structure "
-                         "dict; give Structure.as_dict() under 'structure'")
-    payload = structure if isinstance(structure, str) else json.dumps(structure)
-    return raw_row(sid, source, "pymatgen_json", payload, **_labels(item))
+                         f"{source} item {index}: no 'structure' or 'cif' field and not a pymatgen "
+                         "Structure dict; give Structure.as_dict() under 'structure'")
+    if isinstance(structure, str):
+        return raw_row(sid, source, _structure_text_format(structure), structure, **_labels(item))
+    return raw_row(sid, source, "pymatgen_json", json.dumps(structure), **_labels(item))
 
 
 def _read_json(fs: pafs.FileSystem, fs_path: str, source: str, name: str) -> Iterator[dict]:
@@ -478,6 +491,8 @@ def _parquet_row(record: dict[str, Any], payload_col: str, fmt: str, source: str
     if not payload:
         return error_row(sid, source, RejectCode.UNPARSEABLE,
                          f"{source} row {index}: empty '{payload_col}' value; fill it or drop the row")
+    if fmt == "pymatgen_json":
+        fmt = _structure_text_format(payload)
     return raw_row(sid, source, fmt, payload, **_labels(record))
 
 

@@ -186,6 +186,19 @@ def test_gzip_is_recognised_by_content_not_by_suffix(tmp_path: Path) -> None:
         assert isinstance(parse_raw(row), Structure), (name, row)
 
 
+def test_cif_text_where_a_structure_dict_was_expected(tmp_path: Path) -> None:
+    """JSON items with CIF text under 'cif' or 'structure', and a Parquet 'structure' column of
+    CIFs (a DataFrame of CIFs saved as is), parse as CIFs."""
+    cif = str(licoo2().to(fmt="cif"))
+    (tmp_path / "items.json").write_text(json.dumps(
+        [{"structure_id": "c1", "cif": cif}, {"structure_id": "c2", "structure": cif}]))
+    pq.write_table(pa.table({"material_id": ["c3"], "structure": [cif]}), tmp_path / "cifs.parquet")
+    rows = [*read_library_file(str(tmp_path / "items.json")),
+            *read_library_file(str(tmp_path / "cifs.parquet"))]
+    assert [(r["structure_id"], r["fmt"]) for r in rows] == [("c1", "cif"), ("c2", "cif"), ("c3", "cif")]
+    assert all(parse_raw(r).matches(licoo2()) for r in rows)
+
+
 def test_parquet_cell_with_two_structures_is_one_reject(bad_dir) -> None:
     d, _ = bad_dir
     (row,) = read_library_file(str(d / "two_structures_in_one_cell.parquet"))
