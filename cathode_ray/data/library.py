@@ -326,7 +326,8 @@ def cif_structure_blocks(text: str) -> list[str]:
     with authors and citation, say) are left out; text before the first block is dropped.
     """
     starts = [m.start() for m in _CIF_BLOCK.finditer(text)]
-    blocks = [text[a:b] for a, b in zip(starts, [*starts[1:], len(text)], strict=True)]
+    ends = [*starts[1:], len(text)] if starts else []
+    blocks = [text[a:b] for a, b in zip(starts, ends, strict=True)]
     return [block for block in blocks if _CIF_ATOM_SITES.search(block)]
 
 

@@ -146,9 +146,10 @@ def test_cif_blocks_become_rows_and_metadata_blocks_are_skipped(good_dir) -> Non
     assert parse_raw(row).composition.reduced_formula == "LiFePO4"
 
 
-def test_cif_without_atom_sites_is_rejected_with_the_parsers_reason(tmp_path: Path) -> None:
+@pytest.mark.parametrize("text", ["data_global\n_journal_name_full 'Acta Cryst'\n", "not a cif\n"])
+def test_cif_without_atom_sites_is_rejected_with_the_parsers_reason(tmp_path: Path, text: str) -> None:
     path = tmp_path / "meta.cif"
-    path.write_text("data_global\n_journal_name_full 'Acta Cryst'\n")
+    path.write_text(text)
     (row,) = read_library_file(str(path))
     reject = parse_raw(row)
     assert isinstance(reject, Reject) and reject.reason == RejectCode.UNPARSEABLE
