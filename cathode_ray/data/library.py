@@ -10,7 +10,8 @@ suffix                    content
                           as a journal's ``data_global``, are skipped)
 ``.vasp``/``POSCAR*``     one VASP POSCAR/CONTCAR (also ``CONTCAR*``, ``.poscar``)
 ``.xyz``/``.extxyz``      extended XYZ, one raw row per frame
-``.json``                 a pymatgen ``Structure.as_dict()``, an item, or a list of either
+``.json``                 a pymatgen ``Structure.as_dict()``, an item, a list of either, or
+                          items written one after another (JSON lines saved as ``.json``)
 ``.jsonl``/``.ndjson``    one item or Structure dict per line (e.g. Materials Project summary docs)
 ``.parquet``              a ``cif`` or ``structure_json`` column (+ optional ``structure_id`` /
                           ``material_id`` and label columns), read in record batches
@@ -86,6 +87,7 @@ _PARQUET_BATCH_ROWS = 1024
 _GENERIC_VASP_NAMES = ("POSCAR", "CONTCAR")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _GZIP_MAGIC = b"\x1f\x8b"
+_WHITESPACE = re.compile(r"\s*")
 _CIF_BLOCK = re.compile(r"^[ \t]*data_(\S*)", re.IGNORECASE | re.MULTILINE)
 _CIF_ATOM_SITES = re.compile(r"^[ \t]*_atom_site[._](?:fract|cartn)_x\b", re.IGNORECASE | re.MULTILINE)
 _XYZ_ID = re.compile(r"""(?:^|\s)(?:structure_id|material_id)=("[^"]*"|'[^']*'|\S+)""")
@@ -417,12 +419,32 @@ def _read_json(fs: pafs.FileSystem, fs_path: str, source: str, name: str) -> Ite
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # several JSON values in a row: JSON lines saved as .json
+            yield from _concatenated_items(text, source, name)
+            return
         yield error_row(name, source, RejectCode.UNPARSEABLE,
                         f"{source}: not valid JSON ({exc}); for one object per line use .jsonl")
         return
     items = obj if isinstance(obj, list) else [obj]
     for index, item in enumerate(items):
         yield _item_row(item, source, name, index)
+
+
+def _concatenated_items(text: str, source: str, name: str) -> Iterator[dict]:
+    """Raw rows for JSON values written one after another (one per line, or pretty-printed); the
+    first value that does not parse becomes one reject row for the rest of the file."""
+    decoder = json.JSONDecoder()
+    index, pos = 0, 0
+    while (pos := _WHITESPACE.match(text, pos).end()) < len(text):  # type: ignore[union-attr]
+        try:
+            item, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            yield error_row(f"{name}#{index}", source, RejectCode.UNPARSEABLE,
+                            f"{source} item {index} and after: not valid JSON ({exc}); fix the file "
+                            "or write one object per line as .jsonl")
+            return
+        yield _item_row(item, source, name, index)
+        index += 1
 
 
 def _read_jsonl(fs: pafs.FileSystem, fs_path: str, source: str, name: str) -> Iterator[dict]:

@@ -200,6 +200,22 @@ def test_cif_text_where_a_structure_dict_was_expected(tmp_path: Path) -> None:
     assert all(parse_raw(r).matches(licoo2()) for r in rows)
 
 
+def test_json_lines_or_concatenated_objects_saved_as_json(tmp_path: Path) -> None:
+    items = [{"structure_id": f"j{i}", "structure": licoo2().as_dict()} for i in range(3)]
+    (tmp_path / "lines.json").write_text("\n".join(json.dumps(i) for i in items) + "\n")
+    (tmp_path / "pretty.json").write_text("".join(json.dumps(i, indent=2) for i in items))
+    for name in ("lines.json", "pretty.json"):
+        rows = list(read_library_file(str(tmp_path / name)))
+        assert [r["structure_id"] for r in rows] == ["j0", "j1", "j2"], name
+        assert all(isinstance(parse_raw(r), Structure) for r in rows)
+    # a broken value: the items before it are kept, the rest is one reject saying where
+    (tmp_path / "cut.json").write_text(json.dumps(items[0]) + "\n" + json.dumps(items[1])[:-20] + "\n")
+    rows = list(read_library_file(str(tmp_path / "cut.json")))
+    assert [(r["structure_id"], r["error"]) for r in rows] == [
+        ("j0", ""), ("cut.json#1", RejectCode.UNPARSEABLE)]
+    assert "item 1 and after" in rows[1]["payload"]
+
+
 def test_parquet_cell_with_two_structures_is_one_reject(bad_dir) -> None:
     d, _ = bad_dir
     (row,) = read_library_file(str(d / "two_structures_in_one_cell.parquet"))
