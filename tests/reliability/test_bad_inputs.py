@@ -1,7 +1,8 @@
 """Item 1: a corpus of bad input files through the real screen pipeline (Ray Data + CHGNet).
 
 Every bad file lands in DEST/rejects with its own code and an actionable message, the good files
-become results, the job completes and ``results + rejects == inputs``.
+(MP structures, and every supported format with its quirks: multi-block and journal CIFs, Latin-1,
+byte-order marks) become results, the job completes and ``results + rejects == inputs``.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from typing import Any
 
 import pytest
 
+from cathode_ray.data.library import iter_library
 from cathode_ray.data.records import RejectCode
 from cathode_ray.screen import runs
 from cathode_ray.screen.pipeline import ScreenConfig, ScreenSummary, run
 from tests.data.badfiles import SHARED_ID, write_bad_library
+from tests.data.badfiles import write_good_library as write_every_format
 from tests.reliability.helpers import local_ray, run_output, write_good_library
 
 pytestmark = pytest.mark.slow
@@ -47,6 +50,9 @@ def corpus_run(ray_address: str, model: str, references: str,
     root = tmp_path_factory.mktemp("corpus")
     expected = write_bad_library(root / "lib" / "bad")
     good_ids = write_good_library(root / "lib" / "good", n=3, files=1)
+    write_every_format(root / "lib" / "formats")
+    good_ids += [r["structure_id"] for r in iter_library(str(root / "lib"))  # ids as the screen reads them
+                 if "/formats/" in r["source"]]
     summary = run(_config(model, references, root / "lib", root / "dest", "corpus"))
     return summary, expected, good_ids, root / "dest"
 
