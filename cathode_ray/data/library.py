@@ -25,8 +25,9 @@ Readers never parse structures: they yield raw rows (see :mod:`cathode_ray.data.
 ``payload`` is text, so that a broken structure becomes a reject row in :func:`parse_raw`, never an
 exception that kills a job. A file that cannot be read at all (truncated gzip, corrupt Parquet, not
 UTF-8) yields one ``fmt="error"`` row with code ``unreadable_file``; an empty file yields one
-``empty_source`` row. Text is UTF-8 (a byte-order mark is ignored); CIF, POSCAR and XYZ files that
-are not UTF-8 but hold no NUL bytes are read as Latin-1 (CIFs exported on Windows often are).
+``empty_source`` row. Text is UTF-8 (a byte-order mark is ignored) or UTF-16 with its byte-order
+mark; CIF, POSCAR and XYZ files that are not UTF-8 but hold no NUL bytes are read as Latin-1 (CIFs
+exported on Windows often are).
 
 Structure ids are stable: the id given in the file (``structure_id`` or ``material_id``), else
 ``<file name>#<index within the file>`` (``<parent dir>/POSCAR#0`` for generic VASP names), else a
@@ -88,6 +89,7 @@ _GENERIC_VASP_NAMES = ("POSCAR", "CONTCAR")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _GZIP_MAGIC = b"\x1f\x8b"
 _WHITESPACE = re.compile(r"\s*")
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 _CIF_BLOCK = re.compile(r"^[ \t]*data_(\S*)", re.IGNORECASE | re.MULTILINE)
 _CIF_ATOM_SITES = re.compile(r"^[ \t]*_atom_site[._](?:fract|cartn)_x\b", re.IGNORECASE | re.MULTILINE)
 _XYZ_ID = re.compile(r"""(?:^|\s)(?:structure_id|material_id)=("[^"]*"|'[^']*'|\S+)""")
@@ -301,9 +303,12 @@ def _open_bytes(fs: pafs.FileSystem, fs_path: str) -> bytes:
 
 
 def _open_text(fs: pafs.FileSystem, fs_path: str, *, latin1_fallback: bool = False) -> str:
-    """A whole file as text: UTF-8 without its byte-order mark; with ``latin1_fallback``, text that
-    is not UTF-8 but holds no NUL byte (so is not binary) is read as Latin-1."""
+    """A whole file as text: UTF-8 without its byte-order mark, or UTF-16 with one (Windows'
+    "Unicode"); with ``latin1_fallback``, text that is not UTF-8 but holds no NUL byte (so is not
+    binary) is read as Latin-1."""
     data = _open_bytes(fs, fs_path)
+    if data[:2] in _UTF16_BOMS:
+        return data.decode("utf-16")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:

@@ -164,6 +164,12 @@ def test_text_encodings_byte_order_marks_and_binary(tmp_path: Path) -> None:
     (tmp_path / "latin1.vasp").write_bytes(poscar.encode("latin-1"))
     (row,) = read_library_file(str(tmp_path / "latin1.vasp"))
     assert isinstance(parse_raw(row), Structure)
+    # Windows' "Unicode" (UTF-16 with a byte-order mark), a whole-file format and JSON
+    (tmp_path / "utf16.cif").write_text(str(licoo2().to(fmt="cif")), encoding="utf-16")
+    (tmp_path / "utf16.json").write_text(json.dumps(licoo2().as_dict()), encoding="utf-16")
+    for name in ("utf16.cif", "utf16.json"):
+        (row,) = read_library_file(str(tmp_path / name))
+        assert isinstance(parse_raw(row), Structure), (name, row)
     # binary content (NUL bytes) is not taken for Latin-1 text: the file is unreadable, as before
     (tmp_path / "binary.cif").write_bytes(bytes(range(256)) * 4)
     (row,) = read_library_file(str(tmp_path / "binary.cif"))
