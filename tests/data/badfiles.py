@@ -193,6 +193,8 @@ def write_good_library(directory: str | Path) -> dict[str, int]:
     counts["journal.cif"] = 1
     (d / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(a.as_dict()).encode())  # Windows
     counts["bom.json"] = 1
+    (d / "utf16.vasp").write_text(Poscar(b).get_str(), encoding="utf-16")  # Windows' "Unicode"
+    counts["utf16.vasp"] = 1
     (d / "README.txt").write_text("not a structure file; library listing skips it\n")
     return counts
 
