@@ -519,6 +519,22 @@ def _to_arrow(df: pd.DataFrame, schema: pa.Schema) -> pa.Table:
 ROWS_PER_FILE: int = 20_000
 
 
+#: Fault injection for the driver-kill test: with this set to N, the driver stops (sleeps until
+#: it is killed) once it has written N file pairs, so that a test can kill it mid-run for certain.
+FAULT_HANG_AFTER_FILES_ENV = "CATHODE_RAY_FAULT_HANG_AFTER_FILES"
+
+
+def maybe_hang_driver(files_written: int) -> None:
+    """Sleep until killed when ``FAULT_HANG_AFTER_FILES_ENV`` asks for it (see above)."""
+    after = os.environ.get(FAULT_HANG_AFTER_FILES_ENV)
+    if not after or files_written < int(after):
+        return
+    log.error("fault injection: driver pid %d stops after %d files; kill it", os.getpid(),
+              files_written)
+    while True:
+        time.sleep(60)
+
+
 class ScreenWriter:
     """Two-way Parquet writer: result rows to ``results_uri``, rejects to ``rejects_uri``.
 
@@ -579,3 +595,4 @@ class ScreenWriter:
             write_parquet(rej, self.rejects_fs, f"{self.rejects_path}/{name}")
         self.files += 1
         self._pending, self._pending_rows = [], 0
+        maybe_hang_driver(self.files)

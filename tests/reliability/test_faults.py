@@ -1,7 +1,8 @@
 """Item 2: faults during a screen never lose or duplicate a result.
 
 (a) an inference actor process dies mid-run (fault-injection hook in ``stages.InferenceStage``);
-(b) the driver is SIGKILLed mid-run, then ``--resume`` with the same run id;
+(b) the driver is SIGKILLed mid-run (it waits to be killed after its first file: driver hook in
+    ``stages.ScreenWriter``), then ``--resume`` with the same run id;
 (c) the S3 endpoint becomes unreachable mid-write (a TCP proxy in front of moto cuts every
     connection for a few seconds; moto keeps its data), then ``--resume`` if the run failed;
 (d) two screens with different run ids into the same DEST at once; the same run id twice at once.
@@ -27,7 +28,11 @@ import pytest
 
 from cathode_ray.screen import runs
 from cathode_ray.screen.pipeline import ScreenConfig, ScreenSummary, run
-from cathode_ray.screen.stages import FAULT_EXIT_AFTER_BATCHES_ENV, FAULT_MARKER_ENV
+from cathode_ray.screen.stages import (
+    FAULT_EXIT_AFTER_BATCHES_ENV,
+    FAULT_HANG_AFTER_FILES_ENV,
+    FAULT_MARKER_ENV,
+)
 from tests.reliability.helpers import (
     REPO,
     MotoServer,
@@ -172,6 +177,7 @@ def test_driver_killed_then_resume(env: Env, model: str, references: str,
     yaml.write_text("min_rows_per_file: 8\nverbose: false\n")
     log = (tmp_path / "driver.log").open("wb")
     env_vars = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env_vars[FAULT_HANG_AFTER_FILES_ENV] = "1"  # the driver waits to be killed after a file
     driver = subprocess.Popen(
         [sys.executable, "-m", "cathode_ray.cli", "screen", "--library", str(tmp_path / "lib"),
          "--model", model, "--out", str(dest), "--references", references, "--run-id", "drv",
