@@ -10,6 +10,11 @@ suffix                    content
                           as a journal's ``data_global``, are skipped)
 ``.vasp``/``POSCAR*``     one VASP POSCAR/CONTCAR (also ``CONTCAR*``, ``.poscar``)
 ``.xyz``/``.extxyz``      extended XYZ, one raw row per frame
+``.res``                  SHELX/AIRSS ``.res``, one raw row per ``TITL`` block (AIRSS results
+                          concatenated into one file read as they are), id from the ``TITL`` name
+``.db``/``.traj``         an ASE database (one raw row per row; ``structure_id``/``material_id``
+                          and label keys ride along) or ASE trajectory (one per frame); each
+                          structure becomes extended-XYZ text, the file is read from a copy
 ``.json``                 a pymatgen ``Structure.as_dict()``, an item, a list of either, or
                           items written one after another (JSON lines saved as ``.json``)
 ``.jsonl``/``.ndjson``    one item or Structure dict per line (e.g. Materials Project summary docs)
@@ -46,11 +51,13 @@ import logging
 import math
 import os
 import re
+import shutil
+import tempfile
 import warnings
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -77,7 +84,7 @@ PASSTHROUGH_FIELDS: tuple[str, ...] = (
 )
 
 #: Raw-row ``fmt`` values.
-FORMATS: tuple[str, ...] = ("cif", "poscar", "extxyz", "pymatgen_json", "error")
+FORMATS: tuple[str, ...] = ("cif", "poscar", "extxyz", "res", "pymatgen_json", "error")
 
 #: Rows per Parquet row group in the libraries this package writes, and per screen read task of
 #: a large Parquet file: a task then decodes only its own row group.
@@ -92,6 +99,9 @@ _WHITESPACE = re.compile(r"\s*")
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 _CIF_BLOCK = re.compile(r"^[ \t]*data_(\S*)", re.IGNORECASE | re.MULTILINE)
 _CIF_ATOM_SITES = re.compile(r"^[ \t]*_atom_site[._](?:fract|cartn)_x\b", re.IGNORECASE | re.MULTILINE)
+_RES_TITL = re.compile(r"^[ \t]*TITL\b", re.MULTILINE)
+_THUMBS_DB = "thumbs.db"  # Windows Explorer's thumbnail cache: a SQLite file, not an ASE database
+_SUPPORTED = ".cif, POSCAR/.vasp, .xyz/.extxyz, .res, ASE .db/.traj, .json/.jsonl, .parquet (+ .gz)"
 _XYZ_ID = re.compile(r"""(?:^|\s)(?:structure_id|material_id)=("[^"]*"|'[^']*'|\S+)""")
 
 #: Errors that mean "this file cannot be read": they become one ``unreadable_file`` row.
@@ -114,8 +124,9 @@ def _uri(spec: str, path: str) -> str:
 
 # --------------------------------------------------------------------------- listing
 def library_format(path: str) -> str | None:
-    """Container format of a file from its name: ``cif``, ``poscar``, ``extxyz``, ``json``,
-    ``jsonl``, ``parquet``, or ``None`` when unsupported (``.gz`` is looked through)."""
+    """Container format of a file from its name: ``cif``, ``poscar``, ``extxyz``, ``res``,
+    ``ase``, ``json``, ``jsonl``, ``parquet``, or ``None`` when unsupported (``.gz`` is looked
+    through)."""
     name = PurePosixPath(path).name
     lower = name.lower()
     if lower.endswith(".gz"):
@@ -127,6 +138,10 @@ def library_format(path: str) -> str | None:
         return "poscar"
     if suffix in (".xyz", ".extxyz"):
         return "extxyz"
+    if suffix == ".res":
+        return "res"
+    if suffix in (".db", ".traj"):
+        return "ase"
     if suffix == ".json":
         return "json"
     if suffix in (".jsonl", ".ndjson"):
@@ -167,8 +182,7 @@ def list_library_files(spec: str) -> list[str]:
                     ", ".join(PurePosixPath(p).name for p in skipped[:5]))
     if not supported:
         raise FileNotFoundError(
-            f"no structure files (.cif, POSCAR/.vasp, .xyz/.extxyz, .json/.jsonl, .parquet, + .gz) "
-            f"found in {spec!r}"
+            f"no structure files ({_SUPPORTED}) found in {spec!r}"
         )
     return [_uri(spec, p) for p in supported]
 
@@ -189,10 +203,12 @@ def file_labels(spec: str, files: Sequence[str]) -> list[str]:
 
 
 def _hidden(path: str, root: str) -> bool:
-    """A dot-file, or a file inside a dot-directory below ``root`` (``.ipynb_checkpoints/``,
-    ``.git/``, a writer's ``.name.in-progress``)."""
+    """A dot-file, a file inside a dot-directory below ``root`` (``.ipynb_checkpoints/``,
+    ``.git/``, a writer's ``.name.in-progress``), or Windows Explorer's ``Thumbs.db``."""
     rel = path[len(root):] if path.startswith(root) else PurePosixPath(path).name
-    return any(part.startswith(".") for part in PurePosixPath(rel).parts)
+    parts = PurePosixPath(rel).parts
+    return any(part.startswith(".") for part in parts) or (
+        bool(parts) and parts[-1].lower() == _THUMBS_DB)
 
 
 def _glob(fs: pafs.FileSystem, spec: str, path: str) -> list[str]:
@@ -270,8 +286,7 @@ def read_library_file(path: str, fs: pafs.FileSystem | None = None, *,
     fmt = library_format(fs_path)
     if fmt is None:
         yield error_row(name, path, RejectCode.UNREADABLE_FILE,
-                        f"{path}: unsupported file type; use .cif, POSCAR/.vasp, .xyz/.extxyz, "
-                        ".json/.jsonl, .parquet (optionally .gz)")
+                        f"{path}: unsupported file type; use {_SUPPORTED}")
         return
     if rows is not None and fmt != "parquet":
         raise ValueError(f"{path}: row ranges are only supported for Parquet files")
@@ -317,13 +332,18 @@ def _open_text(fs: pafs.FileSystem, fs_path: str, *, latin1_fallback: bool = Fal
         raise
 
 
+def _gunzipped(stream: Any) -> BinaryIO:
+    """A pyarrow input stream as a binary file object, gunzipped on the fly when it holds gzip
+    data (whatever the suffix says)."""
+    buffered = io.BufferedReader(stream)  # a pyarrow NativeFile is a RawIOBase
+    return gzip.GzipFile(fileobj=buffered) if buffered.peek(2)[:2] == _GZIP_MAGIC else buffered
+
+
 def _iter_lines(fs: pafs.FileSystem, fs_path: str) -> Iterator[str]:
-    """Stream text lines (for JSON lines), gunzipping gzip data on the fly (whatever the suffix
-    says); a leading byte-order mark is dropped."""
+    """Stream text lines (for JSON lines), gunzipping gzip data on the fly; a leading byte-order
+    mark is dropped."""
     with fs.open_input_stream(fs_path, compression=None) as stream:
-        buffered = io.BufferedReader(stream)  # type: ignore[arg-type]  # a pyarrow NativeFile
-        raw: Any = gzip.GzipFile(fileobj=buffered) if buffered.peek(2)[:2] == _GZIP_MAGIC else buffered
-        yield from io.TextIOWrapper(raw, encoding="utf-8-sig")
+        yield from io.TextIOWrapper(_gunzipped(stream), encoding="utf-8-sig")
 
 
 def cif_structure_blocks(text: str) -> list[str]:
@@ -385,6 +405,85 @@ def _read_extxyz(fs: pafs.FileSystem, fs_path: str, source: str, name: str) -> I
         match = _XYZ_ID.search(comment)
         given = match.group(1).strip("\"'") if match else None
         yield raw_row(make_structure_id(given, name, index, frame), source, "extxyz", frame)
+
+
+def split_res(text: str) -> list[str]:
+    """Split SHELX/AIRSS ``.res`` text into one block per ``TITL`` line (AIRSS results are often
+    concatenated into one file); text before the first ``TITL`` is dropped, and text without any
+    is returned whole for the parser to accept or reject."""
+    starts = [m.start() for m in _RES_TITL.finditer(text)]
+    if not starts:
+        return [text]
+    return [text[a:b] for a, b in zip(starts, [*starts[1:], len(text)], strict=True)]
+
+
+def _read_res(fs: pafs.FileSystem, fs_path: str, source: str, name: str) -> Iterator[dict]:
+    text = _open_text(fs, fs_path, latin1_fallback=True)
+    if not text.strip():
+        return
+    for index, block in enumerate(split_res(text)):
+        yield raw_row(make_structure_id(None, name, index, block), source, "res", block)
+
+
+def _read_ase(fs: pafs.FileSystem, fs_path: str, source: str, name: str) -> Iterator[dict]:
+    """ASE database rows or trajectory frames, each as an extended-XYZ payload.
+
+    ASE reads only real files, and connecting to a database may write to it (an empty file gets
+    tables), so the file is copied (gunzipped) into a temporary folder first and the user's file is
+    never opened for writing. A file ASE cannot read raises OSError (one ``unreadable_file`` row,
+    after the rows read before it); a row that cannot be written as XYZ becomes a reject row.
+    """
+    suffix = ".db" if PurePosixPath(fs_path.lower().removesuffix(".gz")).suffix == ".db" else ".traj"
+    with tempfile.TemporaryDirectory(prefix="cathode-ray-ase-") as tmp:
+        local = os.path.join(tmp, "library" + suffix)
+        with fs.open_input_stream(fs_path, compression=None) as stream, open(local, "wb") as out:
+            shutil.copyfileobj(_gunzipped(stream), out, 1 << 20)
+        if os.path.getsize(local) == 0:
+            return
+        items = _ase_items(local, suffix)
+        index = 0
+        while True:
+            try:
+                atoms, keys = next(items)
+            except StopIteration:
+                return
+            except Exception as exc:  # noqa: BLE001 - sqlite3/ulm/numpy errors of a corrupt file
+                raise OSError(f"not a readable ASE {suffix} file ({type(exc).__name__}: "
+                              f"{_short(exc)})") from exc
+            given = next((keys[k] for k in _ID_FIELDS if keys.get(k) is not None), None)
+            try:
+                text = _extxyz_text(atoms)
+            except Exception as exc:  # noqa: BLE001 - untrusted content: a reject, not a crash
+                yield error_row(make_structure_id(given, name, index), source,
+                                RejectCode.UNPARSEABLE, f"{source} item {index}: cannot convert "
+                                f"({type(exc).__name__}: {_short(exc)})")
+            else:
+                yield raw_row(make_structure_id(given, name, index, text), source, "extxyz", text,
+                              **_labels(keys))
+            index += 1
+
+
+def _ase_items(path: str, suffix: str) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """(ase.Atoms, key-value pairs) of every row of an ASE database or frame of a trajectory."""
+    if suffix == ".db":
+        import ase.db
+
+        for row in ase.db.connect(path, type="db").select():
+            yield row.toatoms(), dict(row.key_value_pairs)
+    else:
+        from ase.io import iread
+
+        for atoms in iread(path, index=":", format="traj"):
+            yield atoms, {}
+
+
+def _extxyz_text(atoms: Any) -> str:
+    """Extended-XYZ text of one ase.Atoms (cell, pbc, species, positions in Angstrom)."""
+    from ase.io import write
+
+    buffer = io.StringIO()
+    write(buffer, atoms, format="extxyz")
+    return buffer.getvalue()
 
 
 def _structure_text_format(text: str) -> str:
@@ -528,6 +627,8 @@ _READERS = {
     "cif": _read_cif,
     "poscar": _read_poscar,
     "extxyz": _read_extxyz,
+    "res": _read_res,
+    "ase": _read_ase,
     "json": _read_json,
     "jsonl": _read_jsonl,
     "parquet": _read_parquet,
@@ -551,7 +652,7 @@ def iter_raw(specs: Iterable[str]) -> Iterator[dict[str, Any]]:
 def parse_raw(row: dict[str, Any]) -> Structure | Reject:
     """Parse one raw row into a pymatgen Structure, or a Reject (never raises on bad content).
 
-    Text is parsed with pymatgen (CIF, POSCAR, Structure.from_dict) or ASE (extended XYZ via
+    Text is parsed with pymatgen (CIF, POSCAR, SHELX .res, Structure.from_dict) or ASE (extended XYZ via
     AseAtomsAdaptor); nothing is executed or unpickled.
     """
     sid, source, fmt = str(row["structure_id"]), str(row["source"]), row.get("fmt", "")
@@ -615,6 +716,12 @@ def _parse_extxyz(text: str) -> Structure | str:
     return AseAtomsAdaptor.get_structure(atoms)
 
 
+def _parse_res(text: str) -> Structure:
+    from pymatgen.io.res import ResIO
+
+    return ResIO.structure_from_str(text)
+
+
 def _parse_json(text: str) -> Structure:
     obj = json.loads(text)
     if not isinstance(obj, dict):
@@ -672,6 +779,7 @@ _PARSERS = {
     "cif": _parse_cif,
     "poscar": _parse_poscar,
     "extxyz": _parse_extxyz,
+    "res": _parse_res,
     "pymatgen_json": _parse_json,
 }
 

@@ -21,9 +21,18 @@ from cathode_ray.data.library import (
     parse_raw,
     read_library_file,
     split_extxyz,
+    split_res,
 )
 from cathode_ray.data.records import Reject, RejectCode
-from tests.data.badfiles import licoo2, write_bad_library, write_good_library
+from tests.data.badfiles import (
+    airss_res,
+    licoo2,
+    lifepo4,
+    limn2o4,
+    write_ase_db,
+    write_bad_library,
+    write_good_library,
+)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +76,7 @@ def test_every_good_format_reads_and_parses(good_dir) -> None:
         rows = list(read_library_file(str(d / rel)))
         assert len(rows) == n, rel
         for row in rows:
-            assert row["fmt"] in ("cif", "poscar", "extxyz", "pymatgen_json"), row
+            assert row["fmt"] in ("cif", "poscar", "extxyz", "res", "pymatgen_json"), row
             assert isinstance(parse_raw(row), Structure), (rel, parse_raw(row))
 
 
@@ -304,6 +313,71 @@ def test_files_in_hidden_directories_are_skipped(tmp_path: Path, caplog) -> None
     (tmp_path / ".data").mkdir()
     licoo2().to(filename=str(tmp_path / ".data" / "a.cif"))
     assert list_library_files(str(tmp_path / ".data")) == [str(tmp_path / ".data" / "a.cif")]
+
+
+def test_airss_res_ase_database_and_trajectory_hold_the_structures_written(good_dir) -> None:
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    d, _ = good_dir
+    rows = {r["structure_id"]: r for r in iter_library(str(d))
+            if Path(r["source"]).suffix in (".res", ".db", ".traj")}
+    expected = {"airss.res#0": licoo2(), "airss.res#1": lifepo4(), "relax.traj#0": licoo2(),
+                "relax.traj#1": limn2o4(), "ase-b": limn2o4(), "candidates.db#1": lifepo4()}
+    assert sorted(rows) == sorted(expected)
+    matcher = StructureMatcher(primitive_cell=False, scale=False, attempt_supercell=False)
+    for sid, structure in expected.items():
+        parsed = parse_raw(rows[sid])
+        assert isinstance(parsed, Structure), (sid, parsed)
+        assert parsed.composition == structure.composition, sid
+        assert matcher.fit(parsed, structure), sid
+    assert rows["ase-b"]["energy_above_hull"] == pytest.approx(0.02)  # ASE key-value pairs ride along
+    assert "energy_above_hull" not in rows["candidates.db#1"]
+    assert not any(Path(f).name == "Thumbs.db" for f in list_library_files(str(d)))
+
+
+def test_split_res_blocks_and_text_without_titl() -> None:
+    text = airss_res(licoo2(), "a-1") + "\n" + airss_res(lifepo4(), "b-2")
+    blocks = split_res("REM header before the first structure\n" + text)
+    assert [b.split()[1] for b in blocks] == ["a-1", "b-2"]
+    assert split_res("CELL 1.0 3 3 3 90 90 90\n") == ["CELL 1.0 3 3 3 90 90 90\n"]
+    reject = parse_raw({"structure_id": "x", "source": "x.res", "fmt": "res",
+                        "payload": "TITL broken\nCELL 1.0 nan\nEND\n"})
+    assert isinstance(reject, Reject) and reject.reason == RejectCode.UNPARSEABLE
+
+
+def test_bad_ase_files_become_reject_rows_and_are_never_written(tmp_path: Path) -> None:
+    from ase import Atoms
+    from ase.io import write as ase_write
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    (tmp_path / "junk.db").write_bytes(b"not a SQLite file " * 10)
+    (tmp_path / "empty.db").write_bytes(b"")
+    (tmp_path / "empty.traj").write_bytes(b"")
+    frames = [AseAtomsAdaptor.get_atoms(s) for s in (licoo2(), lifepo4(), limn2o4())]
+    ase_write(tmp_path / "whole.traj", frames, format="traj")
+    data = (tmp_path / "whole.traj").read_bytes()
+    (tmp_path / "cut.traj").write_bytes(data[: int(len(data) * 0.9)])  # a run killed mid-write
+    write_ase_db(tmp_path / "mixed.db", [(frames[0], {"structure_id": "periodic"}),
+                                         (Atoms("LiO", positions=[[0, 0, 0], [0, 0, 1.8]]),
+                                          {"structure_id": "molecule"})])
+    (tmp_path / "mixed.db.gz").write_bytes(gzip.compress((tmp_path / "mixed.db").read_bytes()))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def read(name: str) -> list[dict]:
+        return list(read_library_file(str(tmp_path / name)))
+
+    [junk] = read("junk.db")
+    assert junk["error"] == RejectCode.UNREADABLE_FILE and "not a readable ASE .db file" in junk["payload"]
+    for name in ("empty.db", "empty.traj"):
+        assert [r["error"] for r in read(name)] == [RejectCode.EMPTY_SOURCE], name
+    cut = read("cut.traj")
+    assert 2 <= len(cut) <= 3 and cut[-1]["error"] == RejectCode.UNREADABLE_FILE  # frames before kept
+    assert all(isinstance(parse_raw(r), Structure) for r in cut[:-1])
+    for name in ("mixed.db", "mixed.db.gz"):
+        parsed = {r["structure_id"]: parse_raw(r) for r in read(name)}
+        assert isinstance(parsed["periodic"], Structure)
+        assert parsed["molecule"].reason == RejectCode.DEGENERATE_LATTICE  # no 3D cell
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written
 
 
 def test_split_extxyz_frames_and_garbage() -> None:
