@@ -11,7 +11,8 @@ suffix                    content
 ``.vasp``/``POSCAR*``     one VASP POSCAR/CONTCAR (also ``CONTCAR*``, ``.poscar``)
 ``.xyz``/``.extxyz``      extended XYZ, one raw row per frame
 ``.res``                  SHELX/AIRSS ``.res``, one raw row per ``TITL`` block (AIRSS results
-                          concatenated into one file read as they are), id from the ``TITL`` name
+                          concatenated into one file read as they are); the id is the name on the
+                          ``TITL`` line (AIRSS's structure name) when there is one
 ``.db``/``.traj``         an ASE database (one raw row per row; ``structure_id``/``material_id``
                           and label keys ride along) or ASE trajectory (one per frame); each
                           structure becomes extended-XYZ text, the file is read from a copy
@@ -422,7 +423,9 @@ def _read_res(fs: pafs.FileSystem, fs_path: str, source: str, name: str) -> Iter
     if not text.strip():
         return
     for index, block in enumerate(split_res(text)):
-        yield raw_row(make_structure_id(None, name, index, block), source, "res", block)
+        title = block.split("\n", 1)[0].split()  # AIRSS: TITL <name> <pressure> <volume> ...
+        given = title[1] if len(title) > 1 and title[0].upper() == "TITL" else None
+        yield raw_row(make_structure_id(given, name, index, block), source, "res", block)
 
 
 def _read_ase(fs: pafs.FileSystem, fs_path: str, source: str, name: str) -> Iterator[dict]:

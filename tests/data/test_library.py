@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import socket
 from pathlib import Path
 
@@ -321,7 +322,7 @@ def test_airss_res_ase_database_and_trajectory_hold_the_structures_written(good_
     d, _ = good_dir
     rows = {r["structure_id"]: r for r in iter_library(str(d))
             if Path(r["source"]).suffix in (".res", ".db", ".traj")}
-    expected = {"airss.res#0": licoo2(), "airss.res#1": lifepo4(), "relax.traj#0": licoo2(),
+    expected = {"LiCoO2-8f2a-1": licoo2(), "LiFePO4-03b1-7": lifepo4(), "relax.traj#0": licoo2(),
                 "relax.traj#1": limn2o4(), "ase-b": limn2o4(), "candidates.db#1": lifepo4()}
     assert sorted(rows) == sorted(expected)
     matcher = StructureMatcher(primitive_cell=False, scale=False, attempt_supercell=False)
@@ -335,11 +336,14 @@ def test_airss_res_ase_database_and_trajectory_hold_the_structures_written(good_
     assert not any(Path(f).name == "Thumbs.db" for f in list_library_files(str(d)))
 
 
-def test_split_res_blocks_and_text_without_titl() -> None:
+def test_split_res_blocks_ids_and_text_without_titl(tmp_path: Path) -> None:
     text = airss_res(licoo2(), "a-1") + "\n" + airss_res(lifepo4(), "b-2")
     blocks = split_res("REM header before the first structure\n" + text)
     assert [b.split()[1] for b in blocks] == ["a-1", "b-2"]
     assert split_res("CELL 1.0 3 3 3 90 90 90\n") == ["CELL 1.0 3 3 3 90 90 90\n"]
+    bare = tmp_path / "bare.res"  # pymatgen writes a bare TITL line: the ids fall back to FILE#i
+    bare.write_text(re.sub(r"^TITL .*$", "TITL", text, flags=re.MULTILINE))
+    assert [r["structure_id"] for r in read_library_file(str(bare))] == ["bare.res#0", "bare.res#1"]
     reject = parse_raw({"structure_id": "x", "source": "x.res", "fmt": "res",
                         "payload": "TITL broken\nCELL 1.0 nan\nEND\n"})
     assert isinstance(reject, Reject) and reject.reason == RejectCode.UNPARSEABLE
