@@ -30,7 +30,7 @@ from pymatgen.core import Structure
 
 from cathode_ray import seedcard
 from cathode_ray.data import sources
-from cathode_ray.data.library import structure_from_untrusted_dict
+from cathode_ray.data.parse import structure_from_untrusted_dict
 from cathode_ray.data.records import REJECT_SCHEMA, Reject, RejectCode
 from cathode_ray.data.splits import (
     SPLITS,

@@ -41,7 +41,8 @@ import pyarrow.parquet as pq
 from pymatgen.core import Lattice, Structure
 
 from cathode_ray import seedcard
-from cathode_ray.data.library import LIBRARY_ROW_GROUP_ROWS, structure_from_untrusted_dict
+from cathode_ray.data.library import LIBRARY_ROW_GROUP_ROWS
+from cathode_ray.data.parse import structure_from_untrusted_dict
 
 log = logging.getLogger(__name__)
 

@@ -28,10 +28,10 @@ structure may also be CIF text, under ``structure`` or ``cif`` (as in Parquet, w
 or ``structure_json`` column may hold CIF text too).
 
 Readers never parse structures: they yield raw rows (see :mod:`cathode_ray.data.records`) whose
-``payload`` is text, so that a broken structure becomes a reject row in :func:`parse_raw`, never an
-exception that kills a job. A file that cannot be read at all (truncated gzip, corrupt Parquet, not
-UTF-8) yields one ``fmt="error"`` row with code ``unreadable_file``; an empty file yields one
-``empty_source`` row. Text is UTF-8 (a byte-order mark is ignored) or UTF-16 with its byte-order
+``payload`` is text, so that a broken structure becomes a reject row in
+:func:`cathode_ray.data.parse.parse_raw`, never an exception that kills a job. A file that cannot be
+read at all (truncated gzip, corrupt Parquet, not UTF-8) yields one ``fmt="error"`` row with code
+``unreadable_file``; an empty file yields one ``empty_source`` row. Text is UTF-8 (a byte-order mark is ignored) or UTF-16 with its byte-order
 mark; CIF, POSCAR and XYZ files that are not UTF-8 but hold no NUL bytes are read as Latin-1 (CIFs
 exported on Windows often are).
 
@@ -54,7 +54,6 @@ import os
 import re
 import shutil
 import tempfile
-import warnings
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import PurePosixPath
@@ -64,10 +63,8 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from pymatgen.core import Structure
 
-from cathode_ray import seedcard
-from cathode_ray.data.records import Reject, RejectCode
+from cathode_ray.data.records import RejectCode, short_error
 from cathode_ray.storage import filesystem_for
 
 log = logging.getLogger(__name__)
@@ -452,14 +449,14 @@ def _read_ase(fs: pafs.FileSystem, fs_path: str, source: str, name: str) -> Iter
                 return
             except Exception as exc:  # noqa: BLE001 - sqlite3/ulm/numpy errors of a corrupt file
                 raise OSError(f"not a readable ASE {suffix} file ({type(exc).__name__}: "
-                              f"{_short(exc)})") from exc
+                              f"{short_error(exc)})") from exc
             given = next((keys[k] for k in _ID_FIELDS if keys.get(k) is not None), None)
             try:
                 text = _extxyz_text(atoms)
             except Exception as exc:  # noqa: BLE001 - untrusted content: a reject, not a crash
                 yield error_row(make_structure_id(given, name, index), source,
                                 RejectCode.UNPARSEABLE, f"{source} item {index}: cannot convert "
-                                f"({type(exc).__name__}: {_short(exc)})")
+                                f"({type(exc).__name__}: {short_error(exc)})")
             else:
                 yield raw_row(make_structure_id(given, name, index, text), source, "extxyz", text,
                               **_labels(keys))
@@ -649,142 +646,6 @@ def iter_raw(specs: Iterable[str]) -> Iterator[dict[str, Any]]:
     """Raw rows of several libraries, in the order given."""
     for spec in specs:
         yield from iter_library(spec)
-
-
-# --------------------------------------------------------------------------- parsing
-def parse_raw(row: dict[str, Any]) -> Structure | Reject:
-    """Parse one raw row into a pymatgen Structure, or a Reject (never raises on bad content).
-
-    Text is parsed with pymatgen (CIF, POSCAR, SHELX .res, Structure.from_dict) or ASE (extended XYZ via
-    AseAtomsAdaptor); nothing is executed or unpickled.
-    """
-    sid, source, fmt = str(row["structure_id"]), str(row["source"]), row.get("fmt", "")
-    if fmt == "error":
-        return Reject(structure_id=sid, source=source, reason=RejectCode(row["error"]),
-                      message=str(row["payload"]))
-    parser = _PARSERS.get(fmt)
-    if parser is None:
-        return Reject(structure_id=sid, source=source, reason=RejectCode.UNPARSEABLE,
-                      message=f"unknown raw format {fmt!r}; expected one of {FORMATS}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            result = parser(str(row["payload"]))
-    except Exception as exc:  # noqa: BLE001 - untrusted input: every parser failure is a reject
-        return Reject(structure_id=sid, source=source, reason=RejectCode.UNPARSEABLE,
-                      message=f"cannot parse {fmt} ({type(exc).__name__}: {_short(exc)}); "
-                      "check the file with pymatgen/ASE and re-export it")
-    if isinstance(result, str):
-        code, message = result.split(":", 1)
-        return Reject(structure_id=sid, source=source, reason=RejectCode(code), message=message)
-    return result
-
-
-def _short(exc: BaseException, limit: int = 200) -> str:
-    text = str(exc).replace("\n", " ")
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _parse_cif(text: str) -> Structure | str:
-    from pymatgen.io.cif import CifParser
-
-    blocks = cif_structure_blocks(text)
-    if len(blocks) > 1:
-        return (f"{RejectCode.MULTIPLE_STRUCTURES}:CIF holds {len(blocks)} data blocks with atom "
-                "sites; give one structure per row")
-    # a site over-full by a database's rounding (1.0001) is scaled to 1; validation fills 0.9999
-    structures = CifParser.from_str(blocks[0] if blocks else text,
-                                    occupancy_tolerance=1.0 + seedcard.OCCUPANCY_TOLERANCE
-                                    ).parse_structures(primitive=False, on_error="raise")
-    if len(structures) != 1:
-        return (f"{RejectCode.MULTIPLE_STRUCTURES}:CIF holds {len(structures)} structures; "
-                "split it into one file per structure")
-    return structures[0]
-
-
-def _parse_poscar(text: str) -> Structure:
-    from pymatgen.io.vasp import Poscar
-
-    return Poscar.from_str(text).structure
-
-
-def _parse_extxyz(text: str) -> Structure | str:
-    from ase.io import read
-    from pymatgen.io.ase import AseAtomsAdaptor
-
-    atoms = read(io.StringIO(text), format="extxyz")
-    if not all(atoms.pbc) or atoms.cell.rank < 3:
-        return (f"{RejectCode.DEGENERATE_LATTICE}:extxyz frame has no 3D periodic cell; add "
-                'Lattice="..." and pbc="T T T" to the comment line')
-    return AseAtomsAdaptor.get_structure(atoms)
-
-
-def _parse_res(text: str) -> Structure:
-    from pymatgen.io.res import ResIO
-
-    return ResIO.structure_from_str(text)
-
-
-def _parse_json(text: str) -> Structure:
-    obj = json.loads(text)
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a Structure dict, got {type(obj).__name__}")
-    return structure_from_untrusted_dict(obj)
-
-
-_MARKERS = ("@module", "@class", "@callable", "@bound")
-
-
-def _refuse_object_markers(value: Any, where: str) -> None:
-    """Raise ValueError if a nested dict carries monty's object markers (code would be imported)."""
-    if isinstance(value, dict):
-        bad = [k for k in _MARKERS if k in value]
-        if bad:
-            raise ValueError(f"{where} holds serialized Python objects ({', '.join(bad)}); "
-                             "structure files must contain plain data only")
-        for k, v in value.items():
-            _refuse_object_markers(v, f"{where}.{k}")
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            _refuse_object_markers(v, f"{where}[{i}]")
-
-
-def structure_from_untrusted_dict(obj: dict[str, Any]) -> Structure:
-    """A Structure from an untrusted ``Structure.as_dict()``-shaped dict, without monty decoding.
-
-    ``Structure.from_dict`` decodes site properties with monty's MontyDecoder, which imports any
-    module named by ``@module``/``@class`` and calls it; so only the plain data is kept here
-    (lattice matrix, per-site species/occupancies/oxidation states, fractional coordinates,
-    labels, charge) and every other key, site properties included, is dropped. A dict that asks
-    for decoding anywhere below the Structure and Lattice markers is refused outright.
-    """
-    _refuse_object_markers(obj.get("sites"), "sites")
-    try:
-        matrix = [[float(x) for x in row] for row in obj["lattice"]["matrix"]]
-        sites = []
-        for site in obj["sites"]:
-            species = [{"element": str(sp["element"]), "occu": float(sp.get("occu", 1.0)),
-                        **({"oxidation_state": float(sp["oxidation_state"])}
-                           if sp.get("oxidation_state") is not None else {})}
-                       for sp in site["species"]]
-            clean = {"species": species, "abc": [float(x) for x in site["abc"]]}
-            if isinstance(site.get("label"), str):
-                clean["label"] = site["label"]
-            sites.append(clean)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"not a pymatgen Structure dict ({type(e).__name__}: {e})") from e
-    charge = obj.get("charge")
-    return Structure.from_dict({"lattice": {"matrix": matrix}, "sites": sites,
-                                "charge": float(charge) if isinstance(charge, int | float) else 0.0})
-
-
-_PARSERS = {
-    "cif": _parse_cif,
-    "poscar": _parse_poscar,
-    "extxyz": _parse_extxyz,
-    "res": _parse_res,
-    "pymatgen_json": _parse_json,
-}
 
 
 def is_missing(value: Any) -> bool:

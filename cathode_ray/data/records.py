@@ -5,7 +5,7 @@ reject rows, not exceptions)::
 
     {"structure_id": str, "source": str, "fmt": str, "payload": str, "error": str}
 
-``fmt`` is one of ``cif``, ``poscar``, ``extxyz``, ``pymatgen_json`` or ``error`` (the reader
+``fmt`` is one of ``cif``, ``poscar``, ``extxyz``, ``res``, ``pymatgen_json`` or ``error`` (the reader
 could not even produce a payload, e.g. a truncated gzip; ``error`` then holds the reject code and
 ``payload`` the message). Extra label columns (``energy_above_hull`` ...) may ride along.
 
@@ -70,3 +70,9 @@ class Reject:
             "reason": str(self.reason),
             "message": self.message,
         }
+
+
+def short_error(exc: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line, cut at ``limit`` characters (for reject messages)."""
+    text = str(exc).replace("\n", " ")
+    return text if len(text) <= limit else text[:limit] + "..."

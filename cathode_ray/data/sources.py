@@ -33,7 +33,7 @@ from typing import Any
 from pymatgen.core import Structure
 
 from cathode_ray import seedcard
-from cathode_ray.data.library import structure_from_untrusted_dict
+from cathode_ray.data.parse import structure_from_untrusted_dict
 from cathode_ray.data.references import THERMO_TYPE
 
 #: The thermo type labels are taken from (the reference hulls' scale).

@@ -20,7 +20,8 @@ import numpy as np
 from pymatgen.core import Element, Lattice, Structure
 
 from cathode_ray import seedcard
-from cathode_ray.data.library import PASSTHROUGH_FIELDS, is_missing, parse_raw
+from cathode_ray.data.library import PASSTHROUGH_FIELDS, is_missing
+from cathode_ray.data.parse import parse_raw
 from cathode_ray.data.records import Reject, RejectCode
 
 #: Elements CHGNet and MACE-MP-0 were trained on: H (Z=1) to Pu (Z=94).

@@ -19,11 +19,11 @@ from cathode_ray.data.library import (
     iter_library,
     list_library_files,
     make_structure_id,
-    parse_raw,
     read_library_file,
     split_extxyz,
     split_res,
 )
+from cathode_ray.data.parse import parse_raw
 from cathode_ray.data.records import Reject, RejectCode
 from tests.data.badfiles import (
     airss_res,
@@ -388,16 +388,6 @@ def test_split_extxyz_frames_and_garbage() -> None:
     text = "2\nLattice=\"3 0 0 0 3 0 0 0 3\"\nLi 0 0 0\nO 1 1 1\n1\nc\nO 0 0 0\n"
     assert len(split_extxyz(text)) == 2
     assert split_extxyz("abc\ndef\n") == ["abc\ndef\n"]
-
-
-def test_parse_raw_rejects_garbage_and_non_periodic_xyz() -> None:
-    bad = {"structure_id": "x", "source": "s", "fmt": "poscar", "payload": "hello", "error": ""}
-    assert parse_raw(bad).reason == RejectCode.UNPARSEABLE
-    xyz = {"structure_id": "y", "source": "s", "fmt": "extxyz", "error": "",
-           "payload": "2\nmolecule\nLi 0 0 0\nO 1.6 0 0\n"}
-    assert parse_raw(xyz).reason == RejectCode.DEGENERATE_LATTICE
-    odd = {"structure_id": "z", "source": "s", "fmt": "pickle", "payload": "", "error": ""}
-    assert parse_raw(odd).reason == RejectCode.UNPARSEABLE
 
 
 def test_filesystem_for_local_and_s3(monkeypatch) -> None:
