@@ -23,7 +23,8 @@ suffix                    content
                           ``material_id`` and label columns), read in record batches
 ========================  ======================================================================
 
-An *item* is a dict ``{"structure_id" | "material_id": ..., "structure": {...}, <labels>}``; the
+An *item* is a dict ``{"structure_id" | "material_id" | "entry_id": ..., "structure": {...},
+<labels>}`` (a pymatgen ``ComputedStructureEntry.as_dict()`` is one); the
 structure may also be CIF text, under ``structure`` or ``cif`` (as in Parquet, where a ``structure``
 or ``structure_json`` column may hold CIF text too).
 
@@ -31,13 +32,13 @@ Readers never parse structures: they yield raw rows (see :mod:`cathode_ray.data.
 ``payload`` is text, so that a broken structure becomes a reject row in
 :func:`cathode_ray.data.parse.parse_raw`, never an exception that kills a job. A file that cannot be
 read at all (truncated gzip, corrupt Parquet, not UTF-8) yields one ``fmt="error"`` row with code
-``unreadable_file``; an empty file yields one ``empty_source`` row. Text is UTF-8 (a byte-order mark is ignored) or UTF-16 with its byte-order
-mark; CIF, POSCAR and XYZ files that are not UTF-8 but hold no NUL bytes are read as Latin-1 (CIFs
-exported on Windows often are).
+``unreadable_file``; an empty file yields one ``empty_source`` row. Text is UTF-8 (a byte-order
+mark is ignored) or UTF-16 with its byte-order mark; CIF, POSCAR and XYZ files that are not UTF-8
+but hold no NUL bytes are read as Latin-1 (CIFs exported on Windows often are).
 
-Structure ids are stable: the id given in the file (``structure_id`` or ``material_id``), else
-``<file name>#<index within the file>`` (``<parent dir>/POSCAR#0`` for generic VASP names), else a
-content hash.
+Structure ids are stable: the id given in the file (``structure_id``, ``material_id`` or a pymatgen
+entry's ``entry_id``, first found), else ``<file name>#<index within the file>``
+(``<parent dir>/POSCAR#0`` for generic VASP names), else a content hash.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ FORMATS: tuple[str, ...] = ("cif", "poscar", "extxyz", "res", "pymatgen_json", "
 #: a large Parquet file: a task then decodes only its own row group.
 LIBRARY_ROW_GROUP_ROWS = 1024
 
-_ID_FIELDS: tuple[str, ...] = ("structure_id", "material_id")
+_ID_FIELDS: tuple[str, ...] = ("structure_id", "material_id", "entry_id")  # first found is the id
 _PARQUET_BATCH_ROWS = 1024
 _GENERIC_VASP_NAMES = ("POSCAR", "CONTCAR")
 _GLOB_CHARS = re.compile(r"[*?\[]")

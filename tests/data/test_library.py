@@ -112,6 +112,17 @@ def test_fallback_ids_of_same_named_files_in_subfolders_differ(tmp_path: Path) -
     assert [r["structure_id"] for r in iter_library(only)] == ["structure.cif#0"]
 
 
+def test_pymatgen_computed_structure_entries_read_with_their_entry_ids(tmp_path: Path) -> None:
+    from pymatgen.entries.computed_entries import ComputedStructureEntry
+
+    entries = [ComputedStructureEntry(s, -80.0, entry_id=f"mp-{i}-GGA+U").as_dict()
+               for i, s in enumerate((licoo2(), lifepo4()))]
+    (tmp_path / "entries.json").write_text(json.dumps(entries))
+    rows = list(read_library_file(str(tmp_path / "entries.json")))
+    assert [r["structure_id"] for r in rows] == ["mp-0-GGA+U", "mp-1-GGA+U"]
+    assert [parse_raw(r).composition.reduced_formula for r in rows] == ["LiCoO2", "LiFePO4"]
+
+
 def test_make_structure_id_content_hash() -> None:
     sid = make_structure_id(None, "", 3, "payload")
     assert sid.startswith("sha1-") and sid == make_structure_id("  ", "", 0, "payload")
