@@ -173,6 +173,7 @@ def screen(
     run_id: Annotated[str | None, typer.Option(help="run id (default: generated)")] = None,
     resume: Annotated[bool | None, typer.Option(help="continue RUN_ID, skipping finished structures")] = None,
     gpu_actors: int | None = None,
+    gpu_wait_s: Annotated[float | None, typer.Option(help="seconds to wait for GPUs on a cluster before failing clearly (default 900; a local Ray fails at once)")] = None,
     cpu_actors: int | None = None,
     graph_actors: Annotated[int | None, typer.Option(help="most graph-building CPU actors (default: 1 CPU, 8 per GPU actor)")] = None,
     light_tasks: Annotated[int | None, typer.Option(help="most concurrent read/validate tasks (default: 1 CPU, 2 per GPU actor)")] = None,
@@ -193,7 +194,7 @@ def screen(
                    "references": DEFAULT_REFERENCES, **_yaml_defaults(config)},
                   {"library": library, "model": model, "out": out, "references": references,
                    "address": address, "run_id": run_id, "resume": resume, "gpu_actors": gpu_actors,
-                   "cpu_actors": cpu_actors, "graph_actors": graph_actors, "light_tasks": light_tasks,
+                   "gpu_wait_s": gpu_wait_s, "cpu_actors": cpu_actors, "graph_actors": graph_actors, "light_tasks": light_tasks,
                    "max_edges_per_batch": max_edges_per_batch,
                    "inference_batch_rows": inference_batch_rows,
                    "inference_calls_per_actor": inference_calls_per_actor, "object_store_mb": object_store_mb, "precision": precision, "stack_members": stack_members, "compile_model": compile_model, "demo_size": demo_size})

@@ -63,6 +63,11 @@ INFERENCE_CALLS_PER_ACTOR_GPU: int = 2
 #: measurements).
 GRAPH_ACTORS_PER_GPU: int = 8
 LIGHT_TASKS_PER_GPU: int = 2
+#: Seconds a screen with GPU actors waits for the cluster to have that many GPUs (an autoscaling
+#: GPU pool starts nodes on demand, in minutes) before it fails with a clear error; without the
+#: wait, Ray Data would wait for the GPU actors forever. A local Ray started by the screen itself
+#: cannot gain GPUs, so it fails at once.
+GPU_WAIT_S: float = 900.0
 
 #: Head and optimisation.
 HEAD_HIDDEN: int = 128

@@ -25,6 +25,8 @@ def main(
     run_id: str | None = typer.Option(None, help="run id (resume needs the same one)"),
     resume: bool = typer.Option(False, help="skip inputs already written for --run-id"),
     gpu_actors: int = typer.Option(0, help="inference actors with one GPU each"),
+    gpu_wait_s: float | None = typer.Option(
+        None, help="seconds to wait for the GPU pool to scale up before failing clearly (default 900)"),
     cpu_actors: int = typer.Option(1, help="CPU inference actors (when no GPU actors)"),
     graph_actors: int | None = typer.Option(
         None, help="most graph-building CPU actors (default: 1 CPU, 8 per GPU actor)"),
@@ -54,6 +56,7 @@ def main(
                      inference_calls_per_actor=inference_calls_per_actor,
                      **({} if object_store_mb is None else {"object_store_mb": object_store_mb}),
                      precision=precision, stack_members=stack_members, compile_model=compile_model,
+                     **({} if gpu_wait_s is None else {"gpu_wait_s": gpu_wait_s}),
                      demo_size=demo_size))
 
 

@@ -103,6 +103,9 @@ class ScreenConfig:
             ``torch.compile``d functions (TorchInductor; the last blocks in float32 only; same
             results to float rounding). Each actor compiles on its first batch, and a part that
             fails to compile runs uncompiled, logged. An alternative to ``stack_members``.
+        gpu_wait_s: with GPU actors, seconds to wait for the cluster to have that many GPUs
+            (asking the autoscaler for them) before failing with :class:`NoGPUError`; a local
+            Ray that this screen starts fails at once (it cannot gain GPUs).
         demo_size: structures of the ``demo`` library.
         min_rows_per_file: rows gathered (as Arrow tables, in the driver) before one results
             file and one rejects file are written; a run's last files hold the rest.
@@ -130,6 +133,7 @@ class ScreenConfig:
     precision: str = "float32"
     stack_members: bool = False
     compile_model: bool = False
+    gpu_wait_s: float = seedcard.GPU_WAIT_S
     demo_size: int = 2000
     min_rows_per_file: int = stages.ROWS_PER_FILE
     lock_ttl_s: float = 600.0
@@ -156,6 +160,8 @@ class ScreenConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.object_store_mb is not None and not self.object_store_mb > 0:
             raise ValueError(f"object_store_mb must be > 0 or None, got {self.object_store_mb}")
+        if not self.gpu_wait_s >= 0:
+            raise ValueError(f"gpu_wait_s must be >= 0, got {self.gpu_wait_s}")
         if self.demo_size < 0 or self.min_rows_per_file < 1 or self.lock_ttl_s <= 0:
             raise ValueError("need demo_size >= 0, min_rows_per_file >= 1, lock_ttl_s > 0")
         if self.resume and not self.run_id:
@@ -295,18 +301,57 @@ def _worker_runtime_env() -> dict[str, Any] | None:
     return {"env_vars": env} if env else None
 
 
-def _ensure_ray(address: str | None) -> bool:
-    """Connect to (or start) Ray unless already connected; True when this call started it."""
+def _ensure_ray(address: str | None) -> str:
+    """Connect to (or start) Ray unless already connected. Returns what this call did:
+    ``"connected"`` (Ray was initialised already), ``"local"`` (started a fresh local Ray) or
+    ``"cluster"`` (connected to ``address`` / ``RAY_ADDRESS``)."""
     import ray
 
     if ray.is_initialized():
-        return False
+        return "connected"
     runtime_env = _worker_runtime_env()
     if address is None and not os.environ.get("RAY_ADDRESS"):
         ray.init(address="local", include_dashboard=False, runtime_env=runtime_env)
-    else:
-        ray.init(address=address, runtime_env=runtime_env)
-    return True
+        return "local"
+    ray.init(address=address, runtime_env=runtime_env)
+    return "cluster"
+
+
+class NoGPUError(RuntimeError):
+    """A screen asked for GPU actors that the Ray cluster does not have (and did not gain)."""
+
+
+def wait_for_gpus(n: int, timeout_s: float) -> None:
+    """Return once the Ray cluster has ``n`` GPUs; raise :class:`NoGPUError` after ``timeout_s``.
+
+    While waiting, the autoscaler is asked for ``n`` one-GPU bundles (``request_resources``): a GPU
+    pool that scales from zero starts nodes only on demand. The request is dropped on return.
+    Without this check, Ray Data waits forever for GPU actors that no node can host.
+    """
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    def gpus() -> int:
+        return int(ray.cluster_resources().get("GPU", 0))
+
+    if gpus() >= n:
+        return
+    deadline = time.monotonic() + timeout_s
+    if timeout_s > 0:
+        log.info("waiting up to %.0f s for %d GPU(s) (the cluster has %d)", timeout_s, n, gpus())
+        request_resources(bundles=[{"GPU": 1}] * n)
+        try:
+            while gpus() < n and time.monotonic() < deadline:
+                time.sleep(min(5.0, max(0.05, deadline - time.monotonic())))
+        finally:
+            request_resources(bundles=[])
+    if gpus() < n:
+        raise NoGPUError(
+            f"the screen asks for {n} GPU inference actor(s) but the Ray cluster has {gpus()} GPU(s)"
+            + (f" after {timeout_s:.0f} s" if timeout_s > 0 else "")
+            + ". Run without --gpu-actors (CPU inference), or on a cluster with a GPU pool "
+            "(cluster.yaml; check `ray status` and the autoscaler's log). A local Ray sees only this "
+            "machine's GPUs.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -454,6 +499,7 @@ def run(config: ScreenConfig) -> ScreenSummary:
 
     Raises:
         runs.RunLockedError: the same run id is running elsewhere.
+        NoGPUError: GPU actors asked for, and the cluster has (and gained) fewer GPUs.
         FileExistsError: the run id has output already and ``resume`` is off.
         ValueError: ``resume`` with another model than the run's output was screened with.
         ScreenInvariantError: results + rejects != inputs, or duplicated inputs in the output.
@@ -464,11 +510,13 @@ def run(config: ScreenConfig) -> ScreenSummary:
     paths = runs.RunPaths(dest=config.out, run_id=run_id)
     with runs.RunLock(uri=paths.lock, run_id=run_id, ttl_s=config.lock_ttl_s) as lock:
         _refuse_reuse(paths, config.resume)
-        started_ray = _ensure_ray(config.address)
+        ray_mode = _ensure_ray(config.address)
         try:
+            if config.gpu_actors:
+                wait_for_gpus(config.gpu_actors, 0.0 if ray_mode == "local" else config.gpu_wait_s)
             return _run_locked(config, paths, lock)
         finally:
-            if started_ray:
+            if ray_mode != "connected":
                 import ray
 
                 ray.shutdown()

@@ -365,6 +365,18 @@ def maybe_inject_actor_fault(batches_done: int) -> None:
     os._exit(1)
 
 
+def check_device(device: str) -> None:
+    """Raise a clear RuntimeError when ``device`` is CUDA and torch sees no CUDA device (a CPU
+    build of torch on a GPU node, or a GPU that Ray scheduled but the process cannot see)."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"inference on {device!r}, but torch {torch.__version__} sees no CUDA device (CUDA build: "
+            f"{torch.version.cuda}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
+            "install a CUDA build of torch on the GPU nodes, or screen without --gpu-actors")
+
+
 class InferenceStage:
     """Actor stage: ensemble inference (edge-budget sub-batches) then calibration/OOD/triage.
 
@@ -379,6 +391,7 @@ class InferenceStage:
         from cathode_ray.calibrate.calibrator import Calibrator
         from cathode_ray.model.ensemble import Ensemble
 
+        check_device(device)
         self.ensemble = Ensemble.load(model, device=device, precision=precision,
                                       stack_members=stack_members, compile_model=compile_model)
         self._precision_checked = precision == "float32"

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cathode_ray.screen import runs
-from cathode_ray.screen.pipeline import ScreenConfig, run
+from cathode_ray.screen.pipeline import NoGPUError, ScreenConfig, run, wait_for_gpus
 from cathode_ray.screen.schema import RESULT_SCHEMA, SCREEN_REJECT_SCHEMA
 from cathode_ray.storage import filesystem_for
 from tests.screen.tiny_model import small_docs
@@ -61,6 +61,27 @@ def test_demo_library_to_s3(s3_server, local_ray, tiny_model, references) -> Non
     with pytest.raises(ValueError, match="another model"):
         run(_config(tiny_model, references, library="demo", demo_size=24, out=out,
                     run_id="demo1", resume=True))
+
+
+def test_gpu_actors_on_a_cluster_without_gpus_fail_clearly_instead_of_waiting(
+        local_ray, tiny_model, references, tmp_path) -> None:
+    """Before, Ray Data waited forever for a GPU actor that no node could host."""
+    import time
+
+    wait_for_gpus(0, 0.0)  # nothing asked: returns at once
+    with pytest.raises(NoGPUError, match=r"1 GPU inference actor\(s\) but the Ray cluster has 0 GPU\(s\)\. Run"):
+        wait_for_gpus(1, 0.0)
+    t0 = time.monotonic()
+    with pytest.raises(NoGPUError, match=r"has 0 GPU\(s\) after 1 s\. Run without --gpu-actors"):
+        run(_config(tiny_model, references, library="demo", demo_size=8, out=str(tmp_path / "dest"),
+                    run_id="nogpu", gpu_actors=1, gpu_wait_s=1.0))
+    assert time.monotonic() - t0 < 60
+    paths = runs.RunPaths(dest=str(tmp_path / "dest"), run_id="nogpu")
+    assert runs.read_json(paths.lock) is None and not Path(paths.results).exists()
+    # the same run then goes ahead on CPU actors
+    summary = run(_config(tiny_model, references, library="demo", demo_size=8,
+                          out=str(tmp_path / "dest"), run_id="nogpu"))
+    assert summary.n_results + summary.n_rejects == 8
 
 
 def test_cli_screen_sizes_the_cpu_stages_and_compiles_the_model(local_ray, tiny_model, references, tmp_path) -> None:

@@ -399,3 +399,12 @@ def test_screen_reads_the_same_fallback_ids_as_the_library(tmp_path) -> None:
     ids = [r["structure_id"] for item in items for r in iter_file_rows(item)]
     assert ids == [r["structure_id"] for r in iter_library(str(tmp_path / "lib"))]
     assert ids == ["a/s.cif#0", "b/s.cif#0"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_inference_without_a_cuda_device_is_a_clear_error() -> None:
+    from cathode_ray.screen.stages import check_device
+
+    check_device("cpu")
+    with pytest.raises(RuntimeError, match="sees no CUDA device.*install a CUDA build of torch"):
+        check_device("cuda")
