@@ -237,27 +237,6 @@ def model_id_of(model: str) -> str:
     return str(manifest["model_id"])
 
 
-def _read_tables(uri: str) -> list[Any]:
-    import pyarrow.fs as pafs
-    import pyarrow.parquet as pq
-
-    fs, path = filesystem_for(uri)
-    selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
-    files = sorted(i.path for i in fs.get_file_info(selector)
-                   if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
-    return [pq.read_table(f, filesystem=fs, partitioning=None) for f in files]
-
-
-def read_results(uri: str) -> Any:
-    """Every result row under ``uri`` as one table of :data:`schema.RESULT_SCHEMA`."""
-    import pyarrow as pa
-
-    from cathode_ray.screen.schema import RESULT_SCHEMA, conform
-
-    tables = [conform(t, RESULT_SCHEMA) for t in _read_tables(uri)]
-    return pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table()
-
-
 # --------------------------------------------------------------------------- latest view
 def latest_schema() -> Any:
     """Schema of ``DEST/latest/latest.parquet``: RESULT_SCHEMA + db_version, withdrawn,
@@ -416,8 +395,10 @@ def _rescreen_locked(config: RescreenConfig, store: StateStore, lock: StateLock,
 def _update_latest(out: str, run_id: str, plan: ChangePlan, current: Iterable[str],
                    db_version: str) -> str:
     """Merge run ``run_id``'s results into ``DEST/latest/latest.parquet``; returns its URI."""
+    from cathode_ray.screen import runs
+
     latest_uri = join(out, "latest", LATEST_FILE)
-    results = read_results(join(out, "results", f"run_id={run_id}"))
+    results = runs.read_results(out, run_id)
     view = merge_latest(read_latest(latest_uri), results, rescreened=plan.to_screen,
                         current=current, db_version=db_version)
     write_latest(latest_uri, view)

@@ -11,6 +11,9 @@ A run lock is an :class:`~cathode_ray.screen.state.ExpiringLock` (atomic create;
 owner; expires ``ttl_s`` after its last heartbeat; compare-and-swap take-over), so a crashed run
 can be resumed once the lock has expired, or at once from the same host when the owning process
 is gone.
+
+Read a screen's output with :func:`read_results` / :func:`read_rejects` (one run or every run of
+a DEST, as one Arrow table; ``.to_pandas()`` for a DataFrame).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -165,6 +169,35 @@ def read_columns(uri: str, columns: list[str], *, drop_corrupt: bool = False) ->
         for c in columns:
             out[c].extend(table.column(c).to_pylist())
     return out
+
+
+def read_tables(uri: str, schema: pa.Schema) -> pa.Table:
+    """Every Parquet file under ``uri`` (local or s3://), each conformed to ``schema``, as one table
+    (empty, with that schema, when there is none). Files are read with ``partitioning=None``:
+    ``run_id`` is a column of every file, not only a ``run_id=`` folder."""
+    from cathode_ray.screen.schema import conform
+
+    fs, files = _parquet_files(uri)
+    tables = [conform(pq.read_table(p, filesystem=fs, partitioning=None), schema) for p in files]
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def read_results(dest: str, run_id: str | None = None) -> pa.Table:
+    """Result rows (:data:`~cathode_ray.screen.schema.RESULT_SCHEMA`) of run ``run_id`` in DEST,
+    or of every run there when ``None``; energies in eV/atom. ``.to_pandas()`` for a DataFrame."""
+    from cathode_ray.screen.schema import RESULT_SCHEMA
+
+    uri = RunPaths(dest=dest, run_id=run_id).results if run_id else join(dest, "results")
+    return read_tables(uri, RESULT_SCHEMA)
+
+
+def read_rejects(dest: str, run_id: str | None = None) -> pa.Table:
+    """Reject rows (:data:`~cathode_ray.screen.schema.SCREEN_REJECT_SCHEMA`: id, source, reason,
+    message, occurrence, run_id) of run ``run_id`` in DEST, or of every run there when ``None``."""
+    from cathode_ray.screen.schema import SCREEN_REJECT_SCHEMA
+
+    uri = RunPaths(dest=dest, run_id=run_id).rejects if run_id else join(dest, "rejects")
+    return read_tables(uri, SCREEN_REJECT_SCHEMA)
 
 
 def done_keys(paths: RunPaths) -> set[tuple[str, int]]:

@@ -192,6 +192,32 @@ def test_screen_writer_gathers_batches_into_file_pairs_and_sums_stats(tmp_path) 
         ScreenWriter(results_uri=str(tmp_path), rejects_uri=str(tmp_path), run_id="r", rows_per_file=0)
 
 
+def test_read_results_and_rejects_of_one_run_or_every_run(tmp_path) -> None:
+    """What pd.read_parquet("DEST/results") cannot do (run_id is a column and a folder)."""
+    dest = str(tmp_path / "dest")
+    res = _result_row() | {"kind": "valid", "source": "x", "occurrence": 0, "reason": None,
+                           "message": None}
+    rej = {"structure_id": "bad", "source": "x", "kind": "reject", "occurrence": 0,
+           "reason": "unparseable", "message": "m"}
+    for run_id, n in (("ra", 2), ("rb", 1)):
+        paths = runs.RunPaths(dest=dest, run_id=run_id)
+        w = ScreenWriter(results_uri=paths.results, rejects_uri=paths.rejects, run_id=run_id,
+                         rows_per_file=10)
+        w.write(pd.DataFrame([res | {"structure_id": f"{run_id}-{i}", "run_id": run_id}
+                              for i in range(n)] + [rej]))
+        w.flush()
+    with pytest.raises(pa.ArrowTypeError, match="run_id"):
+        pd.read_parquet(f"{dest}/results")
+    every = runs.read_results(dest).to_pandas()
+    assert sorted(every["structure_id"]) == ["ra-0", "ra-1", "rb-0"]
+    assert sorted(every["run_id"]) == ["ra", "ra", "rb"]
+    assert runs.read_results(dest).schema == RESULT_SCHEMA
+    assert runs.read_results(dest, "rb").column("structure_id").to_pylist() == ["rb-0"]
+    rejects = runs.read_rejects(dest)
+    assert rejects.schema == SCREEN_REJECT_SCHEMA and sorted(rejects["run_id"].to_pylist()) == ["ra", "rb"]
+    assert runs.read_results(str(tmp_path / "empty")).num_rows == 0  # no output yet: empty table
+
+
 def test_screen_writer_stops_once_the_run_lock_is_taken_over(tmp_path) -> None:
     import json
 
