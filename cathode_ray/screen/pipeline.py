@@ -232,6 +232,8 @@ class ScreenSummary:
         lines.append(f"  {'wall time':<24s}{self.seconds:>8.1f} s   "
                      f"{self.structures_per_s:.2f} structures/s")
         lines += [f"  busy {s:<19s}{t:>8.1f} s" for s, t in self.stage_seconds.items()]
+        lines.append(f"read it: from cathode_ray.screen.runs import read_results; "
+                     f"read_results({self.out!r}, {self.run_id!r}).to_pandas()")
         return "\n".join(lines)
 
 

@@ -95,6 +95,8 @@ def test_cli_screen_sizes_the_cpu_stages_and_compiles_the_model(local_ray, tiny_
         "--graph-actors", "2", "--light-tasks", "1", "--compile-model"])
     assert res.exit_code == 0, res.output
     assert "run cli1: 8 inputs -> 8 results" in res.output
+    assert f"read_results({str(tmp_path / 'dest')!r}, 'cli1').to_pandas()" in res.output
+    assert runs.read_results(str(tmp_path / "dest"), "cli1").num_rows == 8
     attempt = runs.read_json(runs.RunPaths(dest=str(tmp_path / "dest"), run_id="cli1").manifest)[
         "attempts"][-1]
     assert (attempt["config"]["graph_actors"], attempt["config"]["light_tasks"]) == (2, 1)
