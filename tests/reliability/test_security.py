@@ -176,6 +176,12 @@ def _write_untrusted(lib: Path, tmp: Path) -> tuple[dict[str, tuple[str, ...]], 
     s["sites"][0]["properties"] = {"payload": {"@module": module, "@class": "Boom"}}
     (lib / "monty_site_property.json").write_text(json.dumps(s))
     untrusted["monty_site_property.json"] = ("unparseable",)
+    # ASE's legacy pickle trajectory format, and a pickle named as an ASE database: ASE's ULM and
+    # SQLite readers refuse both, neither unpickles
+    (lib / "legacy.traj").write_bytes(b"PickleTrajectory" + pickle.dumps(_Boom(markers[0])))
+    untrusted["legacy.traj"] = ("unreadable_file",)
+    (lib / "pickle.db").write_bytes(pickle.dumps(_Boom(markers[0])))
+    untrusted["pickle.db"] = ("unreadable_file",)
     (lib / "payload.pkl").write_bytes(pickle.dumps(_Boom(markers[0])))  # not a library format
     return untrusted, markers, probe_dir
 
