@@ -434,23 +434,14 @@ def _read_ase(fs: pafs.FileSystem, fs_path: str, source: str, name: str) -> Iter
     never opened for writing. A file ASE cannot read raises OSError (one ``unreadable_file`` row,
     after the rows read before it); a row that cannot be written as XYZ becomes a reject row.
     """
-    suffix = ".db" if PurePosixPath(fs_path.lower().removesuffix(".gz")).suffix == ".db" else ".traj"
+    suffix = ".db" if fs_path.lower().removesuffix(".gz").endswith(".db") else ".traj"
     with tempfile.TemporaryDirectory(prefix="cathode-ray-ase-") as tmp:
         local = os.path.join(tmp, "library" + suffix)
         with fs.open_input_stream(fs_path, compression=None) as stream, open(local, "wb") as out:
             shutil.copyfileobj(_gunzipped(stream), out, 1 << 20)
         if os.path.getsize(local) == 0:
             return
-        items = _ase_items(local, suffix)
-        index = 0
-        while True:
-            try:
-                atoms, keys = next(items)
-            except StopIteration:
-                return
-            except Exception as exc:  # noqa: BLE001 - sqlite3/ulm/numpy errors of a corrupt file
-                raise OSError(f"not a readable ASE {suffix} file ({type(exc).__name__}: "
-                              f"{short_error(exc)})") from exc
+        for index, (atoms, keys) in enumerate(_ase_items(local, suffix)):
             given = next((keys[k] for k in _ID_FIELDS if keys.get(k) is not None), None)
             try:
                 text = _extxyz_text(atoms)
@@ -461,21 +452,25 @@ def _read_ase(fs: pafs.FileSystem, fs_path: str, source: str, name: str) -> Iter
             else:
                 yield raw_row(make_structure_id(given, name, index, text), source, "extxyz", text,
                               **_labels(keys))
-            index += 1
 
 
 def _ase_items(path: str, suffix: str) -> Iterator[tuple[Any, dict[str, Any]]]:
-    """(ase.Atoms, key-value pairs) of every row of an ASE database or frame of a trajectory."""
-    if suffix == ".db":
-        import ase.db
+    """(ase.Atoms, key-value pairs) of every row of an ASE database or frame of a trajectory;
+    whatever ASE raises on a corrupt file (sqlite3, ULM, numpy errors) becomes an OSError."""
+    try:
+        if suffix == ".db":
+            import ase.db
 
-        for row in ase.db.connect(path, type="db").select():
-            yield row.toatoms(), dict(row.key_value_pairs)
-    else:
-        from ase.io import iread
+            for row in ase.db.connect(path, type="db").select():
+                yield row.toatoms(), dict(row.key_value_pairs)
+        else:
+            from ase.io import iread
 
-        for atoms in iread(path, index=":", format="traj"):
-            yield atoms, {}
+            for atoms in iread(path, index=":", format="traj"):
+                yield atoms, {}
+    except Exception as exc:  # noqa: BLE001 - any failure of ASE's reader: the file is unreadable
+        raise OSError(f"not a readable ASE {suffix} file ({type(exc).__name__}: "
+                      f"{short_error(exc)})") from exc
 
 
 def _extxyz_text(atoms: Any) -> str:
