@@ -105,7 +105,8 @@ class ScreenConfig:
             fails to compile runs uncompiled, logged. An alternative to ``stack_members``.
         gpu_wait_s: with GPU actors, seconds to wait for the cluster to have that many GPUs
             (asking the autoscaler for them) before failing with :class:`NoGPUError`; a local
-            Ray that this screen starts fails at once (it cannot gain GPUs).
+            Ray started by this process (by the screen, or ``ray.init()`` in a notebook) fails at
+            once: it cannot gain GPUs.
         demo_size: structures of the ``demo`` library.
         min_rows_per_file: rows gathered (as Arrow tables, in the driver) before one results
             file and one rejects file are written; a run's last files hold the rest.
@@ -319,6 +320,14 @@ def _ensure_ray(address: str | None) -> str:
     return "cluster"
 
 
+def _ray_started_here() -> bool:
+    """True when this process started the Ray it is connected to: the screen's own local Ray, or
+    ``ray.init()`` in a notebook. Such a Ray has no autoscaler, so it never gains GPUs."""
+    from ray._private import worker  # Ray has no public API for "who started this node"
+
+    return bool(getattr(getattr(worker, "_global_node", None), "head", False))
+
+
 class NoGPUError(RuntimeError):
     """A screen asked for GPU actors that the Ray cluster does not have (and did not gain)."""
 
@@ -443,6 +452,9 @@ def build_dataset(config: ScreenConfig, source: Source, *, run_id: str, index: I
     )
     # the dataset's own context (a copy): other datasets of this process keep their settings
     ds.context.target_max_block_size = _MAX_BLOCK_BYTES
+    # the structure and graph columns are Python objects by design (pickled between stages, never
+    # written); saying so stops Ray Data's "Failed to convert column ... into pyarrow array" warning
+    ds.context.enable_fallback_to_arrow_object_ext_type = True
     if config.object_store_mb is not None:
         limits = ds.context.execution_options.resource_limits
         ds.context.execution_options.resource_limits = limits.copy(
@@ -515,7 +527,8 @@ def run(config: ScreenConfig) -> ScreenSummary:
         ray_mode = _ensure_ray(config.address)
         try:
             if config.gpu_actors:
-                wait_for_gpus(config.gpu_actors, 0.0 if ray_mode == "local" else config.gpu_wait_s)
+                wait_for_gpus(config.gpu_actors,
+                              0.0 if _ray_started_here() else config.gpu_wait_s)
             return _run_locked(config, paths, lock)
         finally:
             if ray_mode != "connected":

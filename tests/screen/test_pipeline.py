@@ -71,10 +71,15 @@ def test_gpu_actors_on_a_cluster_without_gpus_fail_clearly_instead_of_waiting(
     wait_for_gpus(0, 0.0)  # nothing asked: returns at once
     with pytest.raises(NoGPUError, match=r"1 GPU inference actor\(s\) but the Ray cluster has 0 GPU\(s\)\. Run"):
         wait_for_gpus(1, 0.0)
-    t0 = time.monotonic()
+    # on a cluster: ask the autoscaler, wait, then give up
     with pytest.raises(NoGPUError, match=r"has 0 GPU\(s\) after 1 s\. Run without --gpu-actors"):
+        wait_for_gpus(1, 1.0)
+    # the Ray this process started (as in a notebook) cannot gain GPUs: no wait at all, whatever
+    # gpu_wait_s says (before, this waited the full gpu_wait_s)
+    t0 = time.monotonic()
+    with pytest.raises(NoGPUError, match=r"has 0 GPU\(s\)\. Run without --gpu-actors"):
         run(_config(tiny_model, references, library="demo", demo_size=8, out=str(tmp_path / "dest"),
-                    run_id="nogpu", gpu_actors=1, gpu_wait_s=1.0))
+                    run_id="nogpu", gpu_actors=1, gpu_wait_s=600.0))
     assert time.monotonic() - t0 < 60
     paths = runs.RunPaths(dest=str(tmp_path / "dest"), run_id="nogpu")
     assert runs.read_json(paths.lock) is None and not Path(paths.results).exists()
@@ -146,3 +151,21 @@ def test_bad_files_keep_invariant_and_resume(local_ray, tiny_model, references,
     assert fresh.reject_reasons == full.reject_reasons
     manifest = runs.read_json(paths.manifest)
     assert len(manifest["attempts"]) == 2 and manifest["status"] == "complete"
+
+
+def test_the_dataset_keeps_its_settings_and_pickles_object_columns_quietly(
+        local_ray, tiny_model, references, tmp_path) -> None:
+    """Structure and graph columns are Python objects on purpose; without the explicit setting,
+    Ray Data logged "Failed to convert column 'structure' into pyarrow array" on every screen."""
+    import ray
+
+    from cathode_ray.screen.pipeline import InputIndex, build_dataset, plan_source
+
+    config = _config(tiny_model, references, library="demo", demo_size=4, out=str(tmp_path / "d"),
+                     object_store_mb=64)
+    ds = build_dataset(config, plan_source(config), run_id="r",
+                       index=InputIndex(n_inputs=4, ranks={}, rows_per_file={}), done=frozenset())
+    assert ds.context.enable_fallback_to_arrow_object_ext_type is True
+    assert ds.context.execution_options.resource_limits.object_store_memory == 64e6
+    # the process-wide context is untouched: other datasets of a notebook keep Ray's defaults
+    assert ray.data.DataContext.get_current().enable_fallback_to_arrow_object_ext_type is None
