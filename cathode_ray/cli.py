@@ -165,7 +165,7 @@ def report(
 
 @app.command()
 def screen(
-    library: Annotated[str | None, typer.Option(help="file/dir/glob/s3:// prefix of CIF, POSCAR, extxyz, AIRSS .res, ASE .db/.traj, JSON(L) or Parquet files; 'mp' or 'demo'")] = None,
+    library: Annotated[str | None, typer.Option(help="file/dir/glob/s3:// prefix of CIF, POSCAR, vasprun.xml, extxyz, AIRSS .res, ASE .db/.traj, JSON(L) or Parquet files; 'mp' or 'demo'")] = None,
     model: Annotated[str | None, typer.Option(help="model directory (default: bundled)")] = None,
     out: Annotated[str | None, typer.Option(help="DEST: local directory or s3://bucket/prefix")] = None,
     references: Annotated[str | None, typer.Option(help="snapshot:PATH or mp")] = None,

@@ -16,6 +16,8 @@ suffix                    content
 ``.db``/``.traj``         an ASE database (one raw row per row; ``structure_id``/``material_id``
                           and label keys ride along) or ASE trajectory (one per frame); each
                           structure becomes extended-XYZ text, the file is read from a copy
+``vasprun*.xml*``         a VASP run's final ionic step (one raw row; read by ASE like the above);
+                          a run that did not finish (no closing ``</modeling>``) is unreadable
 ``.json``                 a pymatgen ``Structure.as_dict()``, an item, a list of either, or
                           items written one after another (JSON lines saved as ``.json``)
 ``.jsonl``/``.ndjson``    one item or Structure dict per line (e.g. Materials Project summary docs)
@@ -38,7 +40,8 @@ but hold no NUL bytes are read as Latin-1 (CIFs exported on Windows often are).
 
 Structure ids are stable: the id given in the file (``structure_id``, ``material_id`` or a pymatgen
 entry's ``entry_id``, first found), else ``<file name>#<index within the file>``
-(``<parent dir>/POSCAR#0`` for generic VASP names), else a content hash.
+(``<parent dir>/POSCAR#0``, ``<parent dir>/vasprun.xml#0`` for generic VASP names), else a
+content hash.
 """
 
 from __future__ import annotations
@@ -92,6 +95,8 @@ LIBRARY_ROW_GROUP_ROWS = 1024
 _ID_FIELDS: tuple[str, ...] = ("structure_id", "material_id", "entry_id")  # first found is the id
 _PARQUET_BATCH_ROWS = 1024
 _GENERIC_VASP_NAMES = ("POSCAR", "CONTCAR")
+_VASPRUN = "vasprun"  # vasprun.xml, vasprun.xml.relax2 (custodian), vasprun.relax.xml, + .gz
+_ASE_SUFFIXES = {".db": "ASE .db", ".traj": "ASE .traj", ".xml": "VASP vasprun.xml"}
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _GZIP_MAGIC = b"\x1f\x8b"
 _WHITESPACE = re.compile(r"\s*")
@@ -100,7 +105,8 @@ _CIF_BLOCK = re.compile(r"^[ \t]*data_(\S*)", re.IGNORECASE | re.MULTILINE)
 _CIF_ATOM_SITES = re.compile(r"^[ \t]*_atom_site[._](?:fract|cartn)_x\b", re.IGNORECASE | re.MULTILINE)
 _RES_TITL = re.compile(r"^[ \t]*TITL\b", re.MULTILINE)
 _THUMBS_DB = "thumbs.db"  # Windows Explorer's thumbnail cache: a SQLite file, not an ASE database
-_SUPPORTED = ".cif, POSCAR/.vasp, .xyz/.extxyz, .res, ASE .db/.traj, .json/.jsonl, .parquet (+ .gz)"
+_SUPPORTED = (".cif, POSCAR/.vasp, vasprun.xml, .xyz/.extxyz, .res, ASE .db/.traj, .json/.jsonl, "
+              ".parquet (+ .gz)")
 _XYZ_ID = re.compile(r"""(?:^|\s)(?:structure_id|material_id)=("[^"]*"|'[^']*'|\S+)""")
 
 #: Errors that mean "this file cannot be read": they become one ``unreadable_file`` row.
@@ -133,6 +139,8 @@ def library_format(path: str) -> str | None:
     suffix = PurePosixPath(lower).suffix
     if suffix == ".cif":
         return "cif"
+    if lower.startswith(_VASPRUN) and ".xml" in lower:
+        return "ase"
     if suffix in (".vasp", ".poscar") or name.startswith(_GENERIC_VASP_NAMES):
         return "poscar"
     if suffix in (".xyz", ".extxyz"):
@@ -221,13 +229,13 @@ def _glob(fs: pafs.FileSystem, spec: str, path: str) -> list[str]:
 # --------------------------------------------------------------------------- ids and rows
 def file_label(path: str, *, root: str | None = None) -> str:
     """Name used in fallback ids: the path below ``root`` for a file in a subfolder of the
-    library, else the file name, or ``<parent dir>/<name>`` for POSCAR/CONTCAR."""
+    library, else the file name, or ``<parent dir>/<name>`` for POSCAR/CONTCAR/vasprun.xml."""
     if root and path.startswith(root.rstrip("/") + "/"):
         rel = path[len(root.rstrip("/")) + 1:]
         if "/" in rel:
             return rel
     p = PurePosixPath(path.replace("\\", "/"))
-    if p.name.startswith(_GENERIC_VASP_NAMES) and p.parent.name:
+    if p.name.startswith((*_GENERIC_VASP_NAMES, _VASPRUN)) and p.parent.name:
         return f"{p.parent.name}/{p.name}"
     return p.name
 
@@ -427,20 +435,25 @@ def _read_res(fs: pafs.FileSystem, fs_path: str, source: str, name: str) -> Iter
 
 
 def _read_ase(fs: pafs.FileSystem, fs_path: str, source: str, name: str) -> Iterator[dict]:
-    """ASE database rows or trajectory frames, each as an extended-XYZ payload.
+    """ASE database rows, trajectory frames or a vasprun.xml's final ionic step, each as an
+    extended-XYZ payload.
 
     ASE reads only real files, and connecting to a database may write to it (an empty file gets
     tables), so the file is copied (gunzipped) into a temporary folder first and the user's file is
     never opened for writing. A file ASE cannot read raises OSError (one ``unreadable_file`` row,
-    after the rows read before it); a row that cannot be written as XYZ becomes a reject row.
+    after the rows read before it), and so does a vasprun.xml without its closing tag: ASE would
+    return the last finished ionic step of a killed run as if it were the result. A row that cannot
+    be written as XYZ becomes a reject row.
     """
-    suffix = ".db" if fs_path.lower().removesuffix(".gz").endswith(".db") else ".traj"
+    suffix = _ase_suffix(fs_path)
     with tempfile.TemporaryDirectory(prefix="cathode-ray-ase-") as tmp:
         local = os.path.join(tmp, "library" + suffix)
         with fs.open_input_stream(fs_path, compression=None) as stream, open(local, "wb") as out:
             shutil.copyfileobj(_gunzipped(stream), out, 1 << 20)
         if os.path.getsize(local) == 0:
             return
+        if suffix == ".xml":
+            _check_vasprun_finished(local)
         for index, (atoms, keys) in enumerate(_ase_items(local, suffix)):
             given = next((keys[k] for k in _ID_FIELDS if keys.get(k) is not None), None)
             try:
@@ -454,31 +467,55 @@ def _read_ase(fs: pafs.FileSystem, fs_path: str, source: str, name: str) -> Iter
                               **_labels(keys))
 
 
+def _ase_suffix(fs_path: str) -> str:
+    """``.db``, ``.traj`` or ``.xml`` (vasprun): which ASE reader a file of the ``ase`` format needs."""
+    lower = PurePosixPath(fs_path).name.lower().removesuffix(".gz")
+    return ".xml" if lower.startswith(_VASPRUN) else PurePosixPath(lower).suffix
+
+
+def _check_vasprun_finished(path: str) -> None:
+    """Raise OSError unless the vasprun.xml at ``path`` ends with ``</modeling>`` (VASP writes it
+    last; a run killed by the queue or out of time leaves the file without it)."""
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - 4096))
+        tail = f.read()
+    if b"</modeling>" not in tail:
+        raise OSError("vasprun.xml has no closing </modeling>: the VASP run did not finish or the "
+                      "file was cut, so its last structure is not a result; screen its CONTCAR "
+                      "if you want that structure")
+
+
 def _ase_items(path: str, suffix: str) -> Iterator[tuple[Any, dict[str, Any]]]:
-    """(ase.Atoms, key-value pairs) of every row of an ASE database or frame of a trajectory;
-    whatever ASE raises on a corrupt file (sqlite3, ULM, numpy errors) becomes an OSError."""
+    """(ase.Atoms, key-value pairs) of every row of an ASE database, frame of a trajectory, or
+    the final ionic step of a vasprun.xml; whatever ASE raises on a corrupt file (sqlite3, ULM,
+    XML, numpy errors) becomes an OSError."""
     try:
         if suffix == ".db":
             import ase.db
 
             for row in ase.db.connect(path, type="db").select():
                 yield row.toatoms(), dict(row.key_value_pairs)
+        elif suffix == ".xml":
+            from ase.io import read
+
+            yield read(path, index=-1, format="vasp-xml"), {}
         else:
             from ase.io import iread
 
             for atoms in iread(path, index=":", format="traj"):
                 yield atoms, {}
     except Exception as exc:  # noqa: BLE001 - any failure of ASE's reader: the file is unreadable
-        raise OSError(f"not a readable ASE {suffix} file ({type(exc).__name__}: "
+        raise OSError(f"not a readable {_ASE_SUFFIXES[suffix]} file ({type(exc).__name__}: "
                       f"{short_error(exc)})") from exc
 
 
 def _extxyz_text(atoms: Any) -> str:
-    """Extended-XYZ text of one ase.Atoms (cell, pbc, species, positions in Angstrom)."""
+    """Extended-XYZ text of one ase.Atoms (cell, pbc, species, positions in Angstrom); a
+    calculator's energy and forces (a database row's, a VASP step's) are left out."""
     from ase.io import write
 
     buffer = io.StringIO()
-    write(buffer, atoms, format="extxyz")
+    write(buffer, atoms.copy(), format="extxyz")  # Atoms.copy() drops the calculator
     return buffer.getvalue()
 
 

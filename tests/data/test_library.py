@@ -17,6 +17,7 @@ from cathode_ray.data import library
 from cathode_ray.data.library import (
     filesystem_for,
     iter_library,
+    library_format,
     list_library_files,
     make_structure_id,
     read_library_file,
@@ -30,6 +31,8 @@ from tests.data.badfiles import (
     licoo2,
     lifepo4,
     limn2o4,
+    relaxation,
+    vasprun_xml,
     write_ase_db,
     write_bad_library,
     write_good_library,
@@ -315,11 +318,11 @@ def test_files_in_hidden_directories_are_skipped(tmp_path: Path, caplog) -> None
     licoo2().to(filename=str(tmp_path / "lib" / ".ipynb_checkpoints" / "LiCoO2-checkpoint.cif"))
     licoo2().to(filename=str(tmp_path / "lib" / ".hidden.cif"))
     expected = [str(tmp_path / "lib" / "sub" / "LiCoO2.cif")]
-    (tmp_path / "lib" / "vasprun.xml").write_text("<modeling/>")
+    (tmp_path / "lib" / "OUTCAR").write_text(" vasp.6.4.2\n")
     with caplog.at_level("WARNING", logger=library.__name__):
         assert list_library_files(str(tmp_path / "lib")) == expected
     assert "skipped 3 unsupported or hidden files (e.g. .hidden.cif, LiCoO2-checkpoint.cif, " \
-           "vasprun.xml)" in caplog.text
+           "OUTCAR)" in caplog.text
     assert list_library_files(str(tmp_path / "lib") + "/**/*.cif") == expected
     # a library that itself lies below a dot-directory is still read
     (tmp_path / ".data").mkdir()
@@ -327,14 +330,15 @@ def test_files_in_hidden_directories_are_skipped(tmp_path: Path, caplog) -> None
     assert list_library_files(str(tmp_path / ".data")) == [str(tmp_path / ".data" / "a.cif")]
 
 
-def test_airss_res_ase_database_and_trajectory_hold_the_structures_written(good_dir) -> None:
+def test_airss_res_ase_files_and_vasprun_hold_the_structures_written(good_dir) -> None:
     from pymatgen.analysis.structure_matcher import StructureMatcher
 
     d, _ = good_dir
     rows = {r["structure_id"]: r for r in iter_library(str(d))
-            if Path(r["source"]).suffix in (".res", ".db", ".traj")}
+            if library_format(r["source"]) in ("res", "ase")}
     expected = {"LiCoO2-8f2a-1": licoo2(), "LiFePO4-03b1-7": lifepo4(), "relax.traj#0": licoo2(),
-                "relax.traj#1": limn2o4(), "ase-b": limn2o4(), "candidates.db#1": lifepo4()}
+                "relax.traj#1": limn2o4(), "ase-b": limn2o4(), "candidates.db#1": lifepo4(),
+                "relax-1/vasprun.xml.gz#0": relaxation(limn2o4())[-1]}
     assert sorted(rows) == sorted(expected)
     matcher = StructureMatcher(primitive_cell=False, scale=False, attempt_supercell=False)
     for sid, structure in expected.items():
@@ -342,6 +346,7 @@ def test_airss_res_ase_database_and_trajectory_hold_the_structures_written(good_
         assert isinstance(parsed, Structure), (sid, parsed)
         assert parsed.composition == structure.composition, sid
         assert matcher.fit(parsed, structure), sid
+        assert parsed.volume == pytest.approx(structure.volume, rel=1e-6), sid  # the last step
     assert rows["ase-b"]["energy_above_hull"] == pytest.approx(0.02)  # ASE key-value pairs ride along
     assert "energy_above_hull" not in rows["candidates.db#1"]
     assert not any(Path(f).name == "Thumbs.db" for f in list_library_files(str(d)))
@@ -393,6 +398,37 @@ def test_bad_ase_files_become_reject_rows_and_are_never_written(tmp_path: Path) 
         assert isinstance(parsed["periodic"], Structure)
         assert parsed["molecule"].reason == RejectCode.DEGENERATE_LATTICE  # no 3D cell
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written
+
+
+def test_vasprun_names_ids_and_runs_that_did_not_finish(tmp_path: Path) -> None:
+    for name in ("vasprun.xml", "vasprun.xml.gz", "vasprun.xml.relax2", "vasprun.relax2.xml.gz",
+                 "VASPRUN.XML"):
+        assert library_format(f"calc/{name}") == "ase", name
+    for name in ("OUTCAR", "vasprun.h5", "other.xml", "vasprun.txt"):
+        assert library_format(f"calc/{name}") is None, name
+    text = vasprun_xml(relaxation(licoo2()))
+    for run, content in {"done": text, "killed": text[: len(text) // 2],
+                         "not-xml": "vasp.6.4.2 OUTCAR text</modeling>\n", "empty": ""}.items():
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "vasprun.xml").write_text(content)
+
+    def read(run: str) -> list[dict]:
+        return list(read_library_file(str(tmp_path / run / "vasprun.xml")))
+
+    [done] = read("done")
+    assert done["structure_id"] == "done/vasprun.xml#0" and done["fmt"] == "extxyz"
+    assert "energy" not in done["payload"] and "forces" not in done["payload"]  # the structure only
+    assert parse_raw(done).volume == pytest.approx(relaxation(licoo2())[-1].volume)
+    [killed] = read("killed")  # ASE alone would return the last finished ionic step as the result
+    assert killed["error"] == RejectCode.UNREADABLE_FILE and "did not finish" in killed["payload"]
+    [not_xml] = read("not-xml")
+    assert not_xml["error"] == RejectCode.UNREADABLE_FILE
+    assert "not a readable VASP vasprun.xml file" in not_xml["payload"]
+    assert [r["error"] for r in read("empty")] == [RejectCode.EMPTY_SOURCE]
+    # a whole calculation tree: one row per run, named by its folder
+    rows = list(iter_library(str(tmp_path)))
+    assert sorted(r["structure_id"] for r in rows) == [
+        "done/vasprun.xml#0", "empty/vasprun.xml", "killed/vasprun.xml", "not-xml/vasprun.xml"]
 
 
 def test_split_extxyz_frames_and_garbage() -> None:

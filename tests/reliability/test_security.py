@@ -182,6 +182,18 @@ def _write_untrusted(lib: Path, tmp: Path) -> tuple[dict[str, tuple[str, ...]], 
     untrusted["legacy.traj"] = ("unreadable_file",)
     (lib / "pickle.db").write_bytes(pickle.dumps(_Boom(markers[0])))
     untrusted["pickle.db"] = ("unreadable_file",)
+    # vasprun.xml: an entity-expansion bomb ("billion laughs", ~10 GB expanded) and an external
+    # entity that would read a local file; expat refuses both before anything is expanded or read
+    laughs = "".join(f' <!ENTITY l{i} "' + f"&l{i - 1};" * 10 + '">\n' for i in range(1, 10))
+    (lib / "vasprun.xml").write_text(
+        f'<?xml version="1.0"?>\n<!DOCTYPE m [\n <!ENTITY l0 "{"ha" * 50}">\n{laughs}]>\n'
+        '<modeling><incar><i name="SYSTEM" type="string">&l9;</i></incar></modeling>\n')
+    untrusted["vasprun.xml"] = ("unreadable_file",)
+    probe_file = probe_dir / f"{module}.py"
+    (lib / "vasprun.xml.xxe").write_text(
+        f'<?xml version="1.0"?>\n<!DOCTYPE m [<!ENTITY x SYSTEM "file://{probe_file}">]>\n'
+        '<modeling><incar><i name="SYSTEM" type="string">&x;</i></incar></modeling>\n')
+    untrusted["vasprun.xml.xxe"] = ("unreadable_file",)
     (lib / "payload.pkl").write_bytes(pickle.dumps(_Boom(markers[0])))  # not a library format
     return untrusted, markers, probe_dir
 
