@@ -30,19 +30,11 @@ def test_cluster_yaml_validates_with_ray_schema() -> None:
 @pytest.mark.slow
 def test_ray_job_submit_runs_screen(tiny_model, references, tmp_path) -> None:
     """A private head (own temp dir + ports) stopped by its own pids, not ``ray stop``."""
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    dash, gcs = free_port(), free_port()
+    dash = free_port()
     temp_dir = tempfile.mkdtemp(prefix="crs_", dir="/tmp")  # short: socket path length limit
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
-    start = subprocess.run(
-        [ray_bin, "start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
-         f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-         # every agent port free-picked: other local Ray heads may hold the default ones
-         *(f"--{flag}={free_port()}" for flag in (
-             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-             "runtime-env-agent-port", "ray-client-server-port"))],
-        env=env, capture_output=True, text=True, timeout=120)
-    assert start.returncode == 0, start.stderr
+    ray_bin = _start_head(temp_dir, env, free_port(), "--num-cpus=2", "--include-dashboard=true",
+                          f"--dashboard-port={dash}")
     try:
         out = tmp_path / "dest"
         cmd = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}",
@@ -62,6 +54,80 @@ def test_ray_job_submit_runs_screen(tiny_model, references, tmp_path) -> None:
         assert (attempt["config"]["graph_actors"], attempt["config"]["light_tasks"]) == (1, 1)
     finally:
         _stop_head(temp_dir)
+
+
+@pytest.mark.slow
+def test_gpu_screen_waits_for_the_autoscaler_to_add_a_gpu_node(tmp_path) -> None:
+    """The autoscaler half of ``wait_for_gpus`` on Ray's fake multi-node provider: a head without
+    GPUs and a pool of one-GPU nodes that scales from zero, as in cluster.yaml. Nothing but the
+    screen's request makes the autoscaler start a node."""
+    temp_dir = tempfile.mkdtemp(prefix="crs_", dir="/tmp")
+    gcs = free_port()
+    store = 80_000_000  # bytes of object store per node: small, this machine has 24 GB
+    config = {
+        "cluster_name": "fake-gpu-pool", "max_workers": 1, "head_node_type": "ray.head.default",
+        "provider": {"type": "fake_multinode", "gcs_address": f"127.0.0.1:{gcs}",
+                     "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 1}, "node_config": {}, "max_workers": 0},
+            "gpu_workers": {"resources": {"CPU": 1, "GPU": 1, "object_store_memory": store},
+                            "node_config": {}, "min_workers": 0, "max_workers": 1}},
+        "auth": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": 1, "docker": {},
+        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+        "rsync_exclude": [], "rsync_filter": [],
+        **{k: [] for k in ("initialization_commands", "setup_commands", "head_setup_commands",
+                           "worker_setup_commands", "head_start_ray_commands",
+                           "worker_start_ray_commands")}}
+    (tmp_path / "autoscaling.json").write_text(json.dumps(config))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO),
+           "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    _start_head(temp_dir, env, gcs, "--num-cpus=1", "--include-dashboard=false",
+                f"--object-store-memory={store}",
+                f"--autoscaling-config={tmp_path / 'autoscaling.json'}")
+    client = f"""
+import json, time, ray
+from cathode_ray.screen.pipeline import NoGPUError, wait_for_gpus
+ray.init(address="127.0.0.1:{gcs}")
+before = ray.cluster_resources().get("GPU", 0)
+t0 = time.monotonic()
+wait_for_gpus(1, 120)
+waited = time.monotonic() - t0
+try:
+    wait_for_gpus(2, 3)  # the pool holds one node at most
+    error = None
+except NoGPUError as exc:
+    error = str(exc)
+print(json.dumps({{"before": before, "after": ray.cluster_resources().get("GPU", 0),
+                  "waited": waited, "error": error}}))
+"""
+    try:
+        time.sleep(3)  # the autoscaler's first pass: nothing is started without a request
+        proc = subprocess.run([sys.executable, "-c", client], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        got = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert got["before"] == 0 and got["after"] == 1, got
+        assert 0 < got["waited"] < 120
+        assert "asks for 2 GPU inference actor(s) but the Ray cluster has 1 GPU(s) after 3 s" \
+            in got["error"]
+    finally:
+        _stop_head(temp_dir)
+
+
+def _start_head(temp_dir: str, env: dict[str, str], gcs_port: int, *args: str) -> str:
+    """``ray start --head`` with its own temp dir and free ports; returns the ``ray`` binary."""
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    start = subprocess.run(
+        [ray_bin, "start", "--head", f"--port={gcs_port}", f"--temp-dir={temp_dir}",
+         "--disable-usage-stats", *args,
+         # every agent port free-picked: other local Ray heads may hold the default ones
+         *(f"--{flag}={free_port()}" for flag in (
+             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+             "runtime-env-agent-port", "ray-client-server-port"))],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert start.returncode == 0, start.stderr
+    return ray_bin
 
 
 def _stop_head(temp_dir: str) -> None:
