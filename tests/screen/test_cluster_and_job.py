@@ -57,10 +57,12 @@ def test_ray_job_submit_runs_screen(tiny_model, references, tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_gpu_screen_waits_for_the_autoscaler_to_add_a_gpu_node(tmp_path) -> None:
+def test_gpu_screen_waits_for_the_autoscaler_to_add_a_gpu_node(tiny_model, references,
+                                                                tmp_path) -> None:
     """The autoscaler half of ``wait_for_gpus`` on Ray's fake multi-node provider: a head without
     GPUs and a pool of one-GPU nodes that scales from zero, as in cluster.yaml. Nothing but the
-    screen's request makes the autoscaler start a node."""
+    screen's request makes the autoscaler start a node; the screen's inference actor then lands
+    on that node (Ray gives it the node's GPU) and, with a CPU build of torch, fails saying so."""
     temp_dir = tempfile.mkdtemp(prefix="crs_", dir="/tmp")
     gcs = free_port()
     store = 80_000_000  # bytes of object store per node: small, this machine has 24 GB
@@ -82,7 +84,7 @@ def test_gpu_screen_waits_for_the_autoscaler_to_add_a_gpu_node(tmp_path) -> None
     (tmp_path / "autoscaling.json").write_text(json.dumps(config))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO),
            "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
-    _start_head(temp_dir, env, gcs, "--num-cpus=1", "--include-dashboard=false",
+    _start_head(temp_dir, env, gcs, "--num-cpus=1", "--num-gpus=0", "--include-dashboard=false",
                 f"--object-store-memory={store}",
                 f"--autoscaling-config={tmp_path / 'autoscaling.json'}")
     client = f"""
@@ -98,8 +100,18 @@ try:
     error = None
 except NoGPUError as exc:
     error = str(exc)
+import torch
+from cathode_ray.screen.pipeline import ScreenConfig, run
+try:
+    summary = run(ScreenConfig(library="demo", demo_size=8, model={str(tiny_model)!r},
+                               references={references!r}, out={str(tmp_path / "dest")!r},
+                               gpu_actors=1, gpu_wait_s=60, verbose=False))
+    screen = f"{{summary.n_results + summary.n_rejects}} rows"
+except Exception as exc:
+    screen = str(exc)
 print(json.dumps({{"before": before, "after": ray.cluster_resources().get("GPU", 0),
-                  "waited": waited, "error": error}}))
+                  "waited": waited, "error": error, "screen": screen,
+                  "cuda": torch.cuda.is_available()}}))
 """
     try:
         time.sleep(3)  # the autoscaler's first pass: nothing is started without a request
@@ -111,6 +123,11 @@ print(json.dumps({{"before": before, "after": ray.cluster_resources().get("GPU",
         assert 0 < got["waited"] < 120
         assert "asks for 2 GPU inference actor(s) but the Ray cluster has 1 GPU(s) after 3 s" \
             in got["error"]
+        if got["cuda"]:
+            assert got["screen"] == "8 rows", got["screen"]
+        else:
+            assert "InferenceStage" in got["screen"] and "sees no CUDA device" in got["screen"]
+            assert "CUDA_VISIBLE_DEVICES='0'" in got["screen"], got["screen"]  # Ray gave it the GPU
     finally:
         _stop_head(temp_dir)
 
