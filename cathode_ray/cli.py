@@ -223,9 +223,37 @@ def rescreen(
     typer.echo(outcome.message)
 
 
-def main() -> None:  # pragma: no cover - console entry
-    app()
+def _says_what_to_do(exc: BaseException) -> bool:
+    """Errors this package raises for bad input or a bad environment, with a message that names
+    the problem and the fix (a missing library, a tampered model, no GPUs, a locked run, S3 or MP
+    unreachable). Anything else is a bug, and keeps its traceback."""
+    from cathode_ray.data.references import NoReferenceError
+    from cathode_ray.data.sources import SourceError
+    from cathode_ray.model.artifact import ArtifactIntegrityError
+    from cathode_ray.model.backbones.mace import BackboneUnavailableError, WeightsMismatchError
+    from cathode_ray.screen.pipeline import NoGPUError
+    from cathode_ray.screen.runs import RunLockedError
+    from cathode_ray.screen.state import LockLost, StateError
+
+    return isinstance(exc, (OSError, ValueError, NoReferenceError, ArtifactIntegrityError,
+                            BackboneUnavailableError, WeightsMismatchError, NoGPUError,
+                            RunLockedError, LockLost, StateError, SourceError))
 
 
-if __name__ == "__main__":  # pragma: no cover
-    app()
+def main() -> None:
+    """Console entry: such errors print as one line and exit 1 (``CATHODE_RAY_DEBUG=1``: the
+    traceback), instead of a 60-line traceback around a message that says what to do."""
+    import os
+
+    try:
+        app()
+    except Exception as exc:
+        if os.environ.get("CATHODE_RAY_DEBUG") or not _says_what_to_do(exc):
+            raise
+        typer.echo(f"error: {type(exc).__name__}: {exc}\n(set CATHODE_RAY_DEBUG=1 for the "
+                   "traceback)", err=True)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -48,3 +48,41 @@ def test_bad_option_is_a_clear_error(tmp_path: Path) -> None:
     res = runner.invoke(app, ["ingest", "--source", "ftp://x", "--out", str(tmp_path)])
     assert res.exit_code != 0
     assert "snapshot:PATH" in str(res.exception) or "snapshot:PATH" in res.output
+
+
+def test_console_entry_prints_user_errors_in_one_line_and_bugs_in_full(
+        monkeypatch, capsys, tmp_path: Path) -> None:
+    """A missing library used to print a 60-line traceback (after starting Ray) around the line
+    that says what to do; now it is that line, before Ray starts."""
+    import sys
+
+    import pytest
+
+    from cathode_ray.cli import main
+
+    missing = str(tmp_path / "no-such-library")
+    monkeypatch.setattr(sys, "argv", ["cathode-ray", "screen", "--library", missing,
+                                      "--out", str(tmp_path / "out")])
+    monkeypatch.delenv("CATHODE_RAY_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: FileNotFoundError: library {missing!r} does not exist")
+    assert "Traceback" not in err and len(err.splitlines()) == 2
+    monkeypatch.setenv("CATHODE_RAY_DEBUG", "1")  # the traceback when asked for
+    with pytest.raises(FileNotFoundError):
+        main()
+    monkeypatch.delenv("CATHODE_RAY_DEBUG")
+    monkeypatch.setattr(sys, "argv", ["cathode-ray", "screen", "--library", "demo",
+                                      "--model", str(tmp_path), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit):  # no manifest.json: a clear error, not a stack
+        main()
+    assert "error: ArtifactIntegrityError:" in capsys.readouterr().err
+    # a bug (here: a library listing that crashes) keeps its traceback
+    monkeypatch.setattr("cathode_ray.data.library.list_library_files",
+                        lambda spec: (_ for _ in ()).throw(KeyError("bug")))
+    monkeypatch.setattr(sys, "argv", ["cathode-ray", "screen", "--library", missing,
+                                      "--out", str(tmp_path / "out")])
+    with pytest.raises(KeyError):
+        main()
