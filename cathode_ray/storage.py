@@ -49,7 +49,13 @@ def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
     if parsed.scheme == "s3":
         return s3_filesystem(), f"{parsed.netloc}{parsed.path}".rstrip("/")
     if parsed.scheme and len(parsed.scheme) > 1:  # not a Windows drive letter
-        return pafs.FileSystem.from_uri(uri)
+        try:
+            return pafs.FileSystem.from_uri(uri)
+        except pa.ArrowInvalid as exc:  # e.g. "Unrecognized filesystem type in URI"
+            hint = (" ('snapshot:' marks MP-document sources: --source, --references, --from; "
+                    "a --library takes the path itself)" if parsed.scheme == "snapshot" else "")
+            raise ValueError(f"{uri!r}: cannot read '{parsed.scheme}:' locations; give a local "
+                             f"path or s3://bucket/key{hint}") from exc
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri)).rstrip("/") or "/"
 
 

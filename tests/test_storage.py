@@ -19,6 +19,13 @@ def test_filesystem_for_local_and_s3(tmp_path: Path) -> None:
     fs, path = storage.filesystem_for("s3://bucket/a/b/")
     assert fs.type_name == "s3" and path == "bucket/a/b"
     assert storage.join("s3://bucket/", "/results/", "run_id=x") == "s3://bucket/results/run_id=x"
+    # a scheme pyarrow does not know: a ValueError that says what to give instead (before: Arrow's
+    # "Unrecognized filesystem type in URI")
+    with pytest.raises(ValueError, match=r"cannot read 'snapshot:' locations; give a local path "
+                                         r"or s3://bucket/key \('snapshot:' marks MP-document"):
+        storage.filesystem_for("snapshot:/data/docs.jsonl.gz")
+    with pytest.raises(ValueError, match=r"cannot read 'ftp:' locations"):
+        storage.filesystem_for("ftp://host/lib")
 
 
 def test_write_parquet_renames_a_complete_file(tmp_path: Path) -> None:

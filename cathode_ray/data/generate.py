@@ -80,7 +80,8 @@ class GenerateConfig:
     """Candidate generation settings.
 
     Attributes:
-        source: parents: a snapshot JSON-lines path (MP summary docs) or any library spec.
+        source: parents: a snapshot JSON-lines path (MP summary docs; ``snapshot:PATH`` too) or
+            any library spec.
         n: number of distinct candidates to write.
         out: output directory or ``s3://bucket/prefix`` for the Parquet shards.
         seed: random seed (same seed + same parents -> same candidates and ids).
@@ -150,7 +151,9 @@ def load_parents(config: GenerateConfig) -> tuple[list[tuple[str, dict]], list[d
     from cathode_ray.data.library import iter_library
     from cathode_ray.data.validate import ValidationConfig, validate_rows
 
-    valid, rejects = validate_rows(iter_library(config.source), ValidationConfig())
+    # "snapshot:PATH", as ingest's --source takes it, names the same JSON lines as PATH
+    valid, rejects = validate_rows(iter_library(config.source.removeprefix("snapshot:")),
+                                   ValidationConfig())
     parents: list[tuple[str, dict]] = []
     too_large = 0
     for row in valid:

@@ -78,9 +78,10 @@ def test_generate_small(parents: Path, tmp_path: Path) -> None:
     ops = " ".join(r["transformation"] for r in rows)
     assert "sub " in ops and "vac Li" in ops and "strain" in ops
 
-    # same seed -> same output; different seed -> different output
-    again = run(GenerateConfig(source=str(parents), n=200, out=str(tmp_path / "b"), seed=7,
-                               shard_size=64, workers=1))
+    # same seed -> same output; different seed -> different output; "snapshot:PATH" (ingest's
+    # spelling) names the same parents
+    again = run(GenerateConfig(source=f"snapshot:{parents}", n=200, out=str(tmp_path / "b"),
+                               seed=7, shard_size=64, workers=1))
     assert _read(tmp_path / "b") == rows and again.n_draws == result.n_draws
     run(GenerateConfig(source=str(parents), n=200, out=str(tmp_path / "c"), seed=8, workers=1))
     assert [r["structure_json"] for r in _read(tmp_path / "c")] != [r["structure_json"] for r in rows]
