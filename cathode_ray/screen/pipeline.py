@@ -392,6 +392,8 @@ def _input_dataset(source: Source, rows_per_file: dict[int, int] | None = None) 
 
 def index_inputs(source: Source) -> InputIndex:
     """Count the inputs and rank later duplicates (see the module docstring)."""
+    from ray.data.expressions import col
+
     if source.rows is not None:
         sids = [r["structure_id"] for r in source.rows]
         counts: dict[str, int] = {}
@@ -409,10 +411,10 @@ def index_inputs(source: Source) -> InputIndex:
     for r in ids.map_batches(stages.count_rows_per_file, batch_format="pandas").take_all():
         rows_per_file[int(r["file_index"])] = rows_per_file.get(int(r["file_index"]), 0) + int(r["rows"])
     repeated = {r["structure_id"] for r in ids.groupby("structure_id").count()
-                .filter(lambda r: r["count()"] > 1).take_all()}
+                .filter(expr=col("count()") > 1).take_all()}
     if not repeated:
         return InputIndex(n_inputs=n_inputs, ranks={}, rows_per_file=rows_per_file)
-    rows = ids.filter(lambda r: r["structure_id"] in repeated).take_all()
+    rows = ids.filter(expr=col("structure_id").is_in(sorted(repeated))).take_all()
     return InputIndex(n_inputs=n_inputs, rows_per_file=rows_per_file,
                       ranks=stages.duplicate_ranks([r["structure_id"] for r in rows],
                                                    [r["order"] for r in rows]))
