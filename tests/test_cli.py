@@ -79,8 +79,14 @@ def test_console_entry_prints_user_errors_in_one_line_and_bugs_in_full(
     with pytest.raises(SystemExit):  # no manifest.json: a clear error, not a stack
         main()
     assert "error: ArtifactIntegrityError:" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["cathode-ray", "screen", "--library", "demo", "--out",
+                                      str(tmp_path / "out"), "--references", "snapshot:/no/refs.gz"])
+    with pytest.raises(SystemExit):  # before: the graph actors failed after ~50 s of start-up
+        main()
+    assert "error: FileNotFoundError: reference entries file /no/refs.gz not found" in \
+        capsys.readouterr().err
     # a bug (here: a library listing that crashes) keeps its traceback
-    monkeypatch.setattr("cathode_ray.data.library.list_library_files",
+    monkeypatch.setattr("cathode_ray.data.library.list_library",
                         lambda spec: (_ for _ in ()).throw(KeyError("bug")))
     monkeypatch.setattr(sys, "argv", ["cathode-ray", "screen", "--library", missing,
                                       "--out", str(tmp_path / "out")])

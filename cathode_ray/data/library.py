@@ -60,6 +60,7 @@ import shutil
 import tempfile
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any, BinaryIO
 from urllib.parse import urlparse
@@ -158,8 +159,19 @@ def library_format(path: str) -> str | None:
     return None
 
 
-def list_library_files(spec: str) -> list[str]:
-    """All supported library files under ``spec`` (file, directory, glob or ``s3://`` prefix), sorted.
+@dataclass(frozen=True, kw_only=True)
+class LibraryFile:
+    """One file of a library as listed: where it is, its size (bytes) and last change."""
+
+    uri: str  # local path or URI, in the user's addressing scheme
+    size: int  # bytes
+    mtime: str  # ISO 8601; "" when the store gives none
+
+
+def list_library(spec: str) -> list[LibraryFile]:
+    """All supported library files under ``spec`` (file, directory, glob or ``s3://`` prefix),
+    sorted, with the size and time that the listing itself returns: an S3 prefix of 100,000
+    objects costs 100 list requests, not 100,000 HEADs.
 
     A file named explicitly is returned even with an unsupported suffix (reading it then yields an
     ``unreadable_file`` row); files found by directory or glob search with unsupported suffixes
@@ -171,27 +183,38 @@ def list_library_files(spec: str) -> list[str]:
     fs, path = filesystem_for(spec)
     root = _root(path)
     if _GLOB_CHARS.search(path):
-        found = _glob(fs, spec, path)
+        found = _glob(fs, path)
     else:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.File:
-            return [_uri(spec, path)]
+            return [_library_file(spec, info)]
         if info.type != pafs.FileType.Directory:
             raise FileNotFoundError(
                 f"library {spec!r} does not exist: give a file, a directory, a glob or s3://bucket/prefix"
             )
         selector = pafs.FileSelector(path, recursive=True)
-        found = [i.path for i in fs.get_file_info(selector) if i.type == pafs.FileType.File]
-    supported = sorted(p for p in found if library_format(p) and not _hidden(p, root))
+        found = [i for i in fs.get_file_info(selector) if i.type == pafs.FileType.File]
+    supported = sorted((i for i in found if library_format(i.path) and not _hidden(i.path, root)),
+                       key=lambda i: i.path)
     if len(supported) < len(found):
-        skipped = sorted(set(found) - set(supported))
+        skipped = sorted({i.path for i in found} - {i.path for i in supported})
         log.warning("%s: skipped %d unsupported or hidden files (e.g. %s)", spec, len(skipped),
                     ", ".join(PurePosixPath(p).name for p in skipped[:5]))
     if not supported:
         raise FileNotFoundError(
             f"no structure files ({_SUPPORTED}) found in {spec!r}"
         )
-    return [_uri(spec, p) for p in supported]
+    return [_library_file(spec, i) for i in supported]
+
+
+def list_library_files(spec: str) -> list[str]:
+    """The paths/URIs of :func:`list_library`."""
+    return [f.uri for f in list_library(spec)]
+
+
+def _library_file(spec: str, info: pafs.FileInfo) -> LibraryFile:
+    return LibraryFile(uri=_uri(spec, info.path), size=int(info.size or 0),
+                       mtime=info.mtime.isoformat() if info.mtime is not None else "")
 
 
 def _root(path: str) -> str:
@@ -218,12 +241,13 @@ def _hidden(path: str, root: str) -> bool:
         bool(parts) and parts[-1].lower() == _THUMBS_DB)
 
 
-def _glob(fs: pafs.FileSystem, spec: str, path: str) -> list[str]:
+def _glob(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
     if isinstance(fs, pafs.LocalFileSystem):
-        return [os.path.abspath(p) for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
+        matches = [os.path.abspath(p) for p in glob.glob(path, recursive=True)]
+        return [i for i in fs.get_file_info(matches) if i.type == pafs.FileType.File]
     selector = pafs.FileSelector(_root(path), recursive=True, allow_not_found=True)
     infos = fs.get_file_info(selector)
-    return [i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)]
+    return [i for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)]
 
 
 # --------------------------------------------------------------------------- ids and rows

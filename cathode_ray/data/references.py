@@ -119,6 +119,23 @@ def fetch_mp_entries(
     return list(entries)
 
 
+def check_reference_source(source: str) -> None:
+    """Fail fast on a reference source that cannot load: ``snapshot:PATH`` whose file is missing,
+    or a source that is neither that nor ``mp``. Cheap (no file is read).
+
+    Raises:
+        FileNotFoundError: the snapshot file does not exist.
+        ValueError: unknown source.
+    """
+    if source.startswith("snapshot:"):
+        path = Path(source.removeprefix("snapshot:"))
+        if not path.is_file():
+            raise FileNotFoundError(f"reference entries file {path} not found; pass "
+                                    "--references snapshot:PATH (mp_reference_entries.jsonl.gz) or mp")
+    elif source != "mp":
+        raise ValueError(f"unknown reference source {source!r}; use 'snapshot:PATH' or 'mp'")
+
+
 def load_reference_entries(
     source: str,
     *,

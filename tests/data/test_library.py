@@ -18,6 +18,7 @@ from cathode_ray.data.library import (
     filesystem_for,
     iter_library,
     library_format,
+    list_library,
     list_library_files,
     make_structure_id,
     read_library_file,
@@ -64,6 +65,21 @@ def test_list_glob_and_single_file(good_dir) -> None:
     assert [Path(f).name for f in list_library_files(str(d / "*.parquet"))] == [
         "cif_column.parquet", "json_column.parquet"]
     assert list_library_files(str(d / "LiCoO2.cif")) == [str(d / "LiCoO2.cif")]
+
+
+def test_listing_carries_each_files_size_and_time(good_dir) -> None:
+    """Sizes and times come with the listing (a fingerprint of 100,000 S3 objects used to send
+    one HEAD request per object)."""
+    from datetime import datetime
+
+    d, _ = good_dir
+    for spec in (str(d), str(d / "**" / "*.gz"), str(d / "LiCoO2.cif")):
+        listed = list_library(spec)
+        assert [f.uri for f in listed] == list_library_files(spec)
+        for f in listed:
+            stat = Path(f.uri).stat()
+            assert f.size == stat.st_size, f
+            assert datetime.fromisoformat(f.mtime).timestamp() == pytest.approx(stat.st_mtime), f
 
 
 def test_list_missing_or_empty_raises(tmp_path: Path) -> None:
@@ -472,6 +488,9 @@ def test_s3_library_via_moto(good_dir, monkeypatch) -> None:
             s3.upload_file(str(d / rel), "lib", f"screen/{rel}")
         files = list_library_files("s3://lib/screen")
         assert files == sorted(f"s3://lib/screen/{rel}" for rel in counts)
+        sizes = {f.uri: f.size for f in list_library("s3://lib/screen")}
+        assert sizes == {f"s3://lib/screen/{rel}": (d / rel).stat().st_size for rel in counts}
+        assert all(f.mtime for f in list_library("s3://lib/screen/*.json"))
         assert list_library_files("s3://lib/screen/*.json") == [
             "s3://lib/screen/bom.json", "s3://lib/screen/list.json",
             "s3://lib/screen/single.json"]

@@ -126,6 +126,18 @@ def _structure_entries(tiny_docs: list[dict]) -> list[ComputedStructureEntry]:
     return entries
 
 
+def test_reference_source_is_checked_without_reading_it(tmp_path: Path) -> None:
+    from cathode_ray.data.references import check_reference_source
+
+    check_reference_source("mp")
+    (tmp_path / "refs.jsonl.gz").write_bytes(b"not read by the check")
+    check_reference_source(f"snapshot:{tmp_path / 'refs.jsonl.gz'}")
+    with pytest.raises(FileNotFoundError, match="missing.jsonl.gz not found; pass --references"):
+        check_reference_source(f"snapshot:{tmp_path / 'missing.jsonl.gz'}")
+    with pytest.raises(ValueError, match="unknown reference source 'materials-project'"):
+        check_reference_source("materials-project")
+
+
 def test_snapshot_source(tmp_path: Path, tiny_docs: list[dict]) -> None:
     path = tmp_path / "refs.jsonl.gz"
     with gzip.open(path, "wt") as fh:
