@@ -70,7 +70,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from cathode_ray.data.records import RejectCode, short_error
-from cathode_ray.storage import filesystem_for
+from cathode_ray.storage import filesystem_for, s3_path
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,13 @@ def file_labels(spec: str, files: Sequence[str]) -> list[str]:
     """Names for fallback ids (:func:`file_label`) of ``files`` as listed from ``spec``: paths
     relative to the library's root, so that ``a/structure.cif`` and ``b/structure.cif`` differ."""
     root = _root(filesystem_for(spec)[1])
-    return [file_label(filesystem_for(f)[1], root=root) for f in files]
+    return [file_label(_fs_path(f), root=root) for f in files]
+
+
+def _fs_path(uri: str) -> str:
+    """Path of a listed file inside its filesystem (``bucket/key`` on S3), without making one."""
+    key = s3_path(uri)
+    return key if key is not None else filesystem_for(uri)[1]
 
 
 def _hidden(path: str, root: str) -> bool:
