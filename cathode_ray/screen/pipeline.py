@@ -613,9 +613,26 @@ def _run_locked(config: ScreenConfig, paths: runs.RunPaths, lock: runs.RunLock, 
         raise ScreenInvariantError(
             f"run {paths.run_id}: {out['n_results']} results + {out['n_rejects']} rejects != "
             f"{n_inputs} inputs, or duplicates (inputs {out['duplicate_inputs']}, result ids "
-            f"{out['duplicate_result_ids']}); see {paths.manifest}")
+            f"{out['duplicate_result_ids']}); see {paths.manifest}" + _library_changed(config, source))
     log.debug("manifest %s", manifest)
     return summary
+
+
+def _library_changed(config: ScreenConfig, source: Source) -> str:
+    """An explanation for a broken invariant when the library's files changed during the run
+    (a file rewritten or removed between the index pass and the read), else ""."""
+    if source.files is None:
+        return ""
+    from cathode_ray.data.library import list_library
+
+    try:
+        now = list_library(config.library)
+    except FileNotFoundError:
+        now = []
+    if files_fingerprint(now) == source.fingerprint:
+        return ""
+    return (". The library changed while it was screened (files rewritten, added or removed since "
+            "it was listed); screen a library that stays put, under a new --run-id")
 
 
 def _update_manifest(paths: runs.RunPaths, config: ScreenConfig, model: dict[str, Any],

@@ -169,3 +169,33 @@ def test_the_dataset_keeps_its_settings_and_pickles_object_columns_quietly(
     assert ds.context.execution_options.resource_limits.object_store_memory == 64e6
     # the process-wide context is untouched: other datasets of a notebook keep Ray's defaults
     assert ray.data.DataContext.get_current().enable_fallback_to_arrow_object_ext_type is None
+
+
+def test_a_library_rewritten_during_the_screen_is_named_as_the_cause(
+        local_ray, tiny_model, references, tmp_path, monkeypatch) -> None:
+    """A file cut between the index pass and the read breaks results + rejects = inputs; the
+    error now says that the library changed, not only that the counts differ."""
+    from cathode_ray.screen import pipeline
+    from cathode_ray.screen.pipeline import ScreenInvariantError
+
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    docs = small_docs(6)
+    for name, part in (("a.jsonl", docs[:3]), ("b.jsonl", docs[3:])):
+        (lib / name).write_text("\n".join(json.dumps(d) for d in part) + "\n")
+    real_index = pipeline.index_inputs
+
+    def index_then_cut(source):  # a generator rewriting its shard while the screen runs
+        index = real_index(source)
+        (lib / "b.jsonl").write_text(json.dumps(docs[3]) + "\n")
+        return index
+
+    monkeypatch.setattr(pipeline, "index_inputs", index_then_cut)
+    with pytest.raises(ScreenInvariantError, match=r"4 results \+ 0 rejects != 6 inputs.*"
+                                                   r"The library changed while it was screened"):
+        run(_config(tiny_model, references, library=str(lib), out=str(tmp_path / "d"),
+                    run_id="moving"))
+    monkeypatch.setattr(pipeline, "index_inputs", real_index)
+    summary = run(_config(tiny_model, references, library=str(lib), out=str(tmp_path / "d"),
+                          run_id="still"))  # the same library, left alone: no error
+    assert summary.n_inputs == 4 and summary.n_results + summary.n_rejects == 4
