@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -243,8 +244,6 @@ def _says_what_to_do(exc: BaseException) -> bool:
 def main() -> None:
     """Console entry: such errors print as one line and exit 1 (``CATHODE_RAY_DEBUG=1``: the
     traceback), instead of a 60-line traceback around a message that says what to do."""
-    import os
-
     try:
         app()
     except Exception as exc:

@@ -317,8 +317,7 @@ def read_library_file(path: str, fs: pafs.FileSystem | None = None, *,
     if fs is None:
         fs, fs_path = filesystem_for(path)
     else:
-        parsed = urlparse(path)
-        fs_path = f"{parsed.netloc}{parsed.path}" if parsed.scheme == "s3" else path
+        fs_path = s3_path(path) or path  # a path of the given filesystem as it is
     name = label or file_label(fs_path)
     fmt = library_format(fs_path)
     if fmt is None:

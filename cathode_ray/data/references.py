@@ -145,19 +145,19 @@ def load_reference_entries(
     """Reference entries from ``snapshot:PATH`` (all of them) or ``mp`` (needs ``elements``).
 
     Raises:
+        FileNotFoundError: the snapshot file does not exist.
         ValueError: unknown source, or ``mp`` without elements.
     """
+    check_reference_source(source)
     if source.startswith("snapshot:"):
         entries = read_entries_jsonl(source.removeprefix("snapshot:"))
         if elements is None:
             return entries
         allowed = set(elements)
         return [e for e in entries if {el.symbol for el in e.composition.elements} <= allowed]
-    if source == "mp":
-        if not elements:
-            raise ValueError("source 'mp' needs the elements of the chemical system to fetch")
-        return fetch_mp_entries(_chemsys(elements), cache_dir=cache_dir)
-    raise ValueError(f"unknown reference source {source!r}; use 'mp' or 'snapshot:PATH'")
+    if not elements:
+        raise ValueError("source 'mp' needs the elements of the chemical system to fetch")
+    return fetch_mp_entries(_chemsys(elements), cache_dir=cache_dir)
 
 
 class ReferenceHull:
