@@ -204,7 +204,24 @@ def list_library(spec: str) -> list[LibraryFile]:
         raise FileNotFoundError(
             f"no structure files ({_SUPPORTED}) found in {spec!r}"
         )
+    _warn_vasp_runs_read_twice(spec, [i.path for i in supported])
     return [_library_file(spec, i) for i in supported]
+
+
+def _warn_vasp_runs_read_twice(spec: str, paths: Sequence[str]) -> None:
+    """Log when VASP run folders hold more than one structure file (POSCAR, CONTCAR, vasprun.xml):
+    each becomes its own row (initial and final structure alike), which is rarely what is meant."""
+    per_run: dict[str, int] = {}
+    for path in paths:
+        p = PurePosixPath(path)
+        if p.name.startswith((*_GENERIC_VASP_NAMES, _VASPRUN)):
+            per_run[str(p.parent)] = per_run.get(str(p.parent), 0) + 1
+    runs = sorted(d for d, n in per_run.items() if n > 1)
+    if runs:
+        log.warning("%s: %d VASP run folders hold several of POSCAR/CONTCAR/vasprun.xml (e.g. %s); "
+                    "each file is screened as its own structure. For one structure per run give a "
+                    "glob such as '%s/**/vasprun.xml*' or '%s/**/CONTCAR'", spec, len(runs),
+                    PurePosixPath(runs[0]).name, spec.rstrip("/"), spec.rstrip("/"))
 
 
 def list_library_files(spec: str) -> list[str]:

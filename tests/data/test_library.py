@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from pymatgen.core import Structure
+from pymatgen.io.vasp import Poscar
 
 from cathode_ray.data import library
 from cathode_ray.data.library import (
@@ -445,6 +446,24 @@ def test_vasprun_names_ids_and_runs_that_did_not_finish(tmp_path: Path) -> None:
     rows = list(iter_library(str(tmp_path)))
     assert sorted(r["structure_id"] for r in rows) == [
         "done/vasprun.xml#0", "empty/vasprun.xml", "killed/vasprun.xml", "not-xml/vasprun.xml"]
+
+
+def test_run_folders_with_several_vasp_files_are_pointed_out(tmp_path: Path, caplog) -> None:
+    """VASP leaves POSCAR (start), CONTCAR (end) and vasprun.xml in a run folder: all are read,
+    and the log says how to keep one structure per run."""
+    text = vasprun_xml(relaxation(licoo2()))
+    for run in ("r1", "r2"):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "vasprun.xml").write_text(text)
+        (tmp_path / run / "CONTCAR").write_text(Poscar(licoo2()).get_str())
+    with caplog.at_level("WARNING", logger=library.__name__):
+        assert len(list_library_files(str(tmp_path))) == 4
+    assert "2 VASP run folders hold several of POSCAR/CONTCAR/vasprun.xml (e.g. r1)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=library.__name__):  # the glob the warning suggests
+        assert list_library_files(f"{tmp_path}/**/vasprun.xml*") == [
+            str(tmp_path / r / "vasprun.xml") for r in ("r1", "r2")]
+    assert "VASP run folders" not in caplog.text
 
 
 def test_split_extxyz_frames_and_garbage() -> None:
