@@ -176,6 +176,7 @@ def screen(
     gpu_actors: int | None = None,
     gpu_wait_s: Annotated[float | None, typer.Option(help="seconds to wait for GPUs on a cluster before failing clearly (default 900; a local Ray fails at once)")] = None,
     cpu_actors: int | None = None,
+    inference_threads: Annotated[int | None, typer.Option(help="torch threads per inference actor (default: on the screen's own local Ray, the machine's cores shared by the CPU actors; else the CPUs an actor reserves)")] = None,
     graph_actors: Annotated[int | None, typer.Option(help="most graph-building CPU actors (default: 1 CPU, 8 per GPU actor)")] = None,
     light_tasks: Annotated[int | None, typer.Option(help="most concurrent read/validate tasks (default: 1 CPU, 2 per GPU actor)")] = None,
     max_edges_per_batch: Annotated[int | None, typer.Option(help="edge budget per inference sub-batch (default: 50,000 CPU, 400,000 GPU)")] = None,
@@ -195,7 +196,7 @@ def screen(
                    "references": DEFAULT_REFERENCES, **_yaml_defaults(config)},
                   {"library": library, "model": model, "out": out, "references": references,
                    "address": address, "run_id": run_id, "resume": resume, "gpu_actors": gpu_actors,
-                   "gpu_wait_s": gpu_wait_s, "cpu_actors": cpu_actors, "graph_actors": graph_actors, "light_tasks": light_tasks,
+                   "gpu_wait_s": gpu_wait_s, "cpu_actors": cpu_actors, "inference_threads": inference_threads, "graph_actors": graph_actors, "light_tasks": light_tasks,
                    "max_edges_per_batch": max_edges_per_batch,
                    "inference_batch_rows": inference_batch_rows,
                    "inference_calls_per_actor": inference_calls_per_actor, "object_store_mb": object_store_mb, "precision": precision, "stack_members": stack_members, "compile_model": compile_model, "demo_size": demo_size})

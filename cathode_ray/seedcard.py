@@ -58,7 +58,7 @@ INFERENCE_CALLS_PER_ACTOR_GPU: int = 2
 #: CPU stages per GPU inference actor, when not given: the most graph-building actors (an
 #: autoscaling pool that starts at one and grows while blocks queue) and read/validate tasks.
 #: One GPU runs five members at ~400-600 structures/s (H100); one graph actor builds ~170-250
-#: MACE graphs/s with hull inputs and SOAP, or 33-60 CHGNet graphs/s; one validate task ~300/s
+#: MACE graphs/s with hull inputs and SOAP, or ~110 CHGNet graphs/s; one validate task ~300/s
 #: (docs/performance.md). With CPU inference actors the screen uses one of each (2-core
 #: measurements).
 GRAPH_ACTORS_PER_GPU: int = 8

@@ -28,6 +28,8 @@ def main(
     gpu_wait_s: float | None = typer.Option(
         None, help="seconds to wait for the GPU pool to scale up before failing clearly (default 900)"),
     cpu_actors: int = typer.Option(1, help="CPU inference actors (when no GPU actors)"),
+    inference_threads: int | None = typer.Option(
+        None, help="torch threads per inference actor (default: the CPUs an actor reserves on a cluster)"),
     graph_actors: int | None = typer.Option(
         None, help="most graph-building CPU actors (default: 1 CPU, 8 per GPU actor)"),
     light_tasks: int | None = typer.Option(
@@ -50,7 +52,8 @@ def main(
 
     run(ScreenConfig(library=library, model=model, out=out, references=references,
                      address=address, run_id=run_id, resume=resume, gpu_actors=gpu_actors,
-                     cpu_actors=cpu_actors, graph_actors=graph_actors, light_tasks=light_tasks,
+                     cpu_actors=cpu_actors, inference_threads=inference_threads,
+                     graph_actors=graph_actors, light_tasks=light_tasks,
                      max_edges_per_batch=max_edges_per_batch,
                      inference_batch_rows=inference_batch_rows,
                      inference_calls_per_actor=inference_calls_per_actor,

@@ -81,6 +81,11 @@ class ScreenConfig:
         gpu_actors: inference actors with one GPU each (0 = CPU actors).
         cpu_actors: CPU inference actors when ``gpu_actors == 0``.
         cpus_per_actor: logical CPUs each CPU inference actor reserves.
+        inference_threads: torch threads of each inference actor. None: on a local Ray that the
+            screen started (the embedded default), the cores this process may use divided among
+            the CPU inference actors, since reading and graph building need little CPU next to
+            them (two threads run the bundled CHGNet ensemble 1.65x faster than one on 2 cores);
+            on a cluster, and for GPU actors, the CPUs the actor reserves (Ray's OMP_NUM_THREADS).
         graph_actors: most graph-building CPU actors (an autoscaling pool from one actor up);
             None: 1 with CPU inference actors, ``seedcard.GRAPH_ACTORS_PER_GPU`` (8) per GPU
             actor, so that the CPUs keep the GPUs fed (see :attr:`graph_pool`).
@@ -88,7 +93,7 @@ class ScreenConfig:
             (pymatgen loaded, ~0.25-0.4 GB), so this bounds the screen's memory: unbounded, Ray
             starts as many as fit in the free CPU fractions and peak memory grows with the run.
             One validate task handles ~300 structures/s, faster than one graph actor (CHGNet
-            ~50/s, MACE ~170/s with hull inputs). None: 1 with CPU inference actors,
+            ~110/s, MACE ~170/s with hull inputs). None: 1 with CPU inference actors,
             ``seedcard.LIGHT_TASKS_PER_GPU`` (2) per GPU actor.
         max_edges_per_batch: edge budget of one inference sub-batch (directed graph edges);
             None: ``seedcard.MAX_EDGES_PER_BATCH_CPU`` (50,000) or ``_GPU`` (400,000) by actor kind.
@@ -136,6 +141,7 @@ class ScreenConfig:
     gpu_actors: int = 0
     cpu_actors: int = 1
     cpus_per_actor: float = 1.0
+    inference_threads: int | None = None
     graph_actors: int | None = None
     light_tasks: int | None = None
     max_edges_per_batch: int | None = None
@@ -165,7 +171,7 @@ class ScreenConfig:
         check_precision(self.precision)
         if self.stack_members and self.compile_model:
             raise ValueError("stack_members and compile_model are alternatives: choose one")
-        for name in ("graph_actors", "light_tasks", "max_edges_per_batch", "inference_batch_rows",
+        for name in ("inference_threads", "graph_actors", "light_tasks", "max_edges_per_batch", "inference_batch_rows",
                      "inference_calls_per_actor"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -186,6 +192,19 @@ class ScreenConfig:
         if explicit is not None:
             return explicit
         return gpu if self.gpu_actors else cpu
+
+    def threads_per_actor(self, local_cores: int | None) -> int | None:
+        """Torch threads per inference actor (None: leave the actor's own setting).
+
+        Args:
+            local_cores: cores of the machine when the screen runs on a local Ray it started,
+                else None.
+        """
+        if self.inference_threads is not None:
+            return self.inference_threads
+        if self.gpu_actors or local_cores is None:
+            return None
+        return max(1, local_cores // self.cpu_actors)
 
     @property
     def graph_pool(self) -> int:
@@ -341,6 +360,12 @@ def _ray_started_here() -> bool:
     return bool(getattr(getattr(worker, "_global_node", None), "head", False))
 
 
+def _local_cores() -> int | None:
+    """Cores this process may use when it started the Ray it runs on (every actor of that Ray is
+    on this machine), else None."""
+    return len(os.sched_getaffinity(0)) if _ray_started_here() else None
+
+
 class NoGPUError(RuntimeError):
     """A screen asked for GPU actors that the Ray cluster does not have (and did not gain)."""
 
@@ -460,7 +485,8 @@ def build_dataset(config: ScreenConfig, source: Source, *, run_id: str, index: I
         fn_constructor_kwargs={"model": config.model, "device": "cuda" if gpu else "cpu",
                                "max_edges": config.edge_budget, "run_id": run_id,
                                "precision": config.precision, "stack_members": config.stack_members,
-                               "compile_model": config.compile_model},
+                               "compile_model": config.compile_model,
+                               "threads": config.threads_per_actor(_local_cores())},
         compute=ray.data.ActorPoolStrategy(size=config.gpu_actors if gpu else config.cpu_actors,
                                            max_concurrent_calls_per_actor=config.calls_per_actor),
         **({"num_gpus": 1} if gpu else {"num_cpus": config.cpus_per_actor}), **env,
@@ -599,6 +625,7 @@ def _run_locked(config: ScreenConfig, paths: runs.RunPaths, lock: runs.RunLock, 
         "structures_per_s": processed / seconds if seconds > 0 else 0.0,
         "stage_seconds": stage_seconds, "invariant_ok": ok,
         "config": {k: v for k, v in asdict(config).items() if k != "validation"},
+        "inference_threads": config.threads_per_actor(_local_cores()),
     }
     lock.check()
     manifest = _update_manifest(paths, config, model, attempt, out, n_inputs, ok)

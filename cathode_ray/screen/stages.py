@@ -387,11 +387,15 @@ class InferenceStage:
 
     def __init__(self, *, model: str, device: str = "cpu", max_edges: int = 50_000,
                  run_id: str, precision: str = "float32", stack_members: bool = False,
-                 compile_model: bool = False) -> None:
+                 compile_model: bool = False, threads: int | None = None) -> None:
+        import torch
+
         from cathode_ray.calibrate.calibrator import Calibrator
         from cathode_ray.model.ensemble import Ensemble
 
         check_device(device)
+        if threads is not None:  # else Ray's OMP_NUM_THREADS: the CPUs the actor reserves
+            torch.set_num_threads(threads)
         self.ensemble = Ensemble.load(model, device=device, precision=precision,
                                       stack_members=stack_members, compile_model=compile_model)
         self._precision_checked = precision == "float32"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -45,6 +46,8 @@ def test_demo_library_to_s3(s3_server, local_ray, tiny_model, references) -> Non
     assert manifest["status"] == "complete" and manifest["n_inputs"] == 24
     assert manifest["invariant"]["results_plus_rejects_equals_inputs"]
     assert manifest["model_id"] and "ray" in manifest["versions"]
+    # a Ray this process started: the CPU inference actor gets the cores this process may use
+    assert manifest["attempts"][-1]["inference_threads"] == len(os.sched_getaffinity(0))
     assert runs.read_json(paths.lock) is None  # released
     with pytest.raises(FileExistsError):  # same run id without --resume is refused
         run(_config(tiny_model, references, library="demo", demo_size=24, out=out,
@@ -97,7 +100,7 @@ def test_cli_screen_sizes_the_cpu_stages_and_compiles_the_model(local_ray, tiny_
     res = CliRunner().invoke(app, [
         "screen", "--library", "demo", "--demo-size", "8", "--model", str(tiny_model),
         "--out", str(tmp_path / "dest"), "--references", references, "--run-id", "cli1",
-        "--graph-actors", "2", "--light-tasks", "1", "--compile-model"])
+        "--graph-actors", "2", "--light-tasks", "1", "--compile-model", "--inference-threads", "1"])
     assert res.exit_code == 0, res.output
     assert "run cli1: 8 inputs -> 8 results" in res.output
     assert f"read_results({str(tmp_path / 'dest')!r}, 'cli1').to_pandas()" in res.output
@@ -106,6 +109,7 @@ def test_cli_screen_sizes_the_cpu_stages_and_compiles_the_model(local_ray, tiny_
         "attempts"][-1]
     assert (attempt["config"]["graph_actors"], attempt["config"]["light_tasks"]) == (2, 1)
     assert attempt["config"]["compile_model"] is True
+    assert attempt["inference_threads"] == 1
 
 
 def _bad_library(root: Path) -> Path:

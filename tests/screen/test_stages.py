@@ -130,6 +130,33 @@ def test_inference_stage_rejects_rows_with_non_finite_output(tiny_model, referen
     assert results.num_rows == 2 and rejects.num_rows == 1
 
 
+def test_inference_threads_follow_the_config_and_reach_the_actor(tiny_model) -> None:
+    """A local screen gives its CPU inference actors the machine's cores; a cluster or GPU actor
+    keeps what Ray gave it, unless the user says otherwise."""
+    import torch
+
+    from cathode_ray.screen.pipeline import ScreenConfig
+    from cathode_ray.screen.stages import InferenceStage
+
+    def config(**kw: object) -> ScreenConfig:
+        return ScreenConfig(library="demo", model="m", out="o", references="r", **kw)
+
+    assert config().threads_per_actor(local_cores=2) == 2  # the embedded default on 2 cores
+    assert config(cpu_actors=3).threads_per_actor(local_cores=8) == 2
+    assert config(cpu_actors=4).threads_per_actor(local_cores=2) == 1
+    assert config().threads_per_actor(local_cores=None) is None  # a cluster: Ray's setting
+    assert config(gpu_actors=1).threads_per_actor(local_cores=16) is None
+    assert config(inference_threads=3).threads_per_actor(local_cores=None) == 3
+    with pytest.raises(ValueError, match="inference_threads must be >= 1"):
+        config(inference_threads=0)
+    before = torch.get_num_threads()
+    try:
+        InferenceStage(model=str(tiny_model), run_id="t", threads=before + 1)
+        assert torch.get_num_threads() == before + 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def _result_row(**kw: object) -> dict:
     row = {f.name: 0.1 for f in RESULT_SCHEMA if pa.types.is_floating(f.type)}
     row |= {"structure_id": "s1", "formula": "LiCoO2", "chemsys": "Co-Li-O", "nsites": 4,

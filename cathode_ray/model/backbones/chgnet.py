@@ -28,6 +28,7 @@ from .base import (
     sha256_file,
     strict_float32,
 )
+from .chgnet_graph import crystal_graph
 
 CHGNET_VERSION = "0.3.0"
 
@@ -163,8 +164,9 @@ class ChgnetBackbone(Backbone):
         self.trunk_embedding_dim = self.embedding_dim
 
     def build_graph(self, structure: Structure) -> Any:
-        """CHGNet CrystalGraph (CHGNet's own 'fast' neighbour search)."""
-        return self.model.graph_converter(structure)
+        """CHGNet CrystalGraph: pymatgen's neighbour list as chgnet takes it, the bond graph built
+        with numpy (:mod:`.chgnet_graph`; equal to chgnet's own converter, 3-5x faster)."""
+        return crystal_graph(self.model.graph_converter, structure)
 
     @torch.no_grad()
     def trunk(self, graphs: Sequence[Any], *, device: str | torch.device | None = None) -> list[TrunkFeatures]:

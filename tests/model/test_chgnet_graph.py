@@ -1,0 +1,86 @@
+"""The numpy crystal graph equals chgnet's own converter tensor for tensor, row for row."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conformance import small_cathode_structures
+from pymatgen.core import Lattice, Structure
+
+from cathode_ray.model.backbones.chgnet_graph import bond_graph_arrays, crystal_graph
+from tests.chgnet_data import chgnet, layered_cells
+
+FIELDS = ("atomic_number", "atom_frac_coord", "atom_graph", "neighbor_image", "directed2undirected",
+          "undirected2directed", "bond_graph", "lattice")
+
+
+def assert_same_graph(ours: object, theirs: object, label: str) -> None:
+    for field in FIELDS:
+        a, b = getattr(ours, field), getattr(theirs, field)
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{label}: {field} {a.shape} vs {b.shape}"
+        assert torch.equal(a, b), f"{label}: {field} differs"
+    assert ours.composition == theirs.composition
+    assert ours.bond_graph_cutoff == theirs.bond_graph_cutoff
+
+
+def odd_structures() -> dict[str, Structure]:
+    """Cells where numbering is easy to get wrong: self-image bonds, many images, no angles."""
+    return {
+        "one-atom bcc Li (self-image bonds, none under 3 A)": Structure(Lattice.cubic(3.5), ["Li"], [[0, 0, 0]]),
+        "one-atom fcc Ni (self-image angles)": Structure(
+            Lattice.from_parameters(2.5, 2.5, 2.5, 60, 60, 60), ["Ni"], [[0, 0, 0]]),
+        "dense 2 A cubic LiO (many images per pair)": Structure(
+            Lattice.cubic(2.0), ["Li", "O"], [[0, 0, 0], [0.5, 0.5, 0.5]]),
+        "an isolated Mn": Structure(Lattice.cubic(30), ["Li", "O", "Mn"],
+                                    [[0, 0, 0], [0.05, 0, 0], [0.5, 0.5, 0.5]]),
+        "elongated cell": Structure(Lattice.tetragonal(3.0, 12.0), ["Li", "O"], [[0, 0, 0], [0.5, 0.5, 0.5]]),
+    }
+
+
+def test_small_and_odd_cells_give_chgnets_graph() -> None:
+    converter = chgnet().model.graph_converter  # on_isolated_atoms = "ignore", as the screen has it
+    cases = {**odd_structures(), **{f"cathode {i}": s for i, s in enumerate(small_cathode_structures())},
+             **{f"strained layered {i}": s for i, s in enumerate(layered_cells(4))}}
+    for label, structure in cases.items():
+        assert_same_graph(crystal_graph(converter, structure), converter(structure), label)
+    assert chgnet().build_graph(cases["cathode 2"]).bond_graph.shape[1] == 5
+
+
+def test_real_mp_structures_give_chgnets_graph(shared_data: Path) -> None:
+    converter = chgnet().model.graph_converter
+    with gzip.open(shared_data / "mp_litmo_summary.jsonl.gz", "rt") as fh:
+        docs = [json.loads(line) for line in fh][::8]  # ~170 of 1,326; all 1,326 checked by hand
+    for doc in docs:
+        s = Structure.from_dict(doc["structure"])
+        assert_same_graph(crystal_graph(converter, s), converter(s), doc["material_id"])
+
+
+def test_isolated_atoms_follow_the_converters_setting() -> None:
+    converter = chgnet().model.graph_converter
+    isolated = odd_structures()["an isolated Mn"]
+    saved = converter.on_isolated_atoms
+    try:
+        converter.on_isolated_atoms = "error"
+        with pytest.raises(ValueError, match="1 isolated atom"):
+            crystal_graph(converter, isolated)
+    finally:
+        converter.on_isolated_atoms = saved
+
+
+def test_a_bond_seen_from_one_side_only_is_refused() -> None:
+    """Two atoms, three directed bonds: 0->1, 1->0 and 0->1 in the next cell, whose reverse is missing."""
+    center, nbr = np.array([0, 1, 0]), np.array([1, 0, 1])
+    image = np.array([[0, 0, 0], [0, 0, 0], [1, 0, 0]])
+    distance = np.array([2.0, 2.0, 5.999])
+    with pytest.raises(ValueError, match="1 of 3 neighbour-list edges have no reverse"):
+        bond_graph_arrays(center, nbr, image, distance, 2, 3.0)
+    d2u, u2d, bonds = bond_graph_arrays(center[:2], nbr[:2], image[:2], distance[:2], 2, 3.0)
+    assert d2u.tolist() == [0, 0] and u2d.tolist() == [0] and bonds.shape == (0, 5)
+    with pytest.raises(ValueError, match="repeats an edge"):
+        bond_graph_arrays(np.array([0, 0, 1]), np.array([1, 1, 0]), np.zeros((3, 3), dtype=int),
+                          np.array([2.0, 2.0, 2.0]), 2, 3.0)
