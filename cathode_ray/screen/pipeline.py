@@ -81,11 +81,12 @@ class ScreenConfig:
         gpu_actors: inference actors with one GPU each (0 = CPU actors).
         cpu_actors: CPU inference actors when ``gpu_actors == 0``.
         cpus_per_actor: logical CPUs each CPU inference actor reserves.
-        inference_threads: torch threads of each inference actor. None: on a local Ray that the
-            screen started (the embedded default), the cores this process may use divided among
-            the CPU inference actors, since reading and graph building need little CPU next to
-            them (two threads run the bundled CHGNet ensemble 1.65x faster than one on 2 cores);
-            on a cluster, and for GPU actors, the CPUs the actor reserves (Ray's OMP_NUM_THREADS).
+        inference_threads: torch threads of each inference actor. None: on a local Ray that this
+            process started (the embedded default), the cores it may use, capped at that Ray's
+            CPUs and divided among the CPU inference actors, since reading and graph building
+            need little CPU next to them (two threads run the bundled CHGNet ensemble 1.65x
+            faster than one on 2 cores); on a cluster, and for GPU actors, the CPUs the actor
+            reserves (Ray's OMP_NUM_THREADS).
         graph_actors: most graph-building CPU actors (an autoscaling pool from one actor up);
             None: 1 with CPU inference actors, ``seedcard.GRAPH_ACTORS_PER_GPU`` (8) per GPU
             actor, so that the CPUs keep the GPUs fed (see :attr:`graph_pool`).
@@ -361,9 +362,14 @@ def _ray_started_here() -> bool:
 
 
 def _local_cores() -> int | None:
-    """Cores this process may use when it started the Ray it runs on (every actor of that Ray is
-    on this machine), else None."""
-    return len(os.sched_getaffinity(0)) if _ray_started_here() else None
+    """When this process started the Ray it runs on (every actor of that Ray is on this machine):
+    the cores it may use, or fewer if that Ray was given fewer CPUs (``ray.init(num_cpus=...)``);
+    else None."""
+    if not _ray_started_here():
+        return None
+    import ray
+
+    return max(1, min(len(os.sched_getaffinity(0)), int(ray.cluster_resources().get("CPU", 1))))
 
 
 class NoGPUError(RuntimeError):
