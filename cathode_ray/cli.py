@@ -179,7 +179,7 @@ def screen(
     inference_threads: Annotated[int | None, typer.Option(help="torch threads per inference actor (default: on the screen's own local Ray, the machine's cores shared by the CPU actors; else the CPUs an actor reserves)")] = None,
     graph_actors: Annotated[int | None, typer.Option(help="most graph-building CPU actors (default: 1 CPU, 8 per GPU actor)")] = None,
     light_tasks: Annotated[int | None, typer.Option(help="most concurrent read/validate tasks (default: 1 CPU, 2 per GPU actor)")] = None,
-    max_edges_per_batch: Annotated[int | None, typer.Option(help="edge budget per inference sub-batch (default: 50,000 CPU, 400,000 GPU)")] = None,
+    max_edges_per_batch: Annotated[int | None, typer.Option(help="edge budget per inference sub-batch (default: 12,500 CPU, 400,000 GPU)")] = None,
     inference_batch_rows: Annotated[int | None, typer.Option(help="rows per inference call (default: 32 CPU, 256 GPU)")] = None,
     inference_calls_per_actor: Annotated[int | None, typer.Option(help="concurrent calls per inference actor; batching overlaps the model (default: 1 CPU, 2 GPU)")] = None,
     object_store_mb: Annotated[float | None, typer.Option(help="object-store budget (MB) of blocks queued between stages")] = None,

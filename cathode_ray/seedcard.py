@@ -43,10 +43,12 @@ PRECISION_MAX_DEVIATION: float = 1e-3  # eV/atom
 #: Screening inference batches: rows per inference call, and the directed-edge budget of one
 #: sub-batch inside it, for CPU and GPU inference actors. On an H100 (5 MACE-MP-0-medium-shaped
 #: members, ~2,900 edges per structure) 256 rows / 400,000 edges ran the inference stage 1.57x
-#: faster than 32 / 50,000 (docs/performance.md); lower the edge budget on GPUs under 40 GB.
+#: faster than 32 / 50,000 (docs/performance.md); lower the edge budget on GPUs under 40 GB. On
+#: CPU small sub-batches stay in cache: 12,500 edges ran the inference stage 1.3x (bundled CHGNet
+#: ensemble, 1 and 2 threads) and 1.5x (five MACE-MP-0-medium-shaped members) faster than 50,000.
 INFERENCE_BATCH_ROWS_CPU: int = 32
 INFERENCE_BATCH_ROWS_GPU: int = 256
-MAX_EDGES_PER_BATCH_CPU: int = 50_000
+MAX_EDGES_PER_BATCH_CPU: int = 12_500
 MAX_EDGES_PER_BATCH_GPU: int = 400_000
 #: Concurrent calls per inference actor (Ray Data ``max_concurrent_calls_per_actor``): with 2,
 #: the next call's input batch is assembled (blocks fetched, graphs unpickled into a DataFrame)

@@ -35,7 +35,7 @@ def main(
     light_tasks: int | None = typer.Option(
         None, help="most concurrent read/validate tasks (default: 1 CPU, 2 per GPU actor)"),
     max_edges_per_batch: int | None = typer.Option(
-        None, help="edge budget per inference sub-batch (default: 50,000 CPU, 400,000 GPU)"),
+        None, help="edge budget per inference sub-batch (default: 12,500 CPU, 400,000 GPU)"),
     inference_batch_rows: int | None = typer.Option(
         None, help="rows per inference call (default: 32 CPU, 256 GPU)"),
     inference_calls_per_actor: int | None = typer.Option(

@@ -151,7 +151,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2048)
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     ap.add_argument("--batch-rows", type=int, nargs="+", default=[32])
-    ap.add_argument("--max-edges", type=int, nargs="+", default=[50_000])
+    ap.add_argument("--max-edges", type=int, nargs="+", default=[12_500])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="float32")
     ap.add_argument("--calls-per-actor", type=int, nargs="+", default=[1, 2],

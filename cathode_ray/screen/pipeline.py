@@ -97,7 +97,7 @@ class ScreenConfig:
             ~110/s, MACE ~170/s with hull inputs). None: 1 with CPU inference actors,
             ``seedcard.LIGHT_TASKS_PER_GPU`` (2) per GPU actor.
         max_edges_per_batch: edge budget of one inference sub-batch (directed graph edges);
-            None: ``seedcard.MAX_EDGES_PER_BATCH_CPU`` (50,000) or ``_GPU`` (400,000) by actor kind.
+            None: ``seedcard.MAX_EDGES_PER_BATCH_CPU`` (12,500) or ``_GPU`` (400,000) by actor kind.
         inference_batch_rows: rows handed to an inference actor per call (split inside by the
             edge budget); None: ``seedcard.INFERENCE_BATCH_ROWS_CPU`` (32) or ``_GPU`` (256).
         inference_calls_per_actor: calls an inference actor takes at once: input batching and

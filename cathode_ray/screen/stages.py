@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from cathode_ray import seedcard
 from cathode_ray.data.library import LIBRARY_ROW_GROUP_ROWS, library_format, read_library_file
 from cathode_ray.data.records import Reject, RejectCode
 from cathode_ray.data.validate import CompactStructure, ValidationConfig, validate_raw
@@ -385,7 +386,8 @@ class InferenceStage:
     ``inference_failed`` rejects, never lost rows.
     """
 
-    def __init__(self, *, model: str, device: str = "cpu", max_edges: int = 50_000,
+    def __init__(self, *, model: str, device: str = "cpu",
+                 max_edges: int = seedcard.MAX_EDGES_PER_BATCH_CPU,
                  run_id: str, precision: str = "float32", stack_members: bool = False,
                  compile_model: bool = False, threads: int | None = None) -> None:
         import torch
@@ -425,8 +427,6 @@ class InferenceStage:
 
     def _check_precision(self, batch: Any, thermo: Any) -> None:
         """First sub-batch: reduced precision vs float32; fall back above the seed-card bound."""
-        from cathode_ray import seedcard
-
         self._precision_checked = True
         dev = self.ensemble.precision_deviation(batch, thermo)
         limit = seedcard.PRECISION_MAX_DEVIATION
