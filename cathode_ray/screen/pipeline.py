@@ -465,8 +465,10 @@ def index_inputs(source: Source) -> InputIndex:
 
 
 def build_dataset(config: ScreenConfig, source: Source, *, run_id: str, index: InputIndex,
-                  done: frozenset[tuple[str, int]]) -> Any:
-    """The lazy Ray Data pipeline from raw inputs to final rows (see the module docstring)."""
+                  done: frozenset[tuple[str, int]], threads: int | None = None) -> Any:
+    """The lazy Ray Data pipeline from raw inputs to final rows (see the module docstring);
+    ``threads``: torch threads per inference actor (None: Ray's setting), see
+    :meth:`ScreenConfig.threads_per_actor`."""
     import ray
 
     env = {"runtime_env": rt} if (rt := _worker_runtime_env()) else {}
@@ -492,7 +494,7 @@ def build_dataset(config: ScreenConfig, source: Source, *, run_id: str, index: I
                                "max_edges": config.edge_budget, "run_id": run_id,
                                "precision": config.precision, "stack_members": config.stack_members,
                                "compile_model": config.compile_model,
-                               "threads": config.threads_per_actor(_local_cores())},
+                               "threads": threads},
         compute=ray.data.ActorPoolStrategy(size=config.gpu_actors if gpu else config.cpu_actors,
                                            max_concurrent_calls_per_actor=config.calls_per_actor),
         **({"num_gpus": 1} if gpu else {"num_cpus": config.cpus_per_actor}), **env,
@@ -606,7 +608,8 @@ def _run_locked(config: ScreenConfig, paths: runs.RunPaths, lock: runs.RunLock, 
     done = frozenset(runs.done_keys(paths)) if config.resume else frozenset()
     if config.resume:
         _refuse_other_model(paths, model)
-    ds = build_dataset(config, source, run_id=paths.run_id, index=index, done=done)
+    threads = config.threads_per_actor(_local_cores())
+    ds = build_dataset(config, source, run_id=paths.run_id, index=index, done=done, threads=threads)
     writer = stages.ScreenWriter(results_uri=paths.results, rejects_uri=paths.rejects,
                                  run_id=paths.run_id, rows_per_file=config.min_rows_per_file,
                                  check=lock.check)
@@ -631,7 +634,7 @@ def _run_locked(config: ScreenConfig, paths: runs.RunPaths, lock: runs.RunLock, 
         "structures_per_s": processed / seconds if seconds > 0 else 0.0,
         "stage_seconds": stage_seconds, "invariant_ok": ok,
         "config": {k: v for k, v in asdict(config).items() if k != "validation"},
-        "inference_threads": config.threads_per_actor(_local_cores()),
+        "inference_threads": threads,
     }
     lock.check()
     manifest = _update_manifest(paths, config, model, attempt, out, n_inputs, ok)

@@ -37,10 +37,10 @@ def _reverse_partners(center: np.ndarray, nbr: np.ndarray, image: np.ndarray) ->
     keys, inverse = np.unique(np.concatenate([fwd, rev]), axis=0, return_inverse=True)
     inverse = inverse.reshape(-1)
     fwd_id, rev_id = inverse[:n_e], inverse[n_e:]
-    position = np.full(keys.shape[0], -1, dtype=np.int64)
-    position[fwd_id] = np.arange(n_e)
     if np.unique(fwd_id).shape[0] != n_e:
         raise ValueError("the neighbour list repeats an edge (same atoms and image)")
+    position = np.full(keys.shape[0], -1, dtype=np.int64)
+    position[fwd_id] = np.arange(n_e)
     partner = position[rev_id]  # [E]
     if (partner < 0).any() or (partner == np.arange(n_e)).any():
         raise ValueError(f"{int((partner < 0).sum())} of {n_e} neighbour-list edges have no reverse "
