@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import json
 import re
-import socket
 from pathlib import Path
 
 import pyarrow as pa
@@ -39,6 +38,7 @@ from tests.data.badfiles import (
     write_bad_library,
     write_good_library,
 )
+from tests.ports import free_port
 
 
 @pytest.fixture(scope="module")
@@ -496,19 +496,13 @@ def test_filesystem_for_local_and_s3(monkeypatch) -> None:
     assert path == "bucket/some/prefix" and fs.type_name == "s3"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_s3_library_via_moto(good_dir, monkeypatch) -> None:
     boto3 = pytest.importorskip("boto3")
     from moto.server import ThreadedMotoServer
 
     d, counts = good_dir
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     try:

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from tests.ports import free_port
+
 REPO: Path = Path(__file__).resolve().parents[2]
 #: ../shared/data next to the repository (real MP snapshot files; never copied into the repo).
 SHARED_DATA: Path = REPO.parent / "shared" / "data"
@@ -49,13 +51,6 @@ def missing_data_message() -> str | None:
         return (f"reliability tests need {missing}: place the MP snapshot files in ../shared/data "
                 "(next to the repository) and keep artifacts/models/chgnet-litmo-v1")
     return None
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --------------------------------------------------------------------------- libraries

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.screen.conftest import REPO, free_port
+from tests.ports import free_port
+from tests.screen.conftest import REPO
 
 
 def test_cluster_yaml_validates_with_ray_schema() -> None:
@@ -48,7 +49,7 @@ def test_ray_job_submit_runs_screen(tiny_model, references, tmp_path) -> None:
             if "No available agent" not in job.stderr + job.stdout:
                 break
             time.sleep(5)
-        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:] + _agent_log(temp_dir)
         assert "run job1: 8 inputs" in job.stdout
         attempt = json.loads((out / "_runs" / "job1.json").read_text())["attempts"][-1]
         assert (attempt["config"]["graph_actors"], attempt["config"]["light_tasks"]) == (1, 1)
@@ -145,6 +146,16 @@ def _start_head(temp_dir: str, env: dict[str, str], gcs_port: int, *args: str) -
         env=env, capture_output=True, text=True, timeout=120)
     assert start.returncode == 0, start.stderr
     return ray_bin
+
+
+def _agent_log(temp_dir: str, lines: int = 20) -> str:
+    """The last WARNING/ERROR lines of the head's dashboard agent (why no agent took the job)."""
+    logs = sorted(Path(temp_dir).glob("session_*/logs/dashboard_agent.log"))
+    if not logs:
+        return f"\n(no dashboard_agent.log under {temp_dir})"
+    bad = [ln for ln in logs[-1].read_text(errors="replace").splitlines()
+           if "WARNING" in ln or "ERROR" in ln]
+    return "\ndashboard agent:\n" + "\n".join(bad[-lines:])
 
 
 def _stop_head(temp_dir: str) -> None:
