@@ -32,11 +32,12 @@ def free_port() -> int:
     Ports below the range are only ever taken by servers that ask for them.
     """
     low, high = ephemeral_range()
-    top = low - 1 if low > _LOWEST + 1_000 else 65_535  # else: above the range
+    # below the range; above it only where the kernel's range starts too low to leave room
+    candidates = range(_LOWEST, low) if low > _LOWEST + 1_000 else range(high + 1, 65_536)
     rng = random.SystemRandom()
     for _ in range(500):
-        port = rng.randint(_LOWEST, top)
-        if port in _ISSUED or (top == 65_535 and port <= high):
+        port = rng.choice(candidates)
+        if port in _ISSUED:
             continue
         with socket.socket() as s:
             try:
@@ -45,4 +46,4 @@ def free_port() -> int:
                 continue
         _ISSUED.add(port)
         return port
-    raise RuntimeError(f"no free TCP port found in {_LOWEST}-{top}")
+    raise RuntimeError(f"no free TCP port found in {candidates}")

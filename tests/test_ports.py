@@ -11,11 +11,11 @@ from tests.ports import ephemeral_range, free_port
 def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range() -> None:
     low, high = ephemeral_range()
     assert 0 < low <= high <= 65_535
-    ports = [free_port() for _ in range(50)]
-    assert len(set(ports)) == len(ports)
+    picked = [free_port() for _ in range(50)]
+    assert len(set(picked)) == len(picked)
     if low > 21_000:  # Linux default 32768: outgoing connections never take these ports
-        assert all(20_000 <= p < low for p in ports)
-    for port in ports[:5]:
+        assert all(20_000 <= p < low for p in picked)
+    for port in picked[:5]:
         with socket.socket() as s:
             s.bind(("", port))  # free on every interface, as Ray's agents need
 
@@ -31,7 +31,7 @@ def test_a_port_held_by_a_server_or_issued_before_is_skipped(monkeypatch) -> Non
             def __init__(self) -> None:
                 self.seq = iter([taken, issued, taken, 30_000, 30_001, 30_002])
 
-            def randint(self, a: int, b: int) -> int:
+            def choice(self, candidates: range) -> int:
                 return next(self.seq)
 
         monkeypatch.setattr(ports.random, "SystemRandom", Draws)
