@@ -4,6 +4,7 @@
 #      (scripts/bench_ensemble.py)
 #   2. TF32 / bf16 against float32 on real MP structures          (scripts/bench_precision.py)
 #   3. does the CPU side keep the GPU fed? end to end vs inference (scripts/bench_feed.py)
+#   4. CHGNet graph assembly: chgnet's per-graph loop vs one pass   (scripts/bench_chgnet_batch.py)
 # Needs cathode_ray's dependencies importable (Ray is not: bench_feed replaces it with a process
 # pool) and ../shared/data. Logs go to $OUT (default out/gpu-check), one file per step.
 #
@@ -18,7 +19,7 @@ export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" >> "$OUT/gpu.txt" 2>&1
 
-STEPS=${STEPS:-ensemble_mace ensemble_chgnet precision_chgnet library feed}
+STEPS=${STEPS:-ensemble_mace ensemble_chgnet precision_chgnet library feed chgnet_batch}
 
 step() {  # step NAME TIMEOUT_S CMD...: run, log, keep going on failure; skip steps not in $STEPS
     local name=$1 limit=$2 start=$SECONDS rc
@@ -28,7 +29,7 @@ step() {  # step NAME TIMEOUT_S CMD...: run, log, keep going on failure; skip st
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
     rc=$?
     echo "   exit $rc after $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
-    grep -iE "structures/s|meV/atom|fell back|error|ms$" "$OUT/$name.log" | tee -a "$OUT/summary.txt"
+    grep -iE "structures/s|meV/atom|fell back|error|ms$|ms/structure" "$OUT/$name.log" | tee -a "$OUT/summary.txt"
 }
 
 step ensemble_mace 330 python scripts/bench_ensemble.py --backbone mace-medium-shape --n 512 --batch 64 --device cuda --rounds 2
@@ -39,3 +40,4 @@ step library 60 python -m cathode_ray.cli library generate --from ../shared/data
     --n 4096 --out "$LIB" --overwrite
 step feed 240 python scripts/bench_feed.py --model mace-medium-shape --library "$LIB/candidates-00000.parquet" \
     --n 3072 --device cuda --batch-rows 256 --max-edges 400000 --calls-per-actor 1 2
+step chgnet_batch 60 python scripts/bench_chgnet_batch.py --n 64 --device cuda

@@ -42,10 +42,11 @@ def trunk_features(backbone: Backbone, structures: Sequence[Structure], *, batch
 
 def cached_trunk_features(backbone: Backbone, structures: Sequence[Structure], ids: Sequence[str],
                           cache_dir: str | Path | None, **kw: object) -> list[TrunkFeatures]:
-    """:func:`trunk_features` with an on-disk cache keyed by backbone sha256 and structures."""
+    """:func:`trunk_features` with an on-disk cache keyed by the backbone's weights (sha256) and
+    trunk revision, and the structures."""
     if cache_dir is None:
         return trunk_features(backbone, structures, **kw)  # type: ignore[arg-type]
-    h = hashlib.sha256(backbone.weights_sha256.encode())
+    h = hashlib.sha256(f"{backbone.weights_sha256}:r{backbone.trunk_revision}".encode())
     for sid, s in zip(ids, structures, strict=True):
         h.update(sid.encode())
         h.update(np.asarray(s.cart_coords, dtype=np.float64).tobytes())

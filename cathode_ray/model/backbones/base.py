@@ -63,6 +63,8 @@ class Backbone(ABC):
         trunk_embedding_dim: D', scalar channels of the frozen trunk's node features.
         energy_is_mp2020_corrected: whether the backbone's energy already includes MP2020
             anion/U corrections (CHGNet) or needs them added (MACE-MP-0).
+        trunk_revision: bumped when an adapter's code changes the trunk's numbers (even in the
+            last bits), so that trunk features cached on disk by an older version are recomputed.
     """
 
     name: str
@@ -71,6 +73,7 @@ class Backbone(ABC):
     embedding_dim: int
     trunk_embedding_dim: int
     energy_is_mp2020_corrected: bool
+    trunk_revision: int = 1
 
     @abstractmethod
     def build_graph(self, structure: Structure) -> Any:

@@ -28,7 +28,7 @@ from .base import (
     sha256_file,
     strict_float32,
 )
-from .chgnet_graph import crystal_graph
+from .chgnet_graph import GraphBatch, batch_graphs, crystal_graph
 
 CHGNET_VERSION = "0.3.0"
 
@@ -144,6 +144,7 @@ class ChgnetBackbone(Backbone):
     """CHGNet 0.3.0 from the weights that ship in the chgnet wheel (no download)."""
 
     energy_is_mp2020_corrected = True
+    trunk_revision = 2  # 2: graphs batched by batch_graphs (bond bases move by ~1e-6 vs chgnet's loop)
 
     def __init__(self, *, device: str = "cpu") -> None:
         from chgnet.model import CHGNet
@@ -204,18 +205,16 @@ class ChgnetBackbone(Backbone):
             "node_scalars": atom_feas,
         }
 
-    def _batch_graphs(self, graphs: Sequence[Any], device: str | torch.device | None) -> tuple[list[Any], Any, torch.Tensor]:
-        """(graphs on device, chgnet BatchedGraph, composition energy [B] eV/atom): host work."""
-        from chgnet.model.model import BatchedGraph
-
+    def _batch_graphs(self, graphs: Sequence[Any], device: str | torch.device | None) -> tuple[list[Any], GraphBatch, torch.Tensor]:
+        """(graphs, their :class:`GraphBatch` on the device, composition energy [B] eV/atom): host
+        work, one pass over the batch (:func:`.chgnet_graph.batch_graphs`)."""
         m = self.model
-        dev = torch.device(device) if device is not None else self.device
-        graphs = [g.to(dev) for g in graphs]
-        comp_energy = m.composition_model(graphs)  # [B] eV/atom (AtomRef, intensive)
-        g = BatchedGraph.from_graphs(
-            graphs, bond_basis_expansion=m.bond_basis_expansion,
-            angle_basis_expansion=m.angle_basis_expansion, compute_stress=False,
-        )
+        graphs = list(graphs)
+        g = batch_graphs(graphs, bond_basis_expansion=m.bond_basis_expansion,
+                         angle_basis_expansion=m.angle_basis_expansion,
+                         n_elements=m.composition_model.max_num_elements,
+                         device=device if device is not None else self.device)
+        comp_energy = m.composition_model.fc(g.composition).view(-1)  # [B] eV/atom (AtomRef, intensive)
         return graphs, g, comp_energy
 
     @staticmethod
