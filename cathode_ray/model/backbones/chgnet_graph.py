@@ -156,7 +156,7 @@ def _unpack_crystal_graph(arrays: dict[str, np.ndarray], fields: dict[str, Any])
 
 
 class PackedCrystalGraph(CrystalGraph):
-    """A chgnet ``CrystalGraph`` that pickles in about a third of the bytes: integers in the smallest
+    """A chgnet ``CrystalGraph`` that pickles in about a quarter of the bytes: integers in the smallest
     dtype that holds them, the bond graph as its two directed-edge columns (the other three are looked
     up again on unpickling). The screen moves every graph between processes this way."""
 
