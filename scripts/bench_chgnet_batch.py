@@ -86,7 +86,7 @@ def main() -> None:
     host = join_graphs(graphs)
     on_dev = {k: v.to(dev) for k, v in host.items()}
 
-    def device_part() -> Any:  # what runs on the device after batch_graphs' one copy
+    def device_part() -> Any:  # what runs on the device after batch_graphs' copies
         return featurize(on_dev, bond_basis_expansion=m.bond_basis_expansion,
                          angle_basis_expansion=m.angle_basis_expansion,
                          n_elements=m.composition_model.max_num_elements)
