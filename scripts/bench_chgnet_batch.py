@@ -8,8 +8,8 @@ batch and scalar reads (``aten::_local_scalar_dense``: on a GPU, a wait for the 
 counted with the torch profiler; ``batch_graphs`` also split into its host part (small CPU tensors)
 and its device part. chgnet's loop runs all of its operations on the device, where each is a kernel
 launch, so the operation count is what a CPU run can say about a GPU; ``--device cuda`` times it
-there. Also the pickled size of
-the graphs (what the screen moves between processes) and how fast they unpickle.
+there. Also the pickled size of the graphs (what the screen moves between processes) and how fast
+they unpickle.
 """
 
 from __future__ import annotations

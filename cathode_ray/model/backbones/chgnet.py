@@ -192,7 +192,6 @@ class ChgnetBackbone(Backbone):
                      core: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> TrunkBatch:
         graphs, g, comp_energy = self._batch_graphs(graphs, device)
         atom_feas, bond_feas, bond_weights = core(*_graph_tensors(g))
-        n_atoms = torch.tensor([int(gr.atomic_number.shape[0]) for gr in graphs], dtype=torch.long)
         return {
             "atom_feas": atom_feas,  # [A, D]
             "bond_feas": bond_feas,  # [U, D] undirected bonds
@@ -200,7 +199,7 @@ class ChgnetBackbone(Backbone):
             "atom_graph": g.batched_atom_graph.long(),  # [E, 2] batch-global (center, neighbour)
             "directed2undirected": g.directed2undirected.long(),  # [E]
             "atom_owners": g.atom_owners.long(),  # [A]
-            "n_atoms": n_atoms.to(atom_feas.device),  # [B]
+            "n_atoms": g.n_atoms.long(),  # [B]
             "comp_energy": comp_energy.float(),  # [B] eV/atom
             "node_scalars": atom_feas,
         }

@@ -137,9 +137,6 @@ def _small_int(a: np.ndarray) -> np.ndarray:
 
 def _unpack_crystal_graph(arrays: dict[str, np.ndarray], fields: dict[str, Any]) -> PackedCrystalGraph:
     """The graph that :meth:`PackedCrystalGraph.__reduce__` packed (tensors equal)."""
-    def ints(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(a.astype(np.int32)) if a.shape[0] else torch.tensor([], dtype=torch.int32)
-
     atom_graph = arrays["atom_graph"].astype(np.int64)  # [E, 2]
     d2u = arrays["directed2undirected"].astype(np.int64)  # [E]
     pairs = arrays["bond_pairs"].astype(np.int64)  # [G, 2] (d, e): the directed edges of each angle
@@ -148,11 +145,11 @@ def _unpack_crystal_graph(arrays: dict[str, np.ndarray], fields: dict[str, Any])
     return PackedCrystalGraph(
         atomic_number=torch.from_numpy(arrays["atomic_number"].astype(np.int32)),
         atom_frac_coord=torch.from_numpy(arrays["atom_frac_coord"]).requires_grad_(True),
-        atom_graph=ints(atom_graph),
+        atom_graph=_int_tensor(atom_graph),
         neighbor_image=torch.from_numpy(arrays["neighbor_image"]).to(TORCH_DTYPE),
-        directed2undirected=ints(d2u),
-        undirected2directed=ints(arrays["undirected2directed"]),
-        bond_graph=ints(bond_graph),
+        directed2undirected=_int_tensor(d2u),
+        undirected2directed=_int_tensor(arrays["undirected2directed"]),
+        bond_graph=_int_tensor(bond_graph),
         lattice=torch.from_numpy(arrays["lattice"]).requires_grad_(True),
         **fields,
     )
@@ -235,6 +232,7 @@ class GraphBatch:
     directed2undirected: torch.Tensor  # [E] int32, batch-global undirected edges
     batched_bond_graph: torch.Tensor  # [G, 3] int32 (center atom, bond u, bond v), batch-global
     atom_owners: torch.Tensor  # [A] int32 graph of each atom
+    n_atoms: torch.Tensor  # [B] atoms per graph
     composition: torch.Tensor  # [B, n_elements] element fractions (chgnet's AtomRef input)
 
 
@@ -253,7 +251,7 @@ def batch_graphs(graphs: Sequence[Any], *, bond_basis_expansion: Any, angle_basi
     elementwise instead of by one matmul per graph), and the same for a graph in any batch.
     chgnet's loop runs ~114 tensor operations per graph on the device and reads each cell volume
     back to the host; here the host joins the graphs (:func:`join_graphs`), 12 pinned copies per
-    batch move them to a CUDA device, and :func:`featurize` runs a fixed ~100 operations per batch
+    batch move them to a CUDA device, and :func:`featurize` runs a fixed ~120 operations per batch
     there with no read-back.
 
     Args:
@@ -335,5 +333,6 @@ def featurize(t: dict[str, torch.Tensor], *, bond_basis_expansion: Any, angle_ba
         directed2undirected=t["d2u"],
         batched_bond_graph=t["bond_graph"],
         atom_owners=t["atom_owners"],
+        n_atoms=t["n_atoms"],
         composition=composition,
     )
