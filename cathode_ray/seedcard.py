@@ -50,6 +50,13 @@ INFERENCE_BATCH_ROWS_CPU: int = 32
 INFERENCE_BATCH_ROWS_GPU: int = 256
 MAX_EDGES_PER_BATCH_CPU: int = 12_500
 MAX_EDGES_PER_BATCH_GPU: int = 400_000
+#: glibc malloc in inference processes (``screen.malloc.retain_freed_memory``): blocks up to the
+#: mmap threshold come from the heap, and freed heap memory is returned to the system only above
+#: the trim threshold. With glibc's adaptive defaults every sub-batch's tensors of a few MB were
+#: mapped and unmapped again: ~5,000 page faults per structure, a quarter of the bundled CHGNet
+#: ensemble's inference time on CPU (docs/performance.md); these values cost ~45 MB of resident memory.
+MALLOC_MMAP_THRESHOLD_BYTES: int = 32 * 2**20  # glibc's largest allowed value on 64-bit
+MALLOC_TRIM_THRESHOLD_BYTES: int = 128 * 2**20
 #: Concurrent calls per inference actor (Ray Data ``max_concurrent_calls_per_actor``): with 2,
 #: the next call's input batch is assembled (blocks fetched, graphs unpickled into a DataFrame)
 #: and the last call's output serialised while the model runs; the model itself still runs one

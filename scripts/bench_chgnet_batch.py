@@ -26,7 +26,8 @@ from typing import Any
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def _best(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> float:
+def best_time(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> float:
+    """Seconds of the fastest of ``repeats`` calls of ``fn`` after a warm-up (``sync`` waits for the device)."""
     fn()
     sync()
     best = float("inf")
@@ -92,7 +93,7 @@ def main() -> None:
                          n_elements=m.composition_model.max_num_elements)
 
     with torch.inference_mode():
-        rows = {name: (_best(fn, args.repeats, sync), *_ops(fn)) for name, fn in
+        rows = {name: (best_time(fn, args.repeats, sync), *_ops(fn)) for name, fn in
                 (("chgnet BatchedGraph.from_graphs", theirs), ("batch_graphs", ours),
                  ("  its host part (join_graphs)", lambda: join_graphs(graphs)),
                  ("  its device part (featurize)", device_part))}

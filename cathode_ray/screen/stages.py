@@ -35,6 +35,7 @@ from cathode_ray import seedcard
 from cathode_ray.data.library import LIBRARY_ROW_GROUP_ROWS, library_format, read_library_file
 from cathode_ray.data.records import Reject, RejectCode
 from cathode_ray.data.validate import CompactStructure, ValidationConfig, validate_raw
+from cathode_ray.screen.malloc import retain_freed_memory
 from cathode_ray.screen.schema import RESULT_SCHEMA, SCREEN_REJECT_SCHEMA, conform
 from cathode_ray.storage import filesystem_for, write_parquet
 
@@ -398,6 +399,7 @@ class InferenceStage:
         check_device(device)
         if threads is not None:  # else Ray's OMP_NUM_THREADS: the CPUs the actor reserves
             torch.set_num_threads(threads)
+        retain_freed_memory()  # sub-batches reuse freed memory instead of faulting in new pages
         self.ensemble = Ensemble.load(model, device=device, precision=precision,
                                       stack_members=stack_members, compile_model=compile_model)
         self._precision_checked = precision == "float32"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,11 @@ def _stacked_vs_loop(ens: Ensemble, feats: list, th: ThermoInputs) -> tuple:
 def test_stacked_chgnet_members_equal_loop() -> None:
     ens = _ensemble(chgnet())
     data = member_data(6, seed=1)
-    stacked, loop = _stacked_vs_loop(ens, data.feats, thermo(6))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stacked, loop = _stacked_vs_loop(ens, data.feats, thermo(6))
+    slow = [str(w.message) for w in caught if "batching rule" in str(w.message)]
+    assert not slow, slow  # every op of the last block has a vmap batching rule (no per-member loop)
     assert stacked.q50.shape == (3, 6)
     assert np.abs(loop.q50[0] - loop.q50[1]).max() > 1e-4  # members really differ
     for k in ("q10", "q50", "q90", "p_stable", "p_metastable"):
