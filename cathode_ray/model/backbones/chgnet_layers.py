@@ -10,7 +10,8 @@ gathered rows is the gather of the mapped rows, so the same pre-activation is
 
     (atom @ W_a)[c] + (bond @ W_i)[i] + (bond @ W_j)[j] + angle @ W_g + b
 
-where the atom and bond products run once per atom or bond instead of once per angle. On 64 MP
+where the atom and bond products run once per atom or bond instead of once per angle, and the
+gathered products are summed per row in one pass by ``embedding_bag``. On 64 MP
 Li-TM-O structures there are ~3x more angles than bonds, and the first layers were two thirds of
 CHGNet's time on CPU (``scripts/bench_chgnet_layers.py``). Values equal chgnet's modules to float32
 rounding (tested); the modules' own weights are used, so trained and frozen weights both apply.
