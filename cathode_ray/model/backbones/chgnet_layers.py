@@ -70,7 +70,8 @@ def _pre_activation(lin: nn.Linear, parts: Sequence[tuple[torch.Tensor, torch.Te
                     bags: torch.Tensor | None) -> torch.Tensor:
     """``lin(cat(parts))`` as a sum of per-part products: the gathered parts' products stacked into
     one table [sum N_k, H] and summed per row by ``embedding_bag`` over ``bags`` [R, K] (their row
-    indices, offset into the table), then the per-row parts' products added in place."""
+    indices, offset into the table; None: by ``index_select`` and add), then the per-row parts'
+    products added in place."""
     cols = [0]
     for f, _ in parts:
         cols.append(cols[-1] + f.shape[1])
@@ -80,7 +81,7 @@ def _pre_activation(lin: nn.Linear, parts: Sequence[tuple[torch.Tensor, torch.Te
     # the first gathered part carries the bias: every row takes exactly one of its rows
     products = [nn.functional.linear(parts[k][0], w[k], lin.bias if i == 0 else None).float()
                 for i, k in enumerate(gathered)]  # [N_k, H] each
-    if bags is not None and _sum_by_bags:
+    if bags is not None:
         pre = nn.functional.embedding_bag(bags, torch.cat(products), mode="sum")  # [R, H]
     else:
         for k, product in zip(gathered, products, strict=True):
@@ -115,7 +116,7 @@ def gated_mlp_of_gathers(gm: Any, parts: Sequence[tuple[torch.Tensor, torch.Tens
     core, gate = _first_linear(gm.mlp_core), _first_linear(gm.mlp_gate)
     if core is None or gate is None:  # dropout on the concatenation: no factoring
         return gm(torch.cat([f if idx is None else torch.index_select(f, 0, idx) for f, idx in parts], dim=1))
-    bags = _bags(parts)
+    bags = _bags(parts) if _sum_by_bags else None
     core_out = _run(core[1], _pre_activation(core[0], parts, bags))  # [R, out_dim]
     gate_out = _run(gate[1], _pre_activation(gate[0], parts, bags))  # [R, out_dim]
     if gm.norm is None:
