@@ -87,7 +87,7 @@ def trunk_tensors(
     [E, 2], directed-to-undirected map [E], bond graph [G, 5].
 
     ``factored``: the convolutions' gated MLPs factored over their gathered inputs
-    (:mod:`.chgnet_layers`, 1.7x faster on CPU); False runs chgnet's own layer modules, the
+    (:mod:`.chgnet_layers`, 1.8-2.0x faster on CPU); False runs chgnet's own layer modules, the
     reference that is tested and benchmarked against.
 
     Returns (atom features [A, D], bond features [U, D], atom-graph bond weights [U, D]). Tensor
