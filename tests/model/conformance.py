@@ -40,10 +40,10 @@ def small_cathode_structures() -> list[Structure]:
     li2o = Structure.from_spacegroup(
         "Fm-3m", Lattice.cubic(4.61), ["Li", "O"], [[0.25, 0.25, 0.25], [0, 0, 0]]
     ).get_primitive_structure()  # 3 atoms
-    lmo = Structure.from_spacegroup(
+    lmo = Structure.from_spacegroup(  # pymatgen's Fd-3m is origin choice 1: Li 8a, Mn 16d, O 32e
         "Fd-3m", Lattice.cubic(8.24), ["Li", "Mn", "O"],
-        [[0.125, 0.125, 0.125], [0.5, 0.5, 0.5], [0.263, 0.263, 0.263]],
-    ).get_primitive_structure()  # 14 atoms
+        [[0, 0, 0], [0.625, 0.625, 0.625], [0.388, 0.388, 0.388]],
+    ).get_primitive_structure()  # 14 atoms, Li2Mn4O8
     lfp = Structure.from_spacegroup(
         "Pnma", Lattice.orthorhombic(10.33, 6.01, 4.69), ["Li", "Fe", "P", "O", "O", "O"],
         [[0, 0, 0], [0.282, 0.25, 0.975], [0.095, 0.25, 0.418], [0.097, 0.25, 0.743],
