@@ -8,7 +8,9 @@ suffix                    content
 ========================  ======================================================================
 ``.cif``                  one raw row per data block with atom sites (metadata-only blocks, such
                           as a journal's ``data_global``, are skipped)
-``.vasp``/``POSCAR*``     one VASP POSCAR/CONTCAR (also ``CONTCAR*``, ``.poscar``)
+``.vasp``/``*POSCAR*``    one VASP POSCAR/CONTCAR (any name holding ``POSCAR`` or ``CONTCAR``, as
+                          pymatgen and ASE take them, or ``.poscar``); VASP 4 files without a
+                          species line may name the species on their comment line
 ``.xyz``/``.extxyz``      extended XYZ, one raw row per frame
 ``.res``                  SHELX/AIRSS ``.res``, one raw row per ``TITL`` block (AIRSS results
                           concatenated into one file read as they are); the id is the name on the
@@ -142,7 +144,7 @@ def library_format(path: str) -> str | None:
         return "cif"
     if lower.startswith(_VASPRUN) and ".xml" in lower:
         return "ase"
-    if suffix in (".vasp", ".poscar") or name.startswith(_GENERIC_VASP_NAMES):
+    if suffix in (".vasp", ".poscar") or any(n in name for n in _GENERIC_VASP_NAMES):  # as pymatgen, ASE
         return "poscar"
     if suffix in (".xyz", ".extxyz"):
         return "extxyz"

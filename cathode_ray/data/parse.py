@@ -4,20 +4,31 @@ Readers (:mod:`cathode_ray.data.library`) yield text payloads; this module turns
 Structure with pymatgen (CIF, POSCAR, SHELX/AIRSS ``.res``, Structure dicts) or ASE (extended XYZ).
 Nothing in a payload is ever executed or unpickled: Structure dicts are rebuilt from plain data
 (:func:`structure_from_untrusted_dict`), never through monty's decoder.
+
+Where a file says more than its sites, the parse is checked against it, so that a misread file is
+a reject rather than a wrong structure: a CIF naming a space group whose operations pymatgen cannot
+build (it would read the asymmetric unit as P1), a CIF whose sites disagree with its own
+``_chemical_formula_sum``, a VASP 4 POSCAR that names no elements (pymatgen would call them H, He,
+Li, ...; species on the comment line, the VASP 4 convention, are used), and a POSCAR whose counts
+disagree with its coordinate lines (pymatgen would drop the atoms beyond the counts).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import re
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pymatgen.core import Structure
 
 from cathode_ray import seedcard
 from cathode_ray.data.library import FORMATS, cif_structure_blocks
 from cathode_ray.data.records import Reject, RejectCode, short_error
+
+if TYPE_CHECKING:
+    from pymatgen.io.cif import CifParser
 
 
 def parse_raw(row: dict[str, Any]) -> Structure | Reject:
@@ -55,20 +66,154 @@ def _parse_cif(text: str) -> Structure | str:
     if len(blocks) > 1:
         return (f"{RejectCode.MULTIPLE_STRUCTURES}:CIF holds {len(blocks)} data blocks with atom "
                 "sites; give one structure per row")
+    if _CIF_CARTESIAN_ONLY.search(text) and not _CIF_FRACTIONAL.search(text):
+        return (f"{RejectCode.UNPARSEABLE}:CIF gives only Cartesian coordinates (_atom_site_Cartn_x), which "
+                "pymatgen does not read; re-export it with fractional coordinates (_atom_site_fract_x)")
     # a site over-full by a database's rounding (1.0001) is scaled to 1; validation fills 0.9999
-    structures = CifParser.from_str(blocks[0] if blocks else text,
-                                    occupancy_tolerance=1.0 + seedcard.OCCUPANCY_TOLERANCE
-                                    ).parse_structures(primitive=False, on_error="raise")
+    parser = CifParser.from_str(blocks[0] if blocks else text,
+                                occupancy_tolerance=1.0 + seedcard.OCCUPANCY_TOLERANCE)
+    structures = parser.parse_structures(primitive=False, on_error="raise")
     if len(structures) != 1:
         return (f"{RejectCode.MULTIPLE_STRUCTURES}:CIF holds {len(structures)} structures; "
                 "split it into one file per structure")
-    return structures[0]
+    return _cif_symmetry_problem(parser) or _cif_composition_problem(parser, structures[0]) or structures[0]
 
 
-def _parse_poscar(text: str) -> Structure:
+_CIF_CARTESIAN_ONLY = re.compile(r"^[ \t]*_atom_site[._]cartn_x\b", re.IGNORECASE | re.MULTILINE)
+_CIF_FRACTIONAL = re.compile(r"^[ \t]*_atom_site[._]fract_x\b", re.IGNORECASE | re.MULTILINE)
+
+#: CIF tags that name a space group (pymatgen's spellings; values compared without spaces or '_').
+_SPACE_GROUP_TAGS = ("_symmetry_space_group_name_H-M", "_space_group_name_H-M_alt", "_space_group_name_Hall",
+                     "_symmetry_space_group_name_Hall", "_space_group_IT_number", "_symmetry_Int_Tables_number")
+_P1 = {"P1", "1"}
+_NO_VALUE = {"", "?", "."}
+
+
+def _cif_symmetry_problem(parser: CifParser) -> str | None:
+    """A reject text when the CIF names a space group other than P1 but pymatgen fell back to P1:
+    it found no symmetry operations and could not build them from the name (a Hall symbol, a
+    misspelt Hermann-Mauguin symbol), so only the listed sites, the asymmetric unit, would be read."""
+    if not any("Defaulting to P1" in w for w in parser.warnings):
+        return None
+    for block in parser.as_dict().values():
+        for tag in _SPACE_GROUP_TAGS:
+            value = str(block.get(tag) or "").strip()
+            if value not in _NO_VALUE and value.replace(" ", "").replace("_", "") not in _P1:
+                return (f"{RejectCode.UNPARSEABLE}:CIF names space group {value!r} ({tag}) but lists no "
+                        "symmetry operations pymatgen can apply, so only its asymmetric unit would be "
+                        "screened; add a _space_group_symop_operation_xyz loop, give the Hermann-Mauguin "
+                        "symbol, or export the full cell in P1")
+    return None
+
+
+def _cif_composition_problem(parser: CifParser, structure: Structure) -> str | None:
+    """A reject text when the sites disagree with the CIF's own formula (pymatgen's
+    ``CifParser.check``: elements missing, such as hydrogens an X-ray study could not place, or a
+    different stoichiometry). A formula pymatgen cannot read is no evidence either way."""
+    problem = parser.check(structure)
+    if not problem or problem.startswith("Cannot determine"):
+        return None
+    block = next(iter(parser.as_dict().values()))
+    formula = block.get("_chemical_formula_sum") or block.get("_chemical_formula_structural") or "?"
+    return (f"{RejectCode.UNPARSEABLE}:CIF's atom sites give {structure.composition.reduced_formula} but "
+            f"its formula is {str(formula).strip()!r} ({problem.split(':', 1)[0].strip()}); add the missing "
+            "atom sites (X-ray structures often leave out hydrogens) or fix the formula")
+
+
+def _parse_poscar(text: str) -> Structure | str:
     from pymatgen.io.vasp import Poscar
+    from pymatgen.io.vasp.inputs import BadPoscarWarning
 
-    return Poscar.from_str(text).structure
+    if problem := _poscar_count_problem(text):
+        return problem
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", BadPoscarWarning)
+        structure = Poscar.from_str(text).structure
+    if not any("cannot be determined" in str(w.message) for w in caught):
+        return structure
+    # VASP 4 format: no species line, no symbols after the coordinates. pymatgen would name the
+    # species H, He, Li, ...; the convention (ASE's too) is the symbols on the comment line.
+    names = _comment_line_species(text)
+    if names is None:
+        comment = text.split("\n", 1)[0].strip()
+        return (f"{RejectCode.UNPARSEABLE}:POSCAR names no elements: VASP 4 format (no species line above "
+                "the counts, no element symbols after the coordinates), and its comment line "
+                f"({comment[:40]!r}) does not name one element per count; add the species line, e.g. "
+                "'Li Co O', above the counts line")
+    return Poscar.from_str(text, default_names=names).structure
+
+
+def _poscar_count_problem(text: str) -> str | None:
+    """A reject text when a POSCAR's counts line and its coordinate lines disagree, or None.
+
+    pymatgen reads as many coordinate lines as the counts add up to and ignores what follows up to
+    the first blank line (velocities come after one): an atom added by hand without raising its
+    count would be dropped without a word. Too few lines would fail with an IndexError.
+    """
+    lines = re.split(r"\n\s*\n", text.strip("\n").rstrip())[0].splitlines()  # header + coordinates
+    at = next((i for i in range(5, min(len(lines), 16)) if _ints(lines[i])), None)  # counts line
+    if at is None:
+        return None  # not laid out as expected: pymatgen decides
+    counts = _ints(lines[at])
+    i = at + 1
+    while i < len(lines) and _ints(lines[i]):  # counts over several lines (pymatgen reads those)
+        counts += _ints(lines[i])
+        i += 1
+    if i < len(lines) and lines[i].strip()[:1] in ("s", "S"):  # Selective dynamics
+        i += 1
+    coords, n = lines[i + 1:], sum(counts)  # after the Direct/Cartesian line
+    if len(coords) < n:
+        return (f"{RejectCode.UNPARSEABLE}:POSCAR's counts add up to {n} atoms but it has {len(coords)} "
+                "coordinate lines; fix the counts line")
+    if len(coords) > n and len(_floats(coords[n])) >= 3:
+        return (f"{RejectCode.UNPARSEABLE}:POSCAR's counts add up to {n} atoms but more coordinate lines "
+                f"follow ({len(coords)} before the first blank line); fix the counts line, or put a "
+                "blank line before velocities")
+    return None
+
+
+def _ints(line: str) -> list[int]:
+    """The integers of a line made of integers only, else []."""
+    try:
+        return [int(x) for x in line.split()]
+    except ValueError:
+        return []
+
+
+def _floats(line: str) -> list[float]:
+    """The leading numbers of a line (a coordinate line's three, before flags and symbols)."""
+    out = []
+    for token in line.split():
+        try:
+            out.append(float(token))
+        except ValueError:
+            break
+    return out
+
+
+_COMMENT_SYMBOL = re.compile(r"^([A-Z][a-z]?)(\d*)$")
+
+
+def _comment_line_species(text: str) -> list[str] | None:
+    """Element names from a VASP 4 POSCAR's comment line (``Li Co O``, or a formula such as
+    pymatgen's ``Li4 Co4 O8``), or None unless they name one element per count on the counts line
+    (in the counts' proportions when they carry numbers)."""
+    from pymatgen.core import Element
+
+    lines = text.splitlines()
+    if len(lines) < 6:
+        return None
+    try:
+        counts = [int(x) for x in lines[5].split()]
+    except ValueError:
+        return None
+    matches = [_COMMENT_SYMBOL.match(token) for token in lines[0].split()]
+    if len(matches) != len(counts) or not all(m and Element.is_valid_symbol(m.group(1)) for m in matches):
+        return None
+    given = [int(m.group(2) or 1) for m in matches]
+    if any(m.group(2) for m in matches) and len({n / g for n, g in zip(counts, given, strict=True)}) != 1:
+        return None  # a formula on the comment line, in other proportions than the counts
+    return [m.group(1) for m in matches]
 
 
 def _parse_extxyz(text: str) -> Structure | str:
@@ -117,13 +262,13 @@ def structure_from_untrusted_dict(obj: dict[str, Any]) -> Structure:
 
     ``Structure.from_dict`` decodes site properties with monty's MontyDecoder, which imports any
     module named by ``@module``/``@class`` and calls it; so only the plain data is kept here
-    (lattice matrix, per-site species/occupancies/oxidation states, fractional coordinates,
+    (lattice matrix or parameters, per-site species/occupancies/oxidation states, fractional coordinates,
     labels, charge) and every other key, site properties included, is dropped. A dict that asks
     for decoding anywhere below the Structure and Lattice markers is refused outright.
     """
     _refuse_object_markers(obj.get("sites"), "sites")
     try:
-        matrix = [[float(x) for x in row] for row in obj["lattice"]["matrix"]]
+        matrix = _lattice_matrix(obj["lattice"])
         sites = []
         for site in obj["sites"]:
             species = [{"element": str(sp["element"]), "occu": float(sp.get("occu", 1.0)),
@@ -139,6 +284,17 @@ def structure_from_untrusted_dict(obj: dict[str, Any]) -> Structure:
     charge = obj.get("charge")
     return Structure.from_dict({"lattice": {"matrix": matrix}, "sites": sites,
                                 "charge": float(charge) if isinstance(charge, int | float) else 0.0})
+
+
+def _lattice_matrix(lattice: dict[str, Any]) -> list[list[float]]:
+    """Cell vectors (rows, Angstrom) of a Lattice dict: its ``matrix``, or, as pymatgen's
+    ``Lattice.from_dict`` takes them, ``a, b, c`` (Angstrom) and ``alpha, beta, gamma`` (degrees)."""
+    if "matrix" in lattice:
+        return [[float(x) for x in row] for row in lattice["matrix"]]
+    from pymatgen.core import Lattice
+
+    params = [float(lattice[k]) for k in ("a", "b", "c", "alpha", "beta", "gamma")]
+    return Lattice.from_parameters(*params).matrix.tolist()
 
 
 _PARSERS = {

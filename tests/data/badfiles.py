@@ -138,9 +138,36 @@ def write_bad_library(directory: str | Path) -> dict[str, RejectCode]:
                    d / "two_structures_in_one_cell.parquet")
     expected["two_structures_in_one_cell.parquet"] = RejectCode.MULTIPLE_STRUCTURES
 
+    (d / "asymmetric_unit_only.cif").write_text(asymmetric_unit_cif("_space_group_name_Hall '-R 3 2\"'"))
+    expected["asymmetric_unit_only.cif"] = RejectCode.UNPARSEABLE  # pymatgen reads no Hall symbols
+    (d / "formula_mismatch.cif").write_text(
+        asymmetric_unit_cif("_symmetry_space_group_name_H-M 'R -3 m'\n_chemical_formula_sum 'H Li Co O2'"))
+    expected["formula_mismatch.cif"] = RejectCode.UNPARSEABLE  # hydrogens not placed
+    (d / "no_element_names.vasp").write_text(vasp4_poscar(base, comment="relaxed cell"))
+    expected["no_element_names.vasp"] = RejectCode.UNPARSEABLE
+    (d / "atom_not_counted.vasp").write_text(Poscar(base).get_str().replace("\n3 3 6\n", "\n3 3 5\n"))
+    expected["atom_not_counted.vasp"] = RejectCode.UNPARSEABLE  # pymatgen would drop the last O
+
     _dump(d / "zz_duplicate_id.json", _item(base, SHARED_ID))
     expected["zz_duplicate_id.json"] = RejectCode.DUPLICATE_ID
     return expected
+
+
+def asymmetric_unit_cif(symmetry: str) -> str:
+    """LiCoO2 (R-3m, a = 2.816, c = 14.05 A) as a CIF of its three-site asymmetric unit, with
+    ``symmetry`` (CIF lines naming the space group) and no symmetry-operation loop."""
+    return (f"data_LiCoO2\n{symmetry}\n_cell_length_a 2.816\n_cell_length_b 2.816\n_cell_length_c 14.05\n"
+            "_cell_angle_alpha 90\n_cell_angle_beta 90\n_cell_angle_gamma 120\nloop_\n_atom_site_label\n"
+            "_atom_site_type_symbol\n_atom_site_fract_x\n_atom_site_fract_y\n_atom_site_fract_z\n"
+            "_atom_site_occupancy\nLi1 Li 0 0 0.5 1\nCo1 Co 0 0 0 1\nO1 O 0 0 0.2396 1\n")
+
+
+def vasp4_poscar(structure: Structure, *, comment: str) -> str:
+    """``structure`` as a VASP 4 POSCAR: no species line, no symbols after the coordinates, and
+    ``comment`` as the first line (where VASP 4 users conventionally name the species)."""
+    lines = Poscar(structure).get_str().splitlines()  # comment, scale, 3 vectors, species, counts, ...
+    sites = [line.rsplit(None, 1)[0] for line in lines[8:] if line.strip()]  # without their symbols
+    return "\n".join([comment, *lines[1:5], *lines[6:8], *sites]) + "\n"
 
 
 def write_good_library(directory: str | Path) -> dict[str, int]:
@@ -161,6 +188,8 @@ def write_good_library(directory: str | Path) -> dict[str, int]:
     counts["LiMn2O4.vasp"] = 1
     (d / "mp-good" / "POSCAR").write_text(Poscar(c).get_str())
     counts["mp-good/POSCAR"] = 1
+    (d / "LiCoO2_POSCAR").write_text(vasp4_poscar(a, comment="Li Co O"))  # VASP 4, names in the comment
+    counts["LiCoO2_POSCAR"] = 1
     ase_write(d / "frames.extxyz", [AseAtomsAdaptor.get_atoms(s) for s in (a, b)], format="extxyz")
     counts["frames.extxyz"] = 2
     _dump(d / "single.json", c.as_dict())

@@ -9,7 +9,7 @@ from pymatgen.core import Structure
 
 from cathode_ray.data.parse import parse_raw, structure_from_untrusted_dict
 from cathode_ray.data.records import Reject, RejectCode, short_error
-from tests.data.badfiles import licoo2
+from tests.data.badfiles import asymmetric_unit_cif, licoo2, vasp4_poscar
 
 
 def _row(fmt: str, payload: str) -> dict[str, str]:
@@ -65,3 +65,123 @@ def test_untrusted_dict_keeps_plain_data_and_refuses_object_markers() -> None:
 def test_short_error_is_one_line_and_bounded() -> None:
     assert short_error(ValueError("a\nb")) == "a b"
     assert short_error(ValueError("x" * 500), limit=10) == "x" * 10 + "..."
+
+
+@pytest.mark.parametrize("symmetry", [
+    "_space_group_name_Hall '-R 3 2\"'",  # pymatgen builds no operations from Hall symbols
+    "_symmetry_space_group_name_H-M 'R -3 mx'",  # misspelt
+])
+def test_cif_naming_a_space_group_pymatgen_cannot_apply_is_rejected(symmetry: str) -> None:
+    """Read as P1, the three listed sites of R-3m LiCoO2 would be screened as a 3-atom cell."""
+    reject = parse_raw(_row("cif", asymmetric_unit_cif(symmetry)))
+    assert isinstance(reject, Reject) and reject.reason == RejectCode.UNPARSEABLE
+    assert "names space group" in reject.message and "asymmetric unit" in reject.message
+    assert symmetry.split(None, 1)[1].strip("'") in reject.message
+
+
+@pytest.mark.parametrize("symmetry, n_sites", [
+    ("_symmetry_space_group_name_H-M 'R -3 m'", 12),
+    ("_space_group_IT_number 166", 12),
+    ("_symmetry_space_group_name_H-M 'R -3 mx'\n_space_group_IT_number 166", 12),  # number used
+    ("_symmetry_space_group_name_H-M 'P 1'", 3),
+    ("", 3),  # no symmetry given: P1, as CIF has it
+])
+def test_cif_symmetry_from_a_symbol_or_number_expands_the_cell(symmetry: str, n_sites: int) -> None:
+    s = parse_raw(_row("cif", asymmetric_unit_cif(symmetry)))
+    assert isinstance(s, Structure), s
+    assert len(s) == n_sites and s.composition.reduced_formula == ("LiCoO2" if n_sites == 12 else "LiCoO")
+
+
+@pytest.mark.parametrize("formula, ok", [
+    ("'Li Co O2'", True), ("'Li3 Co3 O6'", True), ("LiCoO2", True),
+    ("'H Li Co O2'", False),  # hydrogens the sites leave out
+    ("'Li2 Co O2'", False),
+    ("'Li+ Co3+ O2-'", True),  # a formula pymatgen cannot read is no evidence either way
+])
+def test_cif_sites_must_agree_with_the_cifs_formula(formula: str, ok: bool) -> None:
+    text = asymmetric_unit_cif(f"_symmetry_space_group_name_H-M 'R -3 m'\n_chemical_formula_sum {formula}")
+    parsed = parse_raw(_row("cif", text))
+    if ok:
+        assert isinstance(parsed, Structure) and parsed.composition.reduced_formula == "LiCoO2", parsed
+    else:
+        assert isinstance(parsed, Reject) and parsed.reason == RejectCode.UNPARSEABLE
+        assert "atom sites give LiCoO2" in parsed.message and formula.strip("'") in parsed.message
+
+
+def test_cif_written_from_a_loosely_symmetrised_structure_is_caught(shared_data) -> None:
+    """CifWriter(symprec=0.1) of MP's mp-1101736 (LiFe3O4) reads back as LiFe3O8: sites that the
+    loose symmetry maps close to, not onto, each other are all kept. pymatgen's formula check sees it."""
+    import gzip
+
+    from pymatgen.io.cif import CifWriter
+
+    with gzip.open(shared_data / "mp_litmo_summary.jsonl.gz", "rt") as fh:
+        doc = next(d for d in map(json.loads, fh) if d["material_id"] == "mp-1101736")
+    s = Structure.from_dict(doc["structure"])
+    assert isinstance(parse_raw(_row("cif", str(CifWriter(s)))), Structure)
+    reject = parse_raw(_row("cif", str(CifWriter(s, symprec=0.1))))
+    assert isinstance(reject, Reject) and "atom sites give LiFe3O8" in reject.message
+
+
+@pytest.mark.parametrize("comment, first", [
+    ("Li Co O", "Li"), ("Li3 Co3 O6", "Li"), ("Li Co O2", "Li"),
+    ("Co Li O", "Co"),  # the comment line's order is the counts' order, as VASP 4 has it
+])
+def test_vasp4_poscar_takes_species_from_its_comment_line(comment: str, first: str) -> None:
+    s = parse_raw(_row("poscar", vasp4_poscar(licoo2(), comment=comment)))
+    assert isinstance(s, Structure), s
+    assert s.composition == licoo2().composition  # Li3 Co3 O6 either way
+    assert s[0].specie.symbol == first and s.lattice == licoo2().lattice
+
+
+@pytest.mark.parametrize("comment", ["relaxed cell", "Li Co", "Li2 Co O", "Li Co O x", ""])
+def test_vasp4_poscar_without_element_names_is_rejected_not_guessed(comment: str) -> None:
+    """pymatgen would call the species H, He, Li: a wrong structure, and out of scope for a wrong reason."""
+    reject = parse_raw(_row("poscar", vasp4_poscar(licoo2(), comment=comment)))
+    assert isinstance(reject, Reject) and reject.reason == RejectCode.UNPARSEABLE
+    assert "POSCAR names no elements" in reject.message and "species line" in reject.message
+
+
+def test_structure_dict_with_lattice_parameters_instead_of_a_matrix() -> None:
+    """pymatgen's Lattice.from_dict takes a, b, c, alpha, beta, gamma when there is no matrix."""
+    d = licoo2().as_dict()
+    d["lattice"] = {k: d["lattice"][k] for k in ("a", "b", "c", "alpha", "beta", "gamma")}
+    s = parse_raw(_row("pymatgen_json", json.dumps(d)))
+    assert isinstance(s, Structure)
+    assert s.lattice.abc == pytest.approx(licoo2().lattice.abc) and s.volume == pytest.approx(licoo2().volume)
+    assert s.composition == licoo2().composition
+    del d["lattice"]["gamma"]
+    reject = parse_raw(_row("pymatgen_json", json.dumps(d)))
+    assert isinstance(reject, Reject) and "not a pymatgen Structure dict" in reject.message
+
+
+@pytest.mark.parametrize("counts, message", [
+    ("3 3 5", "counts add up to 11 atoms but more coordinate lines follow"),  # an O added by hand
+    ("3 3 7", "counts add up to 13 atoms but it has 12 coordinate lines"),
+])
+def test_poscar_counts_that_disagree_with_its_coordinate_lines(counts: str, message: str) -> None:
+    """pymatgen reads as many lines as the counts say: one too few would drop an atom silently."""
+    from pymatgen.io.vasp import Poscar
+
+    for poscar in (Poscar(licoo2()), Poscar(licoo2(), selective_dynamics=[[True, True, False]] * 12)):
+        reject = parse_raw(_row("poscar", poscar.get_str().replace("\n3 3 6\n", f"\n{counts}\n")))
+        assert isinstance(reject, Reject) and message in reject.message and "fix the counts" in reject.message
+    reject = parse_raw(_row("poscar", vasp4_poscar(licoo2(), comment="Li Co O").replace("\n3 3 6\n", f"\n{counts}\n")))
+    assert isinstance(reject, Reject) and message in reject.message
+
+
+def test_poscar_with_velocities_or_a_trailing_comment_keeps_all_its_atoms() -> None:
+    from pymatgen.io.vasp import Poscar
+
+    for text in (Poscar(licoo2(), velocities=[[0.1, 0.0, 0.0]] * 12).get_str(),
+                 Poscar(licoo2()).get_str().rstrip() + "\n# relaxed with PBE+U\n",
+                 Poscar(licoo2()).get_str(direct=False)):
+        s = parse_raw(_row("poscar", text))
+        assert isinstance(s, Structure) and s.composition == licoo2().composition, s
+
+
+def test_cif_with_cartesian_coordinates_only_says_so() -> None:
+    text = asymmetric_unit_cif("_symmetry_space_group_name_H-M 'R -3 m'").replace("_fract_", "_Cartn_")
+    reject = parse_raw(_row("cif", text))
+    assert isinstance(reject, Reject) and reject.reason == RejectCode.UNPARSEABLE
+    assert "only Cartesian coordinates" in reject.message and "fractional" in reject.message
