@@ -26,6 +26,7 @@ see ``docs/performance.md``.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -50,6 +51,26 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def _one_call_at_a_time(method: Callable[..., T]) -> Callable[..., T]:
+    """Run ``method`` under the ensemble's lock.
+
+    A GPU inference actor takes two calls at once (threads), and so may a notebook. The model's
+    paths keep state that two threads would share: Dynamo compiles on a compiled function's first
+    call (two first calls at once fail, "Attempted to inline function marked as skipped"; then the
+    ensemble falls back to eager), ``torch.func.functional_call`` swaps weights into the one stacked
+    or compile-template module (and MACE's bf16 path into each member), and the TF32, TorchScript
+    fuser and vmap switches are process-wide. So the model runs one call at a time; what the
+    second call overlaps is the work around it (reading blocks, unpickling graphs, writing output).
+    """
+
+    @functools.wraps(method)
+    def locked(self: Ensemble, *args: Any, **kwargs: Any) -> T:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 @dataclass
 class Ensemble:
     """A loaded, verified ensemble ready for inference (eval mode, no grad)."""
@@ -68,7 +89,8 @@ class Ensemble:
     _compiled_trunk: TrunkBatchFn | None = field(default=None, repr=False)
     #: parts that failed to compile and run uncompiled from then on ("trunk", "members") -> reason
     compile_failures: dict[str, str] = field(default_factory=dict, init=False)
-    _compile_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    #: the model runs one call at a time (see :func:`_one_call_at_a_time`)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
@@ -117,6 +139,7 @@ class Ensemble:
         data = self.files.get("soap_clusterer.json")
         return None if data is None else SoapClusterer.from_dict(json.loads(data))
 
+    @_one_call_at_a_time
     def member_outputs(self, batch: TrunkBatch, thermo: ThermoInputs, precision: str | None = None,
                        ) -> dict[str, torch.Tensor]:
         """Every member's outputs on one collated batch, stacked: each value [M, B] (or [M, B, D])."""
@@ -150,6 +173,7 @@ class Ensemble:
             outs = [m(batch, thermo, precision) for m in self.members]
         return {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
 
+    @_one_call_at_a_time
     def trunk_batch(self, graphs: Sequence[Any], device: str | torch.device = "cpu") -> TrunkBatch:
         """The backbone's frozen trunk on ``graphs``, collated on ``device`` (the screen's path);
         compiled (``Backbone.compile_trunk``) when ``compile_model`` is on."""
@@ -157,19 +181,17 @@ class Ensemble:
             return self.backbone.trunk_batch(graphs, device)
 
         def compiled() -> TrunkBatch:
-            with self._compile_lock:  # an inference actor may take two calls at once
-                if self._compiled_trunk is None:
-                    self._compiled_trunk = self.backbone.compile_trunk()
+            if self._compiled_trunk is None:
+                self._compiled_trunk = self.backbone.compile_trunk()
             return self._compiled_trunk(graphs, device)
 
         return self._compiled_part("trunk", compiled, lambda: self.backbone.trunk_batch(graphs, device))
 
     def _compiled_last_block(self, i: int) -> LastBlockFn:
         """Member ``i``'s last block through the members' one compiled function (built once)."""
-        with self._compile_lock:  # an inference actor may take two calls at once
-            if self._compiled is None:
-                blocks = [m.last_block for m in self.members[:1 if self.shared_last_block else None]]
-                self._compiled = CompiledLastBlocks(self.backbone.compile_template(blocks[0]), blocks)
+        if self._compiled is None:
+            blocks = [m.last_block for m in self.members[:1 if self.shared_last_block else None]]
+            self._compiled = CompiledLastBlocks(self.backbone.compile_template(blocks[0]), blocks)
         return self._compiled.member(i)
 
     def _compiled_part(self, part: str, compiled: Callable[[], T], uncompiled: Callable[[], T]) -> T:
@@ -184,6 +206,7 @@ class Ensemble:
             return out
 
     @torch.inference_mode()
+    @_one_call_at_a_time
     def precision_deviation(self, batch: TrunkBatch, thermo: ThermoInputs, *,
                             precision: str | None = None) -> float:
         """Largest |q50 or energy| change (eV/atom) of ``precision`` against float32 on one

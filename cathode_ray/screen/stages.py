@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -403,6 +404,7 @@ class InferenceStage:
         self.ensemble = Ensemble.load(model, device=device, precision=precision,
                                       stack_members=stack_members, compile_model=compile_model)
         self._precision_checked = precision == "float32"
+        self._precision_lock = threading.Lock()  # a GPU actor takes two calls at once
         self.calibrator = Calibrator.from_files(self.ensemble.files, where=model)
         self.device = device
         self.max_edges = max_edges
@@ -424,12 +426,13 @@ class InferenceStage:
         # the trunk's output stays on the device
         batch = self.ensemble.trunk_batch(list(column("graph")), self.device)
         if not self._precision_checked:
-            self._check_precision(batch, thermo)
+            with self._precision_lock:  # the other call waits for the verdict, then predicts with it
+                if not self._precision_checked:
+                    self._check_precision(batch, thermo)
         return self.ensemble.predict_batch(batch, thermo)
 
     def _check_precision(self, batch: Any, thermo: Any) -> None:
         """First sub-batch: reduced precision vs float32; fall back above the seed-card bound."""
-        self._precision_checked = True
         dev = self.ensemble.precision_deviation(batch, thermo)
         limit = seedcard.PRECISION_MAX_DEVIATION
         if dev > limit:
@@ -439,6 +442,7 @@ class InferenceStage:
         else:
             log.info("precision %s: max deviation %.2g eV/atom vs float32 on %d structures",
                      self.ensemble.precision, dev, len(thermo.has_ref))
+        self._precision_checked = True  # only now: a second call must not predict before the verdict
 
     def _predict_robust(self, df: pd.DataFrame, idx: list[int]) -> list[tuple[list[int], Any]]:
         try:

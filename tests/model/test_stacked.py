@@ -200,3 +200,40 @@ def test_predict_graphs_chunks_equal_one_call_on_trunk_features(tiny_mace: MaceB
     assert chunked.q50.shape == (3, len(structures))
     for k in ("q10", "q50", "q90", "p_stable", "embedding", "zero_shot_ehull"):
         np.testing.assert_allclose(getattr(chunked, k), getattr(whole, k), atol=1e-5)
+
+
+def test_two_threads_run_the_stacked_bf16_members_one_call_at_a_time(tiny_mace: MaceBackbone,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stacked members swap weights into one shared module (functional_call), and MACE's bf16 path
+    swaps cast copies in: two calls at once (a GPU actor's two threads) must not interleave."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cathode_ray.model.stacked import StackedMembers
+
+    structures = small_cathode_structures()
+    feats = tiny_mace.trunk([tiny_mace.build_graph(s) for s in structures])
+    th = thermo(len(structures))
+    ens = perturbed_ensemble(tiny_mace, 3, stack_members=True, precision="bf16")
+    alone = ens.predict_feats(feats, th)
+    running, most = [0], [0]
+    lock, original = threading.Lock(), StackedMembers.__call__
+
+    def watched(self: StackedMembers, *args: object) -> object:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)  # wide enough for a second call to walk in
+        try:
+            return original(self, *args)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(StackedMembers, "__call__", watched)
+    with ThreadPoolExecutor(2) as pool:
+        preds = list(pool.map(lambda _: ens.predict_feats(feats, th), range(4)))
+    assert most[0] == 1 and ens.stack_members and ens.precision == "bf16"
+    for got in preds:
+        np.testing.assert_array_equal(got.q50, alone.q50)
