@@ -10,7 +10,9 @@ a reject rather than a wrong structure: a CIF naming a space group whose operati
 build (it would read the asymmetric unit as P1), a CIF whose sites disagree with its own
 ``_chemical_formula_sum``, a VASP 4 POSCAR that names no elements (pymatgen would call them H, He,
 Li, ...; species on the comment line, the VASP 4 convention, are used), and a POSCAR whose counts
-disagree with its coordinate lines (pymatgen would drop the atoms beyond the counts).
+disagree with its coordinate lines (pymatgen would drop the atoms beyond the counts). A VASP 6 POSCAR
+with three scaling factors (one per Cartesian axis), which pymatgen cannot read, has them applied first,
+as VASP and ASE do.
 """
 
 from __future__ import annotations
@@ -126,6 +128,7 @@ def _parse_poscar(text: str) -> Structure | str:
 
     if problem := _poscar_count_problem(text):
         return problem
+    text = _apply_axis_scales(text)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", BadPoscarWarning)
         structure = Poscar.from_str(text).structure
@@ -143,6 +146,21 @@ def _parse_poscar(text: str) -> Structure | str:
     return Poscar.from_str(text, default_names=names).structure
 
 
+def _poscar_layout(text: str) -> tuple[list[str], int, int] | None:
+    """A POSCAR's header and coordinate lines (up to the first blank line), the index of its counts
+    line and of its Direct/Cartesian line; None when it is not laid out as expected."""
+    lines = re.split(r"\n\s*\n", text.rstrip())[0].split("\n")  # header + coordinates, as pymatgen
+    at = next((i for i in range(5, min(len(lines), 16)) if _ints(lines[i])), None)  # counts line
+    if at is None:
+        return None
+    mode = at + 1
+    while mode < len(lines) and _ints(lines[mode]):  # counts over several lines (pymatgen reads those)
+        mode += 1
+    if mode < len(lines) and lines[mode].strip()[:1] in ("s", "S"):  # Selective dynamics
+        mode += 1
+    return lines, at, mode
+
+
 def _poscar_count_problem(text: str) -> str | None:
     """A reject text when a POSCAR's counts line and its coordinate lines disagree, or None.
 
@@ -150,18 +168,11 @@ def _poscar_count_problem(text: str) -> str | None:
     the first blank line (velocities come after one): an atom added by hand without raising its
     count would be dropped without a word. Too few lines would fail with an IndexError.
     """
-    lines = re.split(r"\n\s*\n", text.strip("\n").rstrip())[0].splitlines()  # header + coordinates
-    at = next((i for i in range(5, min(len(lines), 16)) if _ints(lines[i])), None)  # counts line
-    if at is None:
-        return None  # not laid out as expected: pymatgen decides
-    counts = _ints(lines[at])
-    i = at + 1
-    while i < len(lines) and _ints(lines[i]):  # counts over several lines (pymatgen reads those)
-        counts += _ints(lines[i])
-        i += 1
-    if i < len(lines) and lines[i].strip()[:1] in ("s", "S"):  # Selective dynamics
-        i += 1
-    coords, n = lines[i + 1:], sum(counts)  # after the Direct/Cartesian line
+    if (layout := _poscar_layout(text)) is None:
+        return None  # pymatgen decides
+    lines, at, mode = layout
+    n = sum(sum(_ints(line)) for line in lines[at:mode] if _ints(line))
+    coords = lines[mode + 1:]
     if len(coords) < n:
         return (f"{RejectCode.UNPARSEABLE}:POSCAR's counts add up to {n} atoms but it has {len(coords)} "
                 "coordinate lines; fix the counts line")
@@ -170,6 +181,30 @@ def _poscar_count_problem(text: str) -> str | None:
                 f"follow ({len(coords)} before the first blank line); fix the counts line, or put a "
                 "blank line before velocities")
     return None
+
+
+def _apply_axis_scales(text: str) -> str:
+    """A POSCAR with three scaling factors (VASP 6: one per Cartesian axis, for the lattice vectors and
+    Cartesian positions) rewritten with the factors applied and a scale of 1, which pymatgen reads;
+    any other POSCAR unchanged."""
+    lines = text.split("\n")
+    scales = _floats(lines[1]) if len(lines) > 1 else []
+    if len(scales) != 3:
+        return text
+    if min(scales) <= 0:
+        raise ValueError(f"three scaling factors must all be positive, got {lines[1].strip()!r}")
+    if (layout := _poscar_layout(text)) is None:
+        raise ValueError("POSCAR with three scaling factors has no counts line where expected")
+    _, at, mode = layout
+    n_coords = sum(sum(_ints(line)) for line in lines[at:mode] if _ints(line))
+    cartesian = lines[mode].strip()[:1] in ("c", "C", "k", "K")
+    scaled = [*range(2, 5), *(range(mode + 1, mode + 1 + n_coords) if cartesian else ())]
+    lines[1] = "1.0"
+    for i in scaled:
+        tokens = lines[i].split()
+        lines[i] = " ".join([*(f"{float(x) * f:.12g}" for x, f in zip(tokens[:3], scales, strict=True)),
+                             *tokens[3:]])
+    return "\n".join(lines)
 
 
 def _ints(line: str) -> list[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -185,3 +186,40 @@ def test_cif_with_cartesian_coordinates_only_says_so() -> None:
     reject = parse_raw(_row("cif", text))
     assert isinstance(reject, Reject) and reject.reason == RejectCode.UNPARSEABLE
     assert "only Cartesian coordinates" in reject.message and "fractional" in reject.message
+
+
+def _axis_scaled_poscar(direct: bool, scales: tuple[float, float, float]) -> str:
+    """LiCoO2's POSCAR written with three scaling factors (VASP 6): lattice vectors (and Cartesian
+    positions) divided per axis so that applying the factors gives LiCoO2 back."""
+    from pymatgen.io.vasp import Poscar
+
+    lines = Poscar(licoo2()).get_str(direct=direct).split("\n")
+    divided = [*range(2, 5), *(() if direct else range(8, 20))]  # lattice lines; 12 Cartesian sites
+    for i in divided:
+        lines[i] = " ".join(f"{float(x) / f!r}" for x, f in zip(lines[i].split()[:3], scales, strict=True))
+    lines[1] = " ".join(map(str, scales))
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_poscar_with_three_scaling_factors_applies_one_per_axis(direct: bool) -> None:
+    """pymatgen reads only one scaling factor; VASP 6 and ASE take three (one per Cartesian axis)."""
+    from ase.io import read
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    text = _axis_scaled_poscar(direct, (2.0, 1.0, 0.5))
+    s = parse_raw(_row("poscar", text))
+    assert isinstance(s, Structure), s
+    assert s.lattice.matrix == pytest.approx(licoo2().lattice.matrix, abs=1e-9)
+    assert s.cart_coords == pytest.approx(licoo2().cart_coords, abs=1e-9)
+    ase = AseAtomsAdaptor.get_structure(read(io.StringIO(text), format="vasp"))  # an independent reader
+    assert s.lattice.matrix == pytest.approx(ase.lattice.matrix, abs=1e-9)
+    assert s.cart_coords == pytest.approx(ase.cart_coords, abs=1e-9)
+
+
+@pytest.mark.parametrize("scale", ["1 -1 1", "1 0 1"])
+def test_poscar_with_a_non_positive_axis_scaling_factor_is_rejected(scale: str) -> None:
+    text = _axis_scaled_poscar(True, (1.0, 1.0, 1.0)).replace("\n1.0 1.0 1.0\n", f"\n{scale}\n")
+    reject = parse_raw(_row("poscar", text))
+    assert isinstance(reject, Reject) and reject.reason == RejectCode.UNPARSEABLE
+    assert "three scaling factors must all be positive" in reject.message
