@@ -1,9 +1,11 @@
-"""Free TCP ports for the servers the tests start (Ray heads, moto S3, the flaky S3 proxy)."""
+"""Free TCP ports for the servers the tests start (Ray heads, moto S3, the flaky S3 proxy), and the
+command that starts moto's S3 server."""
 
 from __future__ import annotations
 
 import random
 import socket
+import sys
 from pathlib import Path
 
 #: Ports handed out by this process, so two servers of one test never get the same one.
@@ -47,3 +49,13 @@ def free_port() -> int:
         _ISSUED.add(port)
         return port
     raise RuntimeError(f"no free TCP port found in {candidates}")
+
+
+def moto_server_command(port: int) -> list[str]:
+    """moto's S3 server on 127.0.0.1:``port``, from this interpreter's environment.
+
+    Not the first ``moto_server`` on PATH: with the virtual environment not activated that can be
+    another Python's moto (on the development machine pyenv's moto 5.2.1, whose answer to
+    CompleteMultipartUpload pyarrow 26 reads as an error, so every S3 Parquet write failed).
+    """
+    return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]

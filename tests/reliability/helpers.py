@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from tests.ports import free_port
+from tests.ports import free_port, moto_server_command
 
 REPO: Path = Path(__file__).resolve().parents[2]
 #: ../shared/data next to the repository (real MP snapshot files; never copied into the repo).
@@ -124,9 +122,8 @@ class MotoServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> MotoServer:
-        exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
-        self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(moto_server_command(self.port), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
         deadline = time.time() + 30
         while time.time() < deadline:
             try:

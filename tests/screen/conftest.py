@@ -6,14 +6,13 @@ import hashlib
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.ports import free_port
+from tests.ports import free_port, moto_server_command
 from tests.screen.tiny_model import REFERENCES, build_tiny_model, shared_data_missing
 
 REPO = Path(__file__).resolve().parents[2]
@@ -77,9 +76,8 @@ def s3_server() -> Iterator[str]:
     import boto3
 
     port = free_port()
-    exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(moto_server_command(port), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}

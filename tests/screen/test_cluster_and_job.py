@@ -17,6 +17,15 @@ from tests.ports import free_port
 from tests.screen.conftest import REPO
 
 
+def _head_env(**extra: str) -> dict[str, str]:
+    """Environment for a private head and its jobs: this interpreter's bin first on PATH, as in an
+    activated virtual environment, so that a job's ``python`` is this one even when the tests run
+    as ``.venv/bin/python -m pytest`` (otherwise it may be a Python without cathode_ray's deps)."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO),
+            **extra}
+
+
 def test_cluster_yaml_validates_with_ray_schema() -> None:
     from ray.autoscaler._private.util import prepare_config, validate_config
 
@@ -33,7 +42,7 @@ def test_ray_job_submit_runs_screen(tiny_model, references, tmp_path) -> None:
     """A private head (own temp dir + ports) stopped by its own pids, not ``ray stop``."""
     dash = free_port()
     temp_dir = tempfile.mkdtemp(prefix="crs_", dir="/tmp")  # short: socket path length limit
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    env = _head_env()
     ray_bin = _start_head(temp_dir, env, free_port(), "--num-cpus=2", "--include-dashboard=true",
                           f"--dashboard-port={dash}")
     try:
@@ -83,8 +92,7 @@ def test_gpu_screen_waits_for_the_autoscaler_to_add_a_gpu_node(tiny_model, refer
                            "worker_setup_commands", "head_start_ray_commands",
                            "worker_start_ray_commands")}}
     (tmp_path / "autoscaling.json").write_text(json.dumps(config))
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO),
-           "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    env = _head_env(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
     _start_head(temp_dir, env, gcs, "--num-cpus=1", "--num-gpus=0", "--include-dashboard=false",
                 f"--object-store-memory={store}",
                 f"--autoscaling-config={tmp_path / 'autoscaling.json'}")
