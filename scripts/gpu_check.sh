@@ -12,11 +12,23 @@
 #   OUT=/tmp/gpu bash scripts/gpu_check.sh
 #   OUT=/tmp/gpu STEPS="library feed" bash scripts/gpu_check.sh   # only these steps (a second call,
 #                                                    when the first ran into the device's 600 s limit)
+#   REHEARSE=1 bash scripts/gpu_check.sh   # venv active, before a device call: every step on the CPU, small,
+#                                          # with `import ray` failing as on the lent machine (~8 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu-check}
 mkdir -p "$OUT"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+REHEARSE=${REHEARSE:-}
+DEVICE=cuda
+if [[ -n $REHEARSE ]]; then
+    DEVICE=cpu
+    NORAY=$(mktemp -d)
+    trap 'rm -rf "$NORAY"' EXIT
+    mkdir "$NORAY/ray" && echo 'raise ImportError("rehearsal: Ray is not installed on the device")' > "$NORAY/ray/__init__.py"
+    export PYTHONPATH=$NORAY:$PYTHONPATH
+fi
+pick() { if [[ -n $REHEARSE ]]; then echo "$2"; else echo "$1"; fi; }  # pick DEVICE_VALUE REHEARSAL_VALUE
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" >> "$OUT/gpu.txt" 2>&1
 
@@ -33,13 +45,17 @@ step() {  # step NAME TIMEOUT_S CMD...: run, log, keep going on failure; skip st
     grep -iE "structures/s|meV/atom|fell back|error|ms$|ms/structure" "$OUT/$name.log" | tee -a "$OUT/summary.txt"
 }
 
-step ensemble_mace 330 python scripts/bench_ensemble.py --backbone mace-medium-shape --n 512 --batch 64 --device cuda --rounds 2
-step ensemble_chgnet 180 python scripts/bench_ensemble.py --backbone chgnet --n 384 --batch 64 --device cuda --rounds 2
-step precision_chgnet 60 python scripts/bench_precision.py --backbone chgnet --n 256 --batch 64 --device cuda
+step ensemble_mace 330 python scripts/bench_ensemble.py --backbone mace-medium-shape --n "$(pick 512 8)" \
+    --batch "$(pick 64 4)" --device $DEVICE --rounds "$(pick 2 1)" --repeats "$(pick 2 1)"
+step ensemble_chgnet 180 python scripts/bench_ensemble.py --backbone chgnet --n "$(pick 384 16)" --batch "$(pick 64 8)" \
+    --device $DEVICE --rounds "$(pick 2 1)" --repeats "$(pick 2 1)"
+step precision_chgnet 60 python scripts/bench_precision.py --backbone chgnet --n "$(pick 256 16)" --batch "$(pick 64 8)" \
+    --device $DEVICE
 LIB="$OUT/library"
 step library 60 python -m cathode_ray.cli library generate --from ../shared/data/mp_litmo_summary.jsonl.gz \
-    --n 4096 --out "$LIB" --overwrite
-step feed 240 python scripts/bench_feed.py --model mace-medium-shape --library "$LIB/candidates-00000.parquet" \
-    --n 3072 --device cuda --batch-rows 256 --max-edges 400000 --calls-per-actor 1 2
-step chgnet_batch 60 python scripts/bench_chgnet_batch.py --n 64 --device cuda
-step chgnet_layers 90 python scripts/bench_chgnet_layers.py --n 128 --per-call 4 32 128 --device cuda --repeats 5
+    --n "$(pick 4096 256)" --out "$LIB" --overwrite
+step feed "$(pick 240 400)" python scripts/bench_feed.py --model mace-medium-shape --library "$LIB/candidates-00000.parquet" \
+    --n "$(pick 3072 32)" --device $DEVICE --batch-rows "$(pick 256 16)" --max-edges "$(pick 400000 50000)" --calls-per-actor 1 2
+step chgnet_batch 60 python scripts/bench_chgnet_batch.py --n "$(pick 64 8)" --device $DEVICE --repeats "$(pick 10 2)"
+step chgnet_layers 90 python scripts/bench_chgnet_layers.py --n "$(pick 128 8)" --per-call $(pick "4 32 128" 4) \
+    --device $DEVICE --repeats "$(pick 5 1)"
