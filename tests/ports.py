@@ -56,6 +56,7 @@ def moto_server_command(port: int) -> list[str]:
 
     Not the first ``moto_server`` on PATH: with the virtual environment not activated that can be
     another Python's moto (on the development machine pyenv's moto 5.2.1, whose answer to
-    CompleteMultipartUpload pyarrow 26 reads as an error, so every S3 Parquet write failed).
+    CompleteMultipartUpload pyarrow reads as an error, getmoto/moto#10055: every S3 Parquet write
+    failed; the test extra excludes that version).
     """
     return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
