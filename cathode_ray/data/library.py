@@ -8,9 +8,10 @@ suffix                    content
 ========================  ======================================================================
 ``.cif``                  one raw row per data block with atom sites (metadata-only blocks, such
                           as a journal's ``data_global``, are skipped)
-``.vasp``/``*POSCAR*``    one VASP POSCAR/CONTCAR (any name holding ``POSCAR`` or ``CONTCAR``, as
-                          pymatgen and ASE take them, or ``.poscar``); VASP 4 files without a
-                          species line may name the species on their comment line
+``.vasp``/``*POSCAR*``    one VASP POSCAR/CONTCAR (``.poscar``, or any name holding ``POSCAR`` or
+                          ``CONTCAR``, as pymatgen and ASE take them, unless another suffix of
+                          this table says otherwise: ``CONTCARs.extxyz`` is extended XYZ); VASP 4
+                          files without a species line may name the species on their comment line
 ``.xyz``/``.extxyz``      extended XYZ, one raw row per frame
 ``.res``                  SHELX/AIRSS ``.res``, one raw row per ``TITL`` block (AIRSS results
                           concatenated into one file read as they are); the id is the name on the
@@ -144,21 +145,16 @@ def library_format(path: str) -> str | None:
         return "cif"
     if lower.startswith(_VASPRUN) and ".xml" in lower:
         return "ase"
-    if suffix in (".vasp", ".poscar") or any(n in name for n in _GENERIC_VASP_NAMES):  # as pymatgen, ASE
+    if suffix in _SUFFIX_FORMATS:  # before the name rule: relaxed_CONTCARs.extxyz is extended XYZ
+        return _SUFFIX_FORMATS[suffix]
+    if any(n in name for n in _GENERIC_VASP_NAMES):  # as pymatgen and ASE take POSCAR/CONTCAR names
         return "poscar"
-    if suffix in (".xyz", ".extxyz"):
-        return "extxyz"
-    if suffix == ".res":
-        return "res"
-    if suffix in (".db", ".traj"):
-        return "ase"
-    if suffix == ".json":
-        return "json"
-    if suffix in (".jsonl", ".ndjson"):
-        return "jsonl"
-    if suffix in (".parquet", ".pq"):
-        return "parquet"
     return None
+
+
+_SUFFIX_FORMATS = {".vasp": "poscar", ".poscar": "poscar", ".xyz": "extxyz", ".extxyz": "extxyz",
+                   ".res": "res", ".db": "ase", ".traj": "ase", ".json": "json", ".jsonl": "jsonl",
+                   ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -432,10 +428,12 @@ def _read_poscar(fs: pafs.FileSystem, fs_path: str, source: str, name: str) -> I
 
 
 def split_extxyz(text: str) -> list[str]:
-    """Split extended-XYZ text into frames by their atom-count lines (no parsing of content).
+    """Split extended-XYZ text into frames at their atom-count lines (no parsing of content).
 
-    A frame whose count line is not an integer, or that is cut short, is returned as is (with
-    the rest of the text) so that parsing rejects it.
+    A frame runs from its count line to the next line holding only an integer (the next frame's
+    count line; atom lines never are) or the end of the text, whatever its own count says: a count
+    that disagrees with the frame's atom lines is then that frame's reject
+    (:func:`cathode_ray.data.parse.parse_raw`), and the frames after it are read as they are.
     """
     lines = text.splitlines()
     frames: list[str] = []
@@ -444,13 +442,11 @@ def split_extxyz(text: str) -> list[str]:
         if not lines[i].strip():
             i += 1
             continue
-        try:
-            natoms = int(lines[i].split()[0])
-        except ValueError:
-            frames.append("\n".join(lines[i:]) + "\n")
-            break
-        frames.append("\n".join(lines[i : i + natoms + 2]) + "\n")
-        i += natoms + 2
+        end = i + 2  # count line, comment line, then atom lines
+        while end < len(lines) and not lines[end].strip().isdigit():
+            end += 1
+        frames.append("\n".join(lines[i:end]) + "\n")
+        i = end
     return frames
 
 
@@ -479,6 +475,8 @@ def _read_res(fs: pafs.FileSystem, fs_path: str, source: str, name: str) -> Iter
     for index, block in enumerate(split_res(text)):
         title = block.split("\n", 1)[0].split()  # AIRSS: TITL <name> <pressure> <volume> ...
         given = title[1] if len(title) > 1 and title[0].upper() == "TITL" else None
+        if given is not None and ("=" in given or given == "None"):  # ASE: TITL key=value ... / None
+            given = None
         yield raw_row(make_structure_id(given, name, index, block), source, "res", block)
 
 

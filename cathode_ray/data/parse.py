@@ -10,7 +10,10 @@ a reject rather than a wrong structure: a CIF naming a space group whose operati
 build (it would read the asymmetric unit as P1), a CIF whose sites disagree with its own
 ``_chemical_formula_sum``, a VASP 4 POSCAR that names no elements (pymatgen would call them H, He,
 Li, ...; species on the comment line, the VASP 4 convention, are used), and a POSCAR whose counts
-disagree with its coordinate lines (pymatgen would drop the atoms beyond the counts). A VASP 6 POSCAR
+disagree with its coordinate lines (pymatgen would drop the atoms beyond the counts), a CIF site whose
+symbol names no element (pymatgen skips labels such as ``OH1``), an extended-XYZ frame whose count
+disagrees with its atom lines, and a ``.res`` file with SHELX centring (``LATT``), an SFAC index that
+disagrees with its label, or a free-variable occupancy (see :func:`_parse_res`). A VASP 6 POSCAR
 with three scaling factors (one per Cartesian axis), which pymatgen cannot read, has them applied first,
 as VASP and ASE do.
 """
@@ -78,7 +81,8 @@ def _parse_cif(text: str) -> Structure | str:
     if len(structures) != 1:
         return (f"{RejectCode.MULTIPLE_STRUCTURES}:CIF holds {len(structures)} structures; "
                 "split it into one file per structure")
-    return _cif_symmetry_problem(parser) or _cif_composition_problem(parser, structures[0]) or structures[0]
+    return (_cif_dropped_site_problem(parser) or _cif_symmetry_problem(parser)
+            or _cif_composition_problem(parser, structures[0]) or structures[0])
 
 
 _CIF_CARTESIAN_ONLY = re.compile(r"^[ \t]*_atom_site[._]cartn_x\b", re.IGNORECASE | re.MULTILINE)
@@ -89,6 +93,26 @@ _SPACE_GROUP_TAGS = ("_symmetry_space_group_name_H-M", "_space_group_name_H-M_al
                      "_symmetry_space_group_name_Hall", "_space_group_IT_number", "_symmetry_Int_Tables_number")
 _P1 = {"P1", "1"}
 _NO_VALUE = {"", "?", "."}
+
+
+#: Atom-site symbols pymatgen's ``CifParser`` reads as no element and skips without an error: labels
+#: starting "OH"/"OH2" (taken for water or hydroxyl) and symbols without a letter ("?", "1").
+_CIF_SKIPPED_SYMBOL = re.compile(r"^(?:OH|[^A-Za-z]*$)")
+
+
+def _cif_dropped_site_problem(parser: CifParser) -> str | None:
+    """A reject text when pymatgen would skip an atom site because its type symbol (or, without
+    ``_atom_site_type_symbol``, its label) names no element: the structure would lack that site."""
+    for block in parser.as_dict().values():
+        symbols = block.get("_atom_site_type_symbol") or block.get("_atom_site_label") or []
+        symbols = [symbols] if isinstance(symbols, str) else symbols
+        dropped = [str(s) for s in symbols if _CIF_SKIPPED_SYMBOL.match(str(s).strip())]
+        if dropped:
+            tag = "_atom_site_type_symbol" if block.get("_atom_site_type_symbol") else "_atom_site_label"
+            return (f"{RejectCode.UNPARSEABLE}:CIF atom site {dropped[0]!r} ({tag}, {len(dropped)} site(s)) "
+                    "names no element, so pymatgen would leave it out (labels starting 'OH' are read as "
+                    "water); add an _atom_site_type_symbol column naming each site's element")
+    return None
 
 
 def _cif_symmetry_problem(parser: CifParser) -> str | None:
@@ -255,6 +279,8 @@ def _parse_extxyz(text: str) -> Structure | str:
     from ase.io import read
     from pymatgen.io.ase import AseAtomsAdaptor
 
+    if problem := _extxyz_count_problem(text):
+        return problem
     atoms = read(io.StringIO(text), format="extxyz")
     if not all(atoms.pbc) or atoms.cell.rank < 3:
         return (f"{RejectCode.DEGENERATE_LATTICE}:extxyz frame has no 3D periodic cell; add "
@@ -262,10 +288,76 @@ def _parse_extxyz(text: str) -> Structure | str:
     return AseAtomsAdaptor.get_structure(atoms)
 
 
-def _parse_res(text: str) -> Structure:
-    from pymatgen.io.res import ResIO
+def _extxyz_count_problem(text: str) -> str | None:
+    """A reject text when a frame's count line disagrees with its atom lines (ASE would read as many
+    atoms as the count says and drop, or misread, the rest)."""
+    lines = text.splitlines()
+    head = lines[0].strip() if lines else ""
+    if not head.isdigit():
+        return None  # not a count line: ASE says what is wrong
+    n_lines = sum(1 for line in lines[2:] if line.strip())
+    if n_lines == int(head):
+        return None
+    return (f"{RejectCode.UNPARSEABLE}:extxyz frame's count line says {int(head)} atoms but {n_lines} "
+            "atom lines follow its comment line; fix the count line (or the atom lines)")
 
-    return ResIO.structure_from_str(text)
+
+def _parse_res(text: str) -> Structure | str:
+    """A SHELX/AIRSS ``.res`` block read with pymatgen's parser, checked where pymatgen is silent.
+
+    pymatgen ignores the ``LATT`` card, an atom's SFAC index and its occupancy, and takes the
+    element from the atom's label. Here the element is SHELX's, the SFAC index (a label naming
+    another element is a reject); the occupancy is kept (SHELX's fixed form ``11.0`` is 1.0), so that
+    a partly occupied site is validation's ``partial_occupancy`` reject; and a ``LATT`` other than
+    ``-1`` (P1, what AIRSS and pymatgen write) is a reject, since its centring and inversion would
+    not be applied and only the listed atoms screened. A block without ``LATT`` is read as P1.
+    """
+    from pymatgen.io.res import ResProvider
+
+    if (latt := _res_card(text, "LATT")) is not None and latt != ["-1"]:
+        return (f"{RejectCode.UNPARSEABLE}:.res has 'LATT {' '.join(latt)}': SHELX lattice centring or "
+                "inversion, which is not applied, so only the listed atoms would be screened; write the "
+                "full cell with 'LATT -1' (as AIRSS and pymatgen do)")
+    provider = ResProvider.from_str(text)
+    sfac = provider._res.SFAC  # pymatgen's parsed SFAC block: species [S], ions [N]
+    species, coords = [], []
+    for ion in sfac.ions:
+        if not 1 <= ion.specie_num <= len(sfac.species):
+            return (f"{RejectCode.UNPARSEABLE}:.res atom {ion.specie!r} has SFAC index {ion.specie_num}, "
+                    f"but SFAC lists {len(sfac.species)} elements ({' '.join(sfac.species)})")
+        element = sfac.species[ion.specie_num - 1]
+        if (named := _label_element(ion.specie)) is not None and named != element:
+            return (f"{RejectCode.UNPARSEABLE}:.res atom label {ion.specie!r} names {named} but its SFAC "
+                    f"index {ion.specie_num} is {element}; fix the label or the index")
+        occupancy = ion.occupancy - 10.0 if 10.0 < ion.occupancy < 20.0 else ion.occupancy
+        if not 0.0 < occupancy <= 1.0 + seedcard.OCCUPANCY_TOLERANCE:
+            return (f"{RejectCode.UNPARSEABLE}:.res atom {ion.specie!r} has occupancy {ion.occupancy:g} "
+                    "(a SHELX free variable, or out of range); give each occupancy as a number in (0, 1]")
+        species.append({element: min(occupancy, 1.0)})
+        coords.append(ion.pos)
+    return Structure(provider.lattice, species, coords)
+
+
+def _res_card(text: str, card: str) -> list[str] | None:
+    """The values after the first ``card`` line of a .res block, or None when it has none."""
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and fields[0].upper() == card:
+            return fields[1:]
+    return None
+
+
+def _label_element(label: str) -> str | None:
+    """The element a SHELX atom label starts with (``Co1`` -> Co, ``O2a`` -> O), or None."""
+    from pymatgen.core.periodic_table import Element
+
+    letters = re.match(r"[A-Za-z]+", label)
+    if not letters:
+        return None
+    for symbol in (letters.group()[:2].capitalize(), letters.group()[:1].upper()):
+        if Element.is_valid_symbol(symbol):
+            return symbol
+    return None
 
 
 def _parse_json(text: str) -> Structure:

@@ -470,6 +470,25 @@ def test_split_extxyz_frames_and_garbage() -> None:
     text = "2\nLattice=\"3 0 0 0 3 0 0 0 3\"\nLi 0 0 0\nO 1 1 1\n1\nc\nO 0 0 0\n"
     assert len(split_extxyz(text)) == 2
     assert split_extxyz("abc\ndef\n") == ["abc\ndef\n"]
+    # a count one short keeps its extra atom line, and the frames after it are read as they are
+    frames = split_extxyz(text.replace("2\n", "1\n", 1) + text)
+    assert len(frames) == 4 and frames[0].count("\n") == 4 and frames[2] == frames[0].replace("1\n", "2\n", 1)
+
+
+def test_names_holding_poscar_with_a_listed_suffix_take_the_suffixs_format() -> None:
+    assert library_format("relaxed_CONTCARs.extxyz") == "extxyz"
+    assert library_format("POSCAR_set.json") == "json"
+    assert library_format("CONTCAR_all.parquet") == "parquet"
+    assert library_format("run/POSCAR") == library_format("CONTCAR.relax1.gz") == "poscar"
+    assert library_format("LiCoO2_POSCAR") == library_format("x.vasp") == "poscar"
+
+
+def test_res_title_written_by_ase_is_not_taken_for_an_id(tmp_path: Path) -> None:
+    for i, title in enumerate(("TITL config_type=layered seed=0", "TITL None None 12.0")):
+        block = re.sub(r"^TITL.*$", title, airss_res(licoo2(), "x"), flags=re.MULTILINE)
+        (tmp_path / f"cand_{i}.res").write_text(block)
+    ids = [r["structure_id"] for i in range(2) for r in read_library_file(str(tmp_path / f"cand_{i}.res"))]
+    assert ids == ["cand_0.res#0", "cand_1.res#0"]
 
 
 def test_file_labels_of_s3_and_local_files_are_paths_below_the_root(monkeypatch) -> None:

@@ -223,3 +223,69 @@ def test_poscar_with_a_non_positive_axis_scaling_factor_is_rejected(scale: str) 
     reject = parse_raw(_row("poscar", text))
     assert isinstance(reject, Reject) and reject.reason == RejectCode.UNPARSEABLE
     assert "three scaling factors must all be positive" in reject.message
+
+
+def _res(latt: str = "-1", occupancy: str = "1.0", o_label: str = "O", o_index: int = 3) -> str:
+    """LiCoO2 (R-3m, hexagonal cell, 12 sites) as a .res block."""
+    from pymatgen.io.res import ResIO
+
+    lines = ResIO.structure_to_str(licoo2()).splitlines()
+    out = []
+    for line in lines:
+        fields = line.split()
+        if fields and fields[0] == "LATT":
+            line = f"LATT {latt}"
+        elif len(fields) == 6 and fields[0] == "Li":
+            line = " ".join([*fields[:5], occupancy])
+        elif len(fields) == 6 and fields[0] == "O":
+            line = " ".join([o_label, str(o_index), *fields[2:]])
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def test_res_is_read_with_shelx_rules_where_pymatgen_is_silent() -> None:
+    ok = parse_raw(_row("res", _res()))
+    assert isinstance(ok, Structure) and ok.composition.reduced_formula == "LiCoO2" and len(ok) == 12
+    numbered = parse_raw(_row("res", _res(o_label="O1")))  # SHELX labels; pymatgen made them O+
+    assert isinstance(numbered, Structure) and numbered.composition.reduced_formula == "LiCoO2"
+    assert all(not hasattr(sp, "oxi_state") or sp.oxi_state in (None, 0)
+               for sp in numbered.composition)
+    fixed = parse_raw(_row("res", _res(occupancy="11.0")))  # SHELX: 10 + 1.0, fixed at 1
+    assert isinstance(fixed, Structure) and fixed.is_ordered
+    half = parse_raw(_row("res", _res(occupancy="0.5")))
+    assert isinstance(half, Structure) and not half.is_ordered  # validation's partial_occupancy
+    for bad, words in ((_res(latt="3"), "LATT 3"), (_res(latt="1"), "LATT 1"),
+                       (_res(o_index=2), "names O but its SFAC index 2 is Co"),
+                       (_res(o_index=7), "SFAC index 7"), (_res(occupancy="21.0"), "free variable")):
+        reject = parse_raw(_row("res", bad))
+        assert isinstance(reject, Reject) and reject.reason == RejectCode.UNPARSEABLE, bad
+        assert words in reject.message, reject.message
+
+
+def _label_only_cif(o_label: str) -> str:
+    rows = "".join(f"{ {'Li': 'Li', 'Co': 'Co'}.get(site.species_string, o_label)}{i} "
+                   f"{site.frac_coords[0]:.6f} {site.frac_coords[1]:.6f} {site.frac_coords[2]:.6f}\n"
+                   for i, site in enumerate(licoo2()))
+    a, _, c = licoo2().lattice.abc
+    return (f"data_x\n_symmetry_space_group_name_H-M 'P 1'\n_cell_length_a {a}\n_cell_length_b {a}\n"
+            f"_cell_length_c {c}\n_cell_angle_alpha 90\n_cell_angle_beta 90\n_cell_angle_gamma 120\n"
+            "loop_\n_atom_site_label\n_atom_site_fract_x\n_atom_site_fract_y\n_atom_site_fract_z\n" + rows)
+
+
+def test_cif_site_whose_label_names_no_element_is_rejected_not_dropped() -> None:
+    ok = parse_raw(_row("cif", _label_only_cif("O")))
+    assert isinstance(ok, Structure) and len(ok) == 12
+    reject = parse_raw(_row("cif", _label_only_cif("OH")))  # pymatgen reads OH... as water: no site
+    assert isinstance(reject, Reject) and reject.reason == RejectCode.UNPARSEABLE
+    assert "names no element" in reject.message and "6 site(s)" in reject.message
+
+
+def test_extxyz_frame_whose_count_disagrees_with_its_atom_lines_is_rejected() -> None:
+    from ase.io import write
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    buf = io.StringIO()
+    write(buf, AseAtomsAdaptor.get_atoms(licoo2()), format="extxyz")
+    for count in ("11", "13"):
+        reject = parse_raw(_row("extxyz", buf.getvalue().replace("12\n", f"{count}\n", 1)))
+        assert isinstance(reject, Reject) and f"says {count} atoms but 12 atom lines" in reject.message
