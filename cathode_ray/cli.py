@@ -15,12 +15,17 @@ Every command is a thin wrapper over a Python API a notebook can call directly:
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
 import logging
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.split("\n")[0])
@@ -35,15 +40,96 @@ DEFAULT_REFERENCES = f"snapshot:{_CHECKOUT.parent / 'shared' / 'data' / 'mp_refe
 BUNDLED_MODEL = str(_CHECKOUT / "artifacts" / "models" / "chgnet-litmo-v1")
 
 
-def _yaml_defaults(path: Path | None) -> dict[str, Any]:
+#: click's command-line converters, used for YAML strings given for typed fields ("2" -> 2).
+_CLICK_TYPES: dict[type, click.ParamType] = {bool: click.BOOL, int: click.INT, float: click.FLOAT}
+
+
+def _yaml_value(where: str, value: Any, hint: Any) -> Any:
+    """A YAML value for a field annotated ``hint``: a string converts as the same option would on
+    the command line (click's types), a list becomes the tuple or frozenset a field holds; other
+    values are returned as they are, for the config's own type checks."""
+    kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if isinstance(value, str) and str not in kinds:
+        for kind in kinds:
+            if kind in _CLICK_TYPES:
+                try:
+                    return _CLICK_TYPES[kind].convert(value, None, None)
+                except click.BadParameter as e:
+                    raise ValueError(f"{where}: {e.message}") from None
+    if isinstance(value, list) and typing.get_origin(hint) in (tuple, frozenset):
+        return typing.get_origin(hint)(value)
+    return value
+
+
+def _hints(config_cls: type) -> dict[str, Any]:
+    """Field annotations of a dataclass (``Any`` for all, where one cannot be resolved)."""
+    try:
+        return typing.get_type_hints(config_cls)
+    except NameError:
+        return {f.name: Any for f in dataclasses.fields(config_cls)}
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` fits a union of str/bool/int/float/None (an int is a float, a bool is
+    not an int); other annotations are not checked here."""
+    kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if not all(k in (str, bool, int, float, type(None)) for k in kinds):
+        return True
+    if isinstance(value, bool):
+        return bool in kinds
+    return any(value is None if k is type(None) else isinstance(value, (int, float) if k is float else k)
+               for k in kinds)
+
+
+def _yaml_fields(where: str, data: Any, config_cls: type, what: str) -> dict[str, Any]:
+    """``data`` (a YAML mapping of ``what``) checked against the fields of the dataclass
+    ``config_cls``: unknown keys are an error that names them and the valid ones, values are
+    converted (:func:`_yaml_value`) and type-checked (:func:`_fits`)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping of {what}, got a YAML {type(data).__name__}")
+    hints = _hints(config_cls)
+    valid = [f.name for f in dataclasses.fields(config_cls)]
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in valid:
+            close = difflib.get_close_matches(name, valid, n=1)
+            raise ValueError(f"{where}: unknown key {str(key)!r}"
+                             f"{f' (did you mean {close[0]!r}?)' if close else ''}; valid keys: "
+                             f"{', '.join(valid)}")
+        value = _yaml_value(f"{where}: {name}", value, hints[name])
+        if not _fits(value, hints[name]):
+            kind = getattr(hints[name], "__name__", hints[name])
+            raise ValueError(f"{where}: {name} must be {kind}, got {type(value).__name__} {value!r}")
+        out[name] = value
+    return out
+
+
+def _yaml_defaults(path: Path | None, config_cls: type) -> dict[str, Any]:
+    """Defaults from a ``--config`` YAML file for the dataclass ``config_cls``: its top-level keys
+    are field names (``-`` or ``_``), a dataclass-typed field (``validation:``) takes a nested
+    mapping of that class's fields. Any mistake is a ValueError naming the file and the key."""
     if path is None:
         return {}
     import yaml
 
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise typer.BadParameter(f"{path}: expected a mapping of option names to values")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    out = _yaml_fields(str(path), {} if data is None else data, config_cls,
+                       "option names to values (e.g. 'gpu_actors: 2')")
+    hints = _hints(config_cls)
+    for name, value in out.items():
+        nested = hints[name]
+        if isinstance(nested, type) and dataclasses.is_dataclass(nested):
+            fields = _yaml_fields(f"{path}: {name}", value, nested,
+                                  f"{nested.__name__} fields to values (e.g. 'max_atoms: 200')")
+            try:
+                out[name] = nested(**fields)
+            except TypeError as e:  # a comparison in the class's own checks
+                raise ValueError(f"{path}: {name}: {e}") from None
+    return out
 
 
 def _merge(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
@@ -193,7 +279,7 @@ def screen(
     from cathode_ray.screen.pipeline import ScreenConfig, run
 
     opts = _merge({"library": "demo", "model": BUNDLED_MODEL, "out": "out/screen",
-                   "references": DEFAULT_REFERENCES, **_yaml_defaults(config)},
+                   "references": DEFAULT_REFERENCES, **_yaml_defaults(config, ScreenConfig)},
                   {"library": library, "model": model, "out": out, "references": references,
                    "address": address, "run_id": run_id, "resume": resume, "gpu_actors": gpu_actors,
                    "gpu_wait_s": gpu_wait_s, "cpu_actors": cpu_actors, "inference_threads": inference_threads, "graph_actors": graph_actors, "light_tasks": light_tasks,

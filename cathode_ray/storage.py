@@ -7,6 +7,7 @@ S3 credentials and endpoint come from the standard AWS environment variables; a 
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 from urllib.parse import urlparse
 
@@ -49,21 +50,34 @@ def s3_path(uri: str) -> str | None:
     return f"{parsed.netloc}{parsed.path}".rstrip("/") if parsed.scheme == "s3" else None
 
 
+_SNAPSHOT_HINT = (" ('snapshot:' marks MP-document sources: --source, --references, --from; "
+                  "a --library takes the path itself)")
+#: ``scheme://`` at the start of a location: only this makes it a URI. A ':' alone does not
+#: (``out:v2/screen`` is a relative directory, ``C:\\data`` a Windows path).
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
     """``(filesystem, path inside it)`` for a local path (relative paths are made absolute),
-    an ``s3://bucket/key`` URI, or another pyarrow URI (``file://`` ...)."""
+    an ``s3://bucket/key`` URI, or another pyarrow URI (``file://`` ...).
+
+    Only ``scheme://`` marks a URI; a local path may hold ':' anywhere (``out:v2/screen``).
+    ``snapshot:PATH`` is refused with a hint: it names MP documents, never a location.
+    """
+    parsed = urlparse(uri)
+    if not _URI.match(uri):
+        if parsed.scheme == "snapshot":
+            raise ValueError(f"{uri!r}: cannot read 'snapshot:' locations; give a local path or "
+                             f"s3://bucket/key{_SNAPSHOT_HINT}")
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri)).rstrip("/") or "/"
     if (key := s3_path(uri)) is not None:
         return s3_filesystem(), key
-    parsed = urlparse(uri)
-    if parsed.scheme and len(parsed.scheme) > 1:  # not a Windows drive letter
-        try:
-            return pafs.FileSystem.from_uri(uri)
-        except pa.ArrowInvalid as exc:  # e.g. "Unrecognized filesystem type in URI"
-            hint = (" ('snapshot:' marks MP-document sources: --source, --references, --from; "
-                    "a --library takes the path itself)" if parsed.scheme == "snapshot" else "")
-            raise ValueError(f"{uri!r}: cannot read '{parsed.scheme}:' locations; give a local "
-                             f"path or s3://bucket/key{hint}") from exc
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri)).rstrip("/") or "/"
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except pa.ArrowInvalid as exc:  # e.g. "Unrecognized filesystem type in URI"
+        hint = _SNAPSHOT_HINT if parsed.scheme == "snapshot" else ""
+        raise ValueError(f"{uri!r}: cannot read '{parsed.scheme}:' locations; give a local "
+                         f"path or s3://bucket/key{hint}") from exc
 
 
 IN_PROGRESS_SUFFIX = ".in-progress"

@@ -28,6 +28,19 @@ def test_filesystem_for_local_and_s3(tmp_path: Path) -> None:
         storage.filesystem_for("ftp://host/lib")
 
 
+def test_relative_local_path_with_a_colon_is_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only ``scheme://`` marks a URI: ``out:v2/screen`` is a directory under the working directory
+    (before: read as the URI scheme 'out' and refused)."""
+    monkeypatch.chdir(tmp_path)
+    for rel in ("out:v2/screen", "results/v2:a", "2024-01-01T10:00/x"):
+        fs, path = storage.filesystem_for(rel)
+        assert fs.type_name == "local" and path == str(tmp_path / rel)
+    fs, path = storage.filesystem_for(f"file://{tmp_path}/x")
+    assert fs.type_name == "local" and path == f"{tmp_path}/x"
+    storage.write_parquet(pa.table({"x": [1]}), *storage.filesystem_for("out:v2/part-0.parquet"))
+    assert pq.read_table(tmp_path / "out:v2" / "part-0.parquet").num_rows == 1
+
+
 def test_write_parquet_renames_a_complete_file(tmp_path: Path) -> None:
     table = pa.table({"structure_id": ["a", "b"], "x": [1.0, 2.0]})
     target = f"{tmp_path}/results/run_id=r/part-0.parquet"

@@ -10,7 +10,11 @@ Layout of ``MODEL_DIR`` (local path or ``s3://bucket/prefix``)::
     conformal_params.json   + OOD files, written by calibration (absent before)
     soap_clusterer.json     SOAP cluster model, to assign clusters to new structures
 
-``model_id`` is the sha256 of the manifest's file table, so any change to any file changes it.
+``model_id`` is the sha256 of the whole manifest (canonical JSON: sorted keys, no whitespace)
+less :data:`UNHASHED` (``model_id`` itself, ``written_at``, ``git_commit``). The file table is
+part of it, so any change to any file, or to any setting the loader reads (``members``,
+``config``, ``backbone``, ...), changes it. Format 1 manifests hashed the file table only; they
+are refused with the way to re-write them (:meth:`ModelDir.upgrade_manifest`).
 """
 
 from __future__ import annotations
@@ -27,8 +31,12 @@ from typing import Any
 import pyarrow.fs as pafs
 import torch
 
-FORMAT_VERSION = 1
+#: 2: ``model_id`` covers the whole manifest (1: the file table only).
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+#: Manifest fields outside ``model_id``: the id itself, and provenance that names when and from
+#: which source commit the manifest was written, not what the model is.
+UNHASHED = frozenset({"model_id", "written_at", "git_commit"})
 
 
 class ArtifactIntegrityError(RuntimeError):
@@ -45,6 +53,13 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def manifest_id(manifest: dict[str, Any]) -> str:
+    """``model_id`` of a manifest: sha256 of its canonical JSON (sorted keys, compact separators)
+    without the :data:`UNHASHED` fields."""
+    body = {k: v for k, v in manifest.items() if k not in UNHASHED}
+    return sha256_bytes(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
 
 def git_commit(cwd: str | Path | None = None) -> str | None:
@@ -101,15 +116,16 @@ class ModelDir:
 
     # -- manifest --------------------------------------------------------------------------
     def write_manifest(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Hash every listed file, add the file table and model_id, write manifest.json."""
+        """Hash every file in ``file_names``, add the file table, format version and model_id
+        (over the whole manifest, :func:`manifest_id`), write manifest.json."""
         files = {}
         for name in sorted(manifest.get("file_names", [])):
             data = self.read_bytes(name)
             files[name] = {"sha256": sha256_bytes(data), "size": len(data)}
-        table = json.dumps(files, sort_keys=True).encode()
-        out = {k: v for k, v in manifest.items() if k != "file_names"}
-        out.update(format_version=FORMAT_VERSION, files=files, model_id=sha256_bytes(table),
-                   written_at=datetime.now(UTC).isoformat(timespec="seconds"))
+        derived = {"file_names", "files", "format_version", "model_id", "written_at"}
+        out = {k: v for k, v in manifest.items() if k not in derived}
+        out.update(format_version=FORMAT_VERSION, files=files)
+        out.update(model_id=manifest_id(out), written_at=datetime.now(UTC).isoformat(timespec="seconds"))
         self.write_bytes(MANIFEST, json.dumps(out, indent=2, sort_keys=True).encode())
         return out
 
@@ -120,28 +136,82 @@ class ModelDir:
         manifest["file_names"] = sorted(listed)
         return self.write_manifest(manifest)
 
-    def read_manifest(self, *, verify: bool = True) -> dict[str, Any]:
+    def _load_manifest(self) -> dict[str, Any]:
+        """manifest.json as a dict, whatever its format version."""
         try:
             manifest = json.loads(self.read_bytes(MANIFEST))
         except json.JSONDecodeError as e:
             raise ArtifactIntegrityError(f"{self.uri}/{MANIFEST} is not valid JSON: {e}") from e
-        if manifest.get("format_version") != FORMAT_VERSION:
+        if not isinstance(manifest, dict):
+            raise ArtifactIntegrityError(f"{self.uri}/{MANIFEST} is not a JSON object")
+        return manifest
+
+    def read_manifest(self, *, verify: bool = True) -> dict[str, Any]:
+        """The manifest (format :data:`FORMAT_VERSION` only); ``verify``: also check every file."""
+        manifest = self._load_manifest()
+        version = manifest.get("format_version")
+        if version == 1:
             raise ArtifactIntegrityError(
-                f"{self.uri}: manifest format {manifest.get('format_version')} is not {FORMAT_VERSION}"
+                f"{self.uri}: manifest format 1 hashes only its file table, so its settings "
+                f"(members, config, backbone) are unverified; re-write it in format {FORMAT_VERSION} "
+                "after checking them: python -c \"from cathode_ray.model.artifact import ModelDir; "
+                f"ModelDir(uri={self.uri!r}).upgrade_manifest()\""
+            )
+        if version != FORMAT_VERSION:
+            raise ArtifactIntegrityError(
+                f"{self.uri}: manifest format {version} is not {FORMAT_VERSION}"
             )
         if verify:
             self.verify(manifest)
         return manifest
 
-    def verify(self, manifest: dict[str, Any]) -> dict[str, bytes]:
-        """Check every file's size and sha256 against the manifest; return the verified bytes."""
-        table = json.dumps(manifest["files"], sort_keys=True).encode()
+    def upgrade_manifest(self) -> dict[str, Any]:
+        """Re-write a format-1 manifest in the current format (a current one is only verified).
+
+        The files are first checked against the format-1 file table and its model_id, so only
+        the settings that format left unhashed are taken on trust: check them before upgrading.
+        The model_id changes. Returns the manifest as written.
+        """
+        manifest = self._load_manifest()
+        if manifest.get("format_version") != 1:
+            return self.read_manifest(verify=True)
+        files = manifest.get("files")
+        if not isinstance(files, dict):
+            raise ArtifactIntegrityError(f"{self.uri}: manifest has no file table")
+        table = json.dumps(files, sort_keys=True).encode()
         if sha256_bytes(table) != manifest.get("model_id"):
             raise ArtifactIntegrityError(f"{self.uri}: manifest file table does not match model_id")
+        self._verify_files(files)
+        kept = {k: v for k, v in manifest.items() if k not in {"files", "format_version"}}
+        return self.write_manifest({**kept, "file_names": sorted(files)})
+
+    def verify(self, manifest: dict[str, Any]) -> dict[str, bytes]:
+        """Check model_id against the whole manifest, that every member's file is listed, and
+        every file's size and sha256; return the verified bytes."""
+        if manifest_id(manifest) != manifest.get("model_id"):
+            raise ArtifactIntegrityError(
+                f"{self.uri}: manifest does not match model_id — manifest.json was edited or "
+                "corrupted; refusing to load it. Re-download or re-train the model."
+            )
+        files = manifest.get("files")
+        if not isinstance(files, dict):
+            raise ArtifactIntegrityError(f"{self.uri}: manifest has no file table")
+        for member in manifest.get("members", []):
+            name = member.get("file") if isinstance(member, dict) else None
+            if name not in files:
+                raise ArtifactIntegrityError(
+                    f"{self.uri}: member {member!r} names a file that is not in the manifest's "
+                    "file table; refusing to load it."
+                )
+        return self._verify_files(files)
+
+    def _verify_files(self, files: dict[str, Any]) -> dict[str, bytes]:
+        """Read every file of a file table and check its size and sha256; the verified bytes."""
         verified = {}
-        for name, meta in manifest["files"].items():
+        for name, meta in files.items():
             data = self.read_bytes(name)
-            if len(data) != meta["size"] or sha256_bytes(data) != meta["sha256"]:
+            if (not isinstance(meta, dict) or len(data) != meta.get("size")
+                    or sha256_bytes(data) != meta.get("sha256")):
                 raise ArtifactIntegrityError(
                     f"{self.uri}/{name}: sha256/size does not match the manifest — the file was "
                     "changed or corrupted; refusing to load it. Re-download or re-train the model."

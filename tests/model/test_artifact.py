@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from cathode_ray.model.artifact import ArtifactIntegrityError, ModelDir
+from cathode_ray.model.artifact import FORMAT_VERSION, ArtifactIntegrityError, ModelDir
 from cathode_ray.model.ensemble import Ensemble
 from cathode_ray.model.head import HeadConfig
 from cathode_ray.model.member import Member, Normalizer, ThermoInputs
@@ -76,6 +78,77 @@ def test_missing_file_and_edited_manifest_are_refused(tmp_path: Path) -> None:
     (tmp_path / "n" / "member_0.pt").unlink()
     with pytest.raises(ArtifactIntegrityError, match="cannot read"):
         Ensemble.load(md.uri, backbone=chgnet())
+
+
+@pytest.mark.parametrize("edit", ["drop members", "head", "train_last_block", "backbone spec", "new key"])
+def test_edited_manifest_settings_change_model_id_and_are_refused(tmp_path: Path, edit: str) -> None:
+    """model_id covers the whole manifest, not only its file table: settings the loader reads
+    cannot be edited under the same id (before: all of these passed verify=True)."""
+    md = _write_model(tmp_path / "m", n_members=3)
+    path = tmp_path / "m" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    if edit == "drop members":
+        manifest["members"] = manifest["members"][:1]
+    elif edit == "head":
+        manifest["config"]["head"]["hidden"] = 64
+    elif edit == "train_last_block":
+        manifest["config"]["train_last_block"] = not manifest["config"]["train_last_block"]
+    elif edit == "backbone spec":
+        manifest["backbone"]["spec"] = "mace-mp-0-medium"
+    else:
+        manifest["extra"] = 1
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    with pytest.raises(ArtifactIntegrityError, match="does not match model_id"):
+        md.read_manifest(verify=True)
+    with pytest.raises(ArtifactIntegrityError, match="does not match model_id"):
+        Ensemble.load(md.uri, backbone=chgnet())
+
+
+def test_model_id_ignores_only_volatile_fields(tmp_path: Path) -> None:
+    """Re-writing the same model (a later written_at, another git commit) keeps its model_id;
+    key order and JSON layout do not matter."""
+    md = _write_model(tmp_path / "m")
+    first = md.read_manifest()
+    again = md.write_manifest({**first, "git_commit": "f" * 40, "written_at": "2000-01-01",
+                               "file_names": list(first["files"])})
+    assert again["model_id"] == first["model_id"] and again["format_version"] == FORMAT_VERSION
+    path = tmp_path / "m" / "manifest.json"
+    path.write_text(json.dumps(dict(reversed(list(again.items())))))  # other order, no indent
+    assert md.read_manifest(verify=True)["model_id"] == first["model_id"]
+
+
+def test_member_file_missing_from_the_file_table_is_refused(tmp_path: Path) -> None:
+    """A member whose file the table does not list: ArtifactIntegrityError (before: KeyError in
+    Ensemble.load), even when the manifest was re-hashed consistently."""
+    md = _write_model(tmp_path / "m")
+    manifest = md.read_manifest()
+    manifest["file_names"] = [n for n in manifest["files"] if n != "member_1.pt"]
+    md.write_manifest(manifest)  # a self-consistent manifest whose table lacks member_1.pt
+    with pytest.raises(ArtifactIntegrityError, match="not in the manifest's file table"):
+        Ensemble.load(md.uri, backbone=chgnet())
+
+
+def test_format_1_manifest_is_refused_with_the_upgrade_and_upgrades(tmp_path: Path) -> None:
+    """A model written before model_id covered the whole manifest: a clear error naming the
+    upgrade; upgrade_manifest checks the files against the old table, then re-writes it."""
+    md = _write_model(tmp_path / "m")
+    path = tmp_path / "m" / "manifest.json"
+    current = json.loads(path.read_text())
+    old = {**current, "format_version": 1,
+           "model_id": hashlib.sha256(json.dumps(current["files"], sort_keys=True).encode()).hexdigest()}
+    path.write_text(json.dumps(old, indent=2, sort_keys=True))
+    for verify in (True, False):
+        with pytest.raises(ArtifactIntegrityError, match=r"format 1 .*upgrade_manifest\(\)"):
+            md.read_manifest(verify=verify)
+    bad = tmp_path / "bad"
+    shutil.copytree(tmp_path / "m", bad)
+    (bad / "member_0.pt").write_bytes(b"changed")
+    with pytest.raises(ArtifactIntegrityError, match="sha256/size"):  # no upgrade of changed files
+        ModelDir(uri=str(bad)).upgrade_manifest()
+    upgraded = md.upgrade_manifest()
+    assert upgraded["format_version"] == FORMAT_VERSION and upgraded["model_id"] == current["model_id"]
+    assert md.upgrade_manifest()["model_id"] == current["model_id"]  # current format: unchanged
+    assert len(Ensemble.load(md.uri, backbone=chgnet()).members) == 2
 
 
 def test_pickled_code_is_never_loaded(tmp_path: Path) -> None:

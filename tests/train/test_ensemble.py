@@ -33,7 +33,7 @@ def test_config_validates() -> None:
 @pytest.mark.slow
 def test_manifest_pins_everything(model_dir: Path) -> None:
     manifest = json.loads((model_dir / "manifest.json").read_text())
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2  # model_id covers the whole manifest
     assert manifest["backbone"]["name"] == "chgnet-0.3.0" and len(manifest["backbone"]["weights_sha256"]) == 64
     assert manifest["data_version"]["count"] == 40 and len(manifest["data_version"]["sha256"]) == 64
     assert [m["seed"] for m in manifest["members"]] == [42, 43]
