@@ -65,6 +65,10 @@ class ScreenInvariantError(RuntimeError):
     """Output does not account for every input exactly once."""
 
 
+class LibraryChangedError(ValueError):
+    """A resume was given another library than the one its run started with."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class ScreenConfig:
     """What ``cathode-ray screen`` does.
@@ -77,7 +81,8 @@ class ScreenConfig:
         references: reference entries for hulls, ``snapshot:PATH`` or ``mp``.
         address: Ray address (None: ``RAY_ADDRESS`` when set, else a fresh local Ray).
         run_id: run id (None: a new timestamped one); resume needs the same id.
-        resume: continue a run: skip inputs already written for ``run_id``.
+        resume: continue a run: skip inputs already written for ``run_id``; the library must
+            have the fingerprint the run started with (:class:`LibraryChangedError`).
         gpu_actors: inference actors with one GPU each (0 = CPU actors).
         cpu_actors: CPU inference actors when ``gpu_actors == 0``.
         cpus_per_actor: logical CPUs each CPU inference actor reserves.
@@ -160,6 +165,26 @@ class ScreenConfig:
     verbose: bool = True
 
     def __post_init__(self) -> None:
+        import dataclasses
+        import numbers
+
+        # Types first, so that a wrong one ("2", 2.5, True for an int; a dict for validation) is a
+        # ValueError naming the field, not a TypeError below or an AttributeError in a Ray worker.
+        # Fields whose annotation is not a union of these kinds are left to their own checks.
+        kinds: dict[str, tuple[type, ...]] = {
+            "str": (str,), "bool": (bool,), "int": (numbers.Integral,), "float": (numbers.Real,),
+            "None": (type(None),), "ValidationConfig": (ValidationConfig,)}
+        for f in dataclasses.fields(self):
+            parts = str(f.type).replace(" ", "").split("|")
+            if not all(p in kinds for p in parts):
+                continue
+            value = getattr(self, f.name)
+            ok = any(isinstance(value, kinds[p]) for p in parts)
+            if isinstance(value, bool) and "bool" not in parts:  # bool is an int, but not here
+                ok = False
+            if not ok:
+                raise ValueError(f"{f.name} must be {' or '.join(parts)}, got "
+                                 f"{type(value).__name__} {value!r}")
         for name in ("library", "model", "out", "references"):
             if not getattr(self, name):
                 raise ValueError(f"{name} must be given")
@@ -546,9 +571,36 @@ def _refuse_reuse(paths: runs.RunPaths, resume: bool) -> None:
                               "pass --resume to continue it, or use another --run-id")
 
 
+def _recorded(paths: runs.RunPaths, key: str) -> Any:
+    """``key`` of the run's start record, else of its manifest (runs started before the start
+    record existed), else None."""
+    for uri in (paths.start, paths.manifest):
+        if (value := (runs.read_json(uri) or {}).get(key)) is not None:
+            return value
+    return None
+
+
+def _refuse_other_library(paths: runs.RunPaths, config: ScreenConfig, source: Source) -> None:
+    """A resume must screen the library the run started with, as fingerprinted then.
+
+    The fingerprint is recorded in the start record before the run's first row is written (see
+    :func:`_write_start_record`), so a run that crashed at any point can be checked; runs
+    started before that record existed are checked against their manifest. A run with neither
+    resumes on whatever library it is given.
+    """
+    before = _recorded(paths, "library_fingerprint")
+    if before is None or before == source.fingerprint:
+        return
+    raise LibraryChangedError(
+        f"run {paths.run_id!r} was started on another library: {config.library!r} now has "
+        f"fingerprint {source.fingerprint[:12]}, the run's is {before[:12]} (files edited, "
+        "touched, moved, added or removed since); resume it with the original library, or "
+        "screen this one under a new --run-id")
+
+
 def _refuse_other_model(paths: runs.RunPaths, model: dict[str, Any]) -> None:
     """A resume must use the model the run started with: one run's rows share one model."""
-    before = (runs.read_json(paths.manifest) or {}).get("model", {}).get("manifest_sha256")
+    before = (_recorded(paths, "model") or {}).get("manifest_sha256")
     written = set(runs.read_columns(paths.results, ["model_id"])["model_id"])
     if (before not in (None, model["manifest_sha256"])
             or written - {model["model_id"]}):
@@ -565,6 +617,8 @@ def run(config: ScreenConfig) -> ScreenSummary:
         NoGPUError: GPU actors asked for, and the cluster has (and gained) fewer GPUs.
         FileExistsError: the run id has output already and ``resume`` is off.
         ValueError: ``resume`` with another model than the run's output was screened with.
+        LibraryChangedError: ``resume`` with a library whose fingerprint differs from the one
+            the run started with (nothing is written).
         ScreenInvariantError: results + rejects != inputs, or duplicated inputs in the output.
         state.LockLost: the run's lock expired and another process took it over; nothing more
             is written (resume the run once that process has finished).
@@ -581,6 +635,8 @@ def run(config: ScreenConfig) -> ScreenSummary:
         model = _model_info(config.model)
         check_reference_source(config.references)
         source = plan_source(config)
+        if config.resume:
+            _refuse_other_library(paths, config, source)
         plan_s = time.perf_counter() - t_plan
         ray_mode = _ensure_ray(config.address)
         try:
@@ -608,6 +664,8 @@ def _run_locked(config: ScreenConfig, paths: runs.RunPaths, lock: runs.RunLock, 
     done = frozenset(runs.done_keys(paths)) if config.resume else frozenset()
     if config.resume:
         _refuse_other_model(paths, model)
+    lock.check()
+    _write_start_record(paths, config, model, source, started)
     threads = config.threads_per_actor(_local_cores())
     ds = build_dataset(config, source, run_id=paths.run_id, index=index, done=done, threads=threads)
     writer = stages.ScreenWriter(results_uri=paths.results, rejects_uri=paths.rejects,
@@ -671,20 +729,33 @@ def _library_changed(config: ScreenConfig, source: Source) -> str:
             "it was listed); screen a library that stays put, under a new --run-id")
 
 
+def _run_identity(paths: runs.RunPaths, config: ScreenConfig, model: dict[str, Any],
+                  fingerprint: str) -> dict[str, Any]:
+    """What a run is: its id, library (spec + fingerprint), model, references and DEST."""
+    return {"run_id": paths.run_id, "library": config.library, "library_fingerprint": fingerprint,
+            "model": model, "model_id": model["model_id"], "data_version": model["data_version"],
+            "references": config.references, "dest": config.out}
+
+
+def _write_start_record(paths: runs.RunPaths, config: ScreenConfig, model: dict[str, Any],
+                        source: Source, started: str) -> None:
+    """Record the run's library fingerprint and model in ``RUN.start`` before any row is
+    written, so that a resume after a crash at any point can refuse another library. A resume
+    keeps the record of the attempt that started the run (its fingerprint was just matched);
+    the manifest stays what it was: written once an attempt has finished."""
+    if config.resume and runs.read_json(paths.start) is not None:
+        return
+    runs.write_json(paths.start, {**_run_identity(paths, config, model, source.fingerprint),
+                                  "started": started})
+
+
 def _update_manifest(paths: runs.RunPaths, config: ScreenConfig, model: dict[str, Any],
                      attempt: dict[str, Any], out: dict[str, Any], n_inputs: int,
                      ok: bool) -> dict[str, Any]:
     previous = runs.read_json(paths.manifest) or {}
     attempts = [*previous.get("attempts", []), attempt]
     manifest = {
-        "run_id": paths.run_id,
-        "library": config.library,
-        "library_fingerprint": attempt["library_fingerprint"],
-        "model": model,
-        "model_id": model["model_id"],
-        "data_version": model["data_version"],
-        "references": config.references,
-        "dest": config.out,
+        **_run_identity(paths, config, model, attempt["library_fingerprint"]),
         "started": attempts[0]["started"],
         "finished": attempt["finished"],
         "status": "complete" if ok else "invariant_violated",

@@ -214,11 +214,37 @@ def _write_bytes(uri: str, data: bytes) -> None:
         fh.write(data)
 
 
+def _read_bytes(uri: str) -> bytes | None:
+    """The content of the file at ``uri``, or None when there is none."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem_for(uri)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as fh:
+        return fh.read()
+
+
 def stage_library(uri: str, docs: Sequence[Mapping[str, Any]]) -> str:
-    """Write ``docs`` as a JSON-lines library at ``uri`` (one MP summary doc per line)."""
-    body = "".join(json.dumps(dict(d), sort_keys=True, default=str) + "\n" for d in docs)
-    _write_bytes(uri, body.encode())
+    """Write ``docs`` as a JSON-lines library at ``uri`` (one MP summary doc per line).
+
+    A file there with the same content is left as it is: its listing (size, mtime) is the
+    library fingerprint of the run's screen, which a resume must find unchanged.
+    """
+    body = "".join(json.dumps(dict(d), sort_keys=True, default=str) + "\n" for d in docs).encode()
+    if _read_bytes(uri) == body:
+        log.debug("%s already holds these %d docs; kept", uri, len(docs))
+        return uri
+    _write_bytes(uri, body)
     return uri
+
+
+def staged_fingerprint(uri: str) -> str:
+    """The screen pipeline's library fingerprint of the staged file at ``uri``."""
+    from cathode_ray.data.library import list_library
+    from cathode_ray.screen.pipeline import files_fingerprint
+
+    return files_fingerprint(list_library(uri))
 
 
 def _delete_tree(uri: str) -> None:
@@ -422,19 +448,36 @@ def _screen(config: RescreenConfig, run_id: str, db_version: str,
             docs: Sequence[Mapping[str, Any]]) -> tuple[dict[str, int], bool]:
     """Screen ``docs`` as run ``run_id`` (resuming it); ({results, rejects}, resumed)."""
     from cathode_ray.screen import runs
+    from cathode_ray.screen.pipeline import LibraryChangedError
 
     if not docs:
         return {"results": 0, "rejects": 0}, False
-    manifest = runs.read_json(runs.RunPaths(dest=config.out, run_id=run_id).manifest)
-    if manifest is not None and manifest.get("status") == "complete" \
-            and manifest.get("n_inputs") == len(docs):
+    paths = runs.RunPaths(dest=config.out, run_id=run_id)
+    manifest = runs.read_json(paths.manifest)
+    library = join(config.out, "_staging", f"db_version={_safe(db_version)}", f"{run_id}.jsonl")
+    stage_library(library, docs)
+    if _screened_already(manifest, library, len(docs)):
         log.info("run %s already screened; skipping to the latest view", run_id)
         return {"results": int(manifest["n_results"]),
                 "rejects": int(manifest["n_rejects"])}, True
-    library = join(config.out, "_staging", f"db_version={_safe(db_version)}", f"{run_id}.jsonl")
-    stage_library(library, docs)
-    summary = _run_pipeline(config, library, run_id)
-    return {"results": summary.n_results, "rejects": summary.n_rejects}, manifest is not None
+    earlier = manifest is not None or runs.read_json(paths.start) is not None
+    try:
+        summary = _run_pipeline(config, library, run_id)
+    except LibraryChangedError as exc:
+        raise LibraryChangedError(
+            f"re-screen run {run_id!r}: the materials to screen differ from those an earlier "
+            f"attempt of it staged (MP data changed within db_version {db_version}, or "
+            f"{library} was removed); to screen them afresh, delete {paths.results}, "
+            f"{paths.rejects}, {paths.manifest} and {paths.start}, then run again") from exc
+    return {"results": summary.n_results, "rejects": summary.n_rejects}, earlier
+
+
+def _screened_already(manifest: Mapping[str, Any] | None, library: str, n_docs: int) -> bool:
+    """True when the run's manifest says complete for exactly the staged library: the same
+    number of inputs and the library fingerprint of the staged file as it is now."""
+    return (manifest is not None and manifest.get("status") == "complete"
+            and manifest.get("n_inputs") == n_docs
+            and manifest.get("library_fingerprint") == staged_fingerprint(library))
 
 
 def _run_pipeline(config: RescreenConfig, library: str, run_id: str) -> Any:

@@ -5,6 +5,8 @@ DEST layout (local path or ``s3://bucket/prefix``)::
     DEST/results/run_id=RUN/part-*.parquet   result rows (schema.RESULT_SCHEMA)
     DEST/rejects/run_id=RUN/part-*.parquet   reject rows (schema.SCREEN_REJECT_SCHEMA)
     DEST/_runs/RUN.json                      run manifest (one entry per attempt)
+    DEST/_runs/RUN.start                     JSON written before the run's first row: library
+                                             (spec + fingerprint) and model that a resume must match
     DEST/_runs/RUN.lock                      held while a run (or resume) of RUN is active
 
 A run lock is an :class:`~cathode_ray.screen.state.ExpiringLock` (atomic create; names its
@@ -37,7 +39,9 @@ from cathode_ray.storage import IN_PROGRESS_SUFFIX, filesystem_for, join
 
 log = logging.getLogger(__name__)
 
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: Whole run id (``fullmatch``: with ``re.match`` and ``$``, "abc\n" passed, since ``$`` also
+#: matches before a trailing newline).
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class RunLockedError(RuntimeError):
@@ -51,7 +55,7 @@ def new_run_id() -> str:
 
 def check_run_id(run_id: str) -> str:
     """``run_id`` when it is safe in paths and object keys, else ValueError."""
-    if not _RUN_ID.match(run_id):
+    if not _RUN_ID.fullmatch(run_id):
         raise ValueError(f"run id {run_id!r} must be 1-128 characters of letters, digits, '.', "
                          "'_' or '-', starting with a letter or digit")
     return run_id
@@ -84,6 +88,12 @@ class RunPaths:
     @property
     def lock(self) -> str:
         return join(self.dest, "_runs", f"{self.run_id}.lock")
+
+    @property
+    def start(self) -> str:
+        """The start record (JSON). Not ``*.json``: run id ``X.start`` has manifest
+        ``X.start.json``, which must not be run ``X``'s record."""
+        return join(self.dest, "_runs", f"{self.run_id}.start")
 
 
 # --------------------------------------------------------------------------- small IO helpers

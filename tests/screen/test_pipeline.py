@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -129,16 +130,30 @@ def _bad_library(root: Path) -> Path:
 
 
 def test_bad_files_keep_invariant_and_resume(local_ray, tiny_model, references,
-                                              tmp_path) -> None:
+                                              tmp_path, monkeypatch) -> None:
+    from cathode_ray.screen import stages
+
     lib = _bad_library(tmp_path)
     out = str(tmp_path / "dest")
-    # interrupted run: only the first file, same run id
-    first = run(_config(tiny_model, references, library=str(lib / "a_good.jsonl"), out=out,
-                        run_id="r1"))
-    assert first.n_inputs == 12
+    # interrupted run: it dies after its first 4-row file pair (a resume must be given the
+    # library its run started with, so the interruption is a crash, not a smaller library)
+    real_flush = stages.ScreenWriter.flush
+
+    def flush_then_die(self: stages.ScreenWriter) -> None:
+        real_flush(self)
+        if self.files:
+            raise RuntimeError("killed after the first file pair")
+
+    monkeypatch.setattr(stages.ScreenWriter, "flush", flush_then_die)
+    with pytest.raises(RuntimeError, match="killed after the first file pair"):
+        run(replace(_config(tiny_model, references, library=str(lib), out=out, run_id="r1"),
+                    min_rows_per_file=4))
+    monkeypatch.setattr(stages.ScreenWriter, "flush", real_flush)
+    done = runs.read_results(out, "r1").num_rows + runs.read_rejects(out, "r1").num_rows
+    assert 0 < done < 17
     full = run(_config(tiny_model, references, library=str(lib), out=out, run_id="r1",
                        resume=True))
-    assert full.n_skipped == first.n_results + first.n_rejects
+    assert full.n_skipped == done
     paths = runs.RunPaths(dest=out, run_id="r1")
     res, rej = _read(paths.results), _read(paths.rejects)
     assert rej.schema.remove_metadata() == SCREEN_REJECT_SCHEMA
@@ -153,8 +168,9 @@ def test_bad_files_keep_invariant_and_resume(local_ray, tiny_model, references,
     res2 = _read(runs.RunPaths(dest=out, run_id="r2").results)
     assert sorted(res2.column("structure_id").to_pylist()) == sorted(ids)
     assert fresh.reject_reasons == full.reject_reasons
-    manifest = runs.read_json(paths.manifest)
-    assert len(manifest["attempts"]) == 2 and manifest["status"] == "complete"
+    manifest = runs.read_json(paths.manifest)  # the crashed attempt recorded no entry
+    assert len(manifest["attempts"]) == 1 and manifest["status"] == "complete"
+    assert manifest["attempts"][0]["n_skipped"] == done
 
 
 def test_the_dataset_keeps_its_settings_and_pickles_object_columns_quietly(
@@ -203,3 +219,80 @@ def test_a_library_rewritten_during_the_screen_is_named_as_the_cause(
     summary = run(_config(tiny_model, references, library=str(lib), out=str(tmp_path / "d"),
                           run_id="still"))  # the same library, left alone: no error
     assert summary.n_inputs == 4 and summary.n_results + summary.n_rejects == 4
+
+
+def _write_jsonl(path: Path, docs: list[dict]) -> None:
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+
+
+def _snapshot(out: str, run_id: str) -> dict[str, bytes]:
+    """Every file of the run under DEST (results, rejects, manifest, start record), by bytes."""
+    paths = runs.RunPaths(dest=out, run_id=run_id)
+    found = [p for d in (paths.results, paths.rejects) for p in Path(d).rglob("*") if p.is_file()]
+    return {str(p): p.read_bytes() for p in [*found, Path(paths.manifest), Path(paths.start)]}
+
+
+def test_a_resume_on_an_edited_library_is_refused_before_anything_is_written(
+        local_ray, tiny_model, references, tmp_path) -> None:
+    """Before, a resume skipped the edited ids as done (stale rows, status complete), or wrote a
+    new id into the run and failed its invariant only afterwards (5 rows for 4 inputs)."""
+    from cathode_ray.screen.pipeline import LibraryChangedError
+
+    docs = small_docs(6)
+    lib, out = tmp_path / "lib.jsonl", str(tmp_path / "dest")
+    _write_jsonl(lib, docs[:4])
+    first = run(_config(tiny_model, references, library=str(lib), out=out, run_id="r1"))
+    assert first.n_results + first.n_rejects == 4
+    # the library left alone: the resume goes ahead (nothing left to do)
+    again = run(_config(tiny_model, references, library=str(lib), out=out, run_id="r1",
+                        resume=True))
+    assert again.n_skipped == 4 and again.n_results + again.n_rejects == 4
+    manifest = runs.read_json(runs.RunPaths(dest=out, run_id="r1").manifest)
+    assert manifest["status"] == "complete" and len(manifest["attempts"]) == 2
+    before = _snapshot(out, "r1")
+    edits = {  # same ids, another structure for the first / one id out, another in
+        "edited": [{**docs[4], "material_id": docs[0]["material_id"]}, *docs[1:4]],
+        "swapped": [*docs[:3], docs[4]],
+    }
+    for name, edited in edits.items():
+        _write_jsonl(lib, edited)
+        with pytest.raises(LibraryChangedError,
+                           match=r"run 'r1' was started on another library.*original library, "
+                                 r"or screen this one under a new --run-id"):
+            run(_config(tiny_model, references, library=str(lib), out=out, run_id="r1",
+                        resume=True))
+        assert _snapshot(out, "r1") == before, name  # nothing written, manifest untouched
+    assert runs.read_json(runs.RunPaths(dest=out, run_id="r1").lock) is None
+
+
+def test_the_library_fingerprint_is_recorded_before_the_first_row(
+        local_ray, tiny_model, references, tmp_path, monkeypatch) -> None:
+    """A run that dies before its manifest is written still names its library: its start
+    record holds the fingerprint, and a resume on an edited library is refused."""
+    from cathode_ray.screen import pipeline
+    from cathode_ray.screen.pipeline import LibraryChangedError
+
+    docs = small_docs(5)
+    lib, out = tmp_path / "lib.jsonl", str(tmp_path / "dest")
+    _write_jsonl(lib, docs[:4])
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed before the manifest")
+
+    monkeypatch.setattr(pipeline, "_update_manifest", crash)
+    with pytest.raises(RuntimeError, match="killed before the manifest"):
+        run(_config(tiny_model, references, library=str(lib), out=out, run_id="r1"))
+    monkeypatch.undo()
+    paths = runs.RunPaths(dest=out, run_id="r1")
+    assert runs.read_json(paths.manifest) is None  # a manifest still means a finished attempt
+    start = runs.read_json(paths.start)
+    assert start["library"] == str(lib) and start["library_fingerprint"] == pipeline.plan_source(
+        _config(tiny_model, references, library=str(lib), out=out)).fingerprint
+    assert start["model"]["manifest_sha256"]
+    written = runs.read_results(out, "r1").num_rows + runs.read_rejects(out, "r1").num_rows
+    assert written == 4
+    _write_jsonl(lib, [*docs[:3], docs[4]])
+    with pytest.raises(LibraryChangedError, match="another library"):
+        run(_config(tiny_model, references, library=str(lib), out=out, run_id="r1", resume=True))
+    assert runs.read_json(paths.start) == start and runs.read_json(paths.manifest) is None
+    assert runs.read_results(out, "r1").num_rows + runs.read_rejects(out, "r1").num_rows == 4

@@ -4,6 +4,7 @@ full A -> B re-screen against the local MP server with a real tiny CHGNet ensemb
 from __future__ import annotations
 
 import copy
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,54 @@ def test_expired_lock_does_not_block(tmp_path: Path, mp_server: MPServer) -> Non
     assert dead.read() is None  # the new owner released its own lock
 
 
+def test_staging_the_same_docs_again_keeps_the_file(tmp_path: Path,
+                                                   tiny_docs: list[dict[str, Any]]) -> None:
+    """The staged file's listing (size, mtime) is its screen's library fingerprint: rewriting
+    it on every attempt made each resume look like a resume on another library."""
+    uri = str(tmp_path / "_staging" / "db_version=A" / "r.jsonl")
+    rs.stage_library(uri, tiny_docs)
+    before = Path(uri).stat()
+    fingerprint = rs.staged_fingerprint(uri)
+    time.sleep(0.01)
+    rs.stage_library(uri, copy.deepcopy(tiny_docs))
+    after = Path(uri).stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert rs.staged_fingerprint(uri) == fingerprint
+    rs.stage_library(uri, [_perturb(tiny_docs[0], 0), *tiny_docs[1:]])
+    assert rs.staged_fingerprint(uri) != fingerprint
+    assert [json.loads(line)["energy_per_atom"] for line in Path(uri).read_text().splitlines()][0] \
+        == _perturb(tiny_docs[0], 0)["energy_per_atom"]
+
+
+def test_a_finished_screen_is_skipped_only_for_the_same_staged_library(
+        tmp_path: Path, tiny_docs: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before, a complete manifest with as many inputs as docs was enough to skip the screen."""
+    from cathode_ray.screen import runs
+
+    out = str(tmp_path / "dest")
+    cfg = RescreenConfig(model="m", out=out, references="snapshot:x")
+    screened: list[str] = []
+
+    class _Summary:
+        n_results, n_rejects = len(tiny_docs), 0
+
+    def fake_pipeline(config: RescreenConfig, library: str, run_id: str) -> _Summary:
+        screened.append(library)
+        runs.write_json(runs.RunPaths(dest=out, run_id=run_id).manifest, {
+            "status": "complete", "n_inputs": len(tiny_docs), "n_results": len(tiny_docs),
+            "n_rejects": 0, "library_fingerprint": rs.staged_fingerprint(library)})
+        return _Summary()
+
+    monkeypatch.setattr(rs, "_run_pipeline", fake_pipeline)
+    assert rs._screen(cfg, "r1", "A", tiny_docs) == ({"results": len(tiny_docs), "rejects": 0},
+                                                     False)
+    assert rs._screen(cfg, "r1", "A", copy.deepcopy(tiny_docs))[1] is True  # skipped, resumed
+    assert len(screened) == 1
+    # same count, other content: screened again (the pipeline's resume then judges the library)
+    rs._screen(cfg, "r1", "A", [_perturb(tiny_docs[0], 1), *tiny_docs[1:]])
+    assert len(screened) == 2
+
+
 # --------------------------------------------------------------------------- integration
 def _latest(out: str) -> dict[str, dict[str, Any]]:
     table = pq.read_table(f"{out}/latest/latest.parquet")
@@ -231,3 +280,36 @@ def test_rescreen_a_then_b_with_crash(local_ray, tiny_model, references, mp_serv
 
     # and then it is up to date again
     assert run(RescreenConfig(**cfg)).status == "up_to_date"
+
+
+@pytest.mark.slow
+def test_rescreen_resumes_a_screen_that_died_before_its_manifest(
+        local_ray, tiny_model, references, mp_server: MPServer, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The screen's start record holds the staged file's fingerprint; the next re-screen
+    stages the same docs without touching the file, so its resume is accepted."""
+    from cathode_ray.screen import pipeline
+    from tests.screen.tiny_model import small_docs
+
+    docs = small_docs(6, max_sites=12)
+    out = str(tmp_path / "dest")
+    cfg = {"model": str(tiny_model), "out": out, "references": references, "cpus_per_actor": 0.5}
+    mp_server.set_documents(summary_docs=docs)
+    mp_server.set_db_version(DB_A)
+
+    def crash(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("killed before the manifest")
+
+    real = pipeline._update_manifest
+    monkeypatch.setattr(pipeline, "_update_manifest", crash)
+    with pytest.raises(RuntimeError, match="killed before the manifest"):
+        run(RescreenConfig(**cfg))
+    monkeypatch.setattr(pipeline, "_update_manifest", real)  # undo() would drop mp_server's env
+    assert StateStore(uri=f"{out}/_state").read() is None
+    outcome = run(RescreenConfig(**cfg))
+    assert outcome.status == "screened" and outcome.resumed
+    assert outcome.n_results + outcome.n_rejects == 6
+    from cathode_ray.screen import runs
+
+    manifest = runs.read_json(runs.RunPaths(dest=out, run_id=outcome.run_id).manifest)
+    assert manifest["status"] == "complete" and manifest["attempts"][-1]["n_skipped"] == 6

@@ -296,6 +296,16 @@ def test_run_paths_and_ids() -> None:
         runs.check_run_id("../x")
 
 
+@pytest.mark.parametrize("bad", ["abc\n", "abc\nx", "\nabc", "abc\r", "", "a" * 129])
+def test_run_ids_with_a_newline_or_out_of_bounds_are_refused(bad: str) -> None:
+    """``$`` also matches before a trailing newline: "abc\\n" used to pass into paths and keys."""
+    with pytest.raises(ValueError, match="must be 1-128 characters"):
+        runs.check_run_id(bad)
+    with pytest.raises(ValueError, match="must be 1-128 characters"):
+        ScreenConfig(library="demo", model="m", out="o", references="mp", run_id=bad)
+    assert runs.check_run_id("a" * 128) == "a" * 128
+
+
 def test_screen_config_validation() -> None:
     base = {"library": "demo", "model": "m", "out": "o", "references": "snapshot:x"}
     ScreenConfig(**base)
