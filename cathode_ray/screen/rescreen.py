@@ -256,7 +256,7 @@ def _delete_tree(uri: str) -> None:
 
 
 def model_id_of(model: str) -> str:
-    """The model's ``model_id`` from its manifest.json (file table verified)."""
+    """The model's ``model_id`` from its manifest.json (the whole manifest verified against it, format 2)."""
     from cathode_ray.model.artifact import ModelDir
 
     manifest = ModelDir(uri=model).read_manifest(verify=True)
