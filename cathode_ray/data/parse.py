@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import warnings
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from pymatgen.core import Structure
 
 from cathode_ray import seedcard
+from cathode_ray.data import cifsym
 from cathode_ray.data.library import FORMATS, cif_structure_blocks
 from cathode_ray.data.records import Reject, RejectCode, short_error
 
@@ -65,8 +67,6 @@ def parse_raw(row: dict[str, Any]) -> Structure | Reject:
 
 
 def _parse_cif(text: str) -> Structure | str:
-    from pymatgen.io.cif import CifParser
-
     blocks = cif_structure_blocks(text)
     if len(blocks) > 1:
         return (f"{RejectCode.MULTIPLE_STRUCTURES}:CIF holds {len(blocks)} data blocks with atom "
@@ -74,15 +74,89 @@ def _parse_cif(text: str) -> Structure | str:
     if _CIF_CARTESIAN_ONLY.search(text) and not _CIF_FRACTIONAL.search(text):
         return (f"{RejectCode.UNPARSEABLE}:CIF gives only Cartesian coordinates (_atom_site_Cartn_x), which "
                 "pymatgen does not read; re-export it with fractional coordinates (_atom_site_fract_x)")
+    block = blocks[0] if blocks else text
+    parser = _cif_parser(block)
+    settings = cifsym.candidate_settings(next(iter(parser.as_dict().values()), {}))
+    if settings:
+        return _cif_in_settings(block, settings)
+    structure = _read_cif(parser)
+    return structure if isinstance(structure, str) else _cif_problem(parser, structure) or structure
+
+
+def _cif_parser(text: str) -> CifParser:
+    """pymatgen's parser of one CIF block (nothing is built until :func:`_read_cif`)."""
+    from pymatgen.io.cif import CifParser
+
     # a site over-full by a database's rounding (1.0001) is scaled to 1; validation fills 0.9999
-    parser = CifParser.from_str(blocks[0] if blocks else text,
-                                occupancy_tolerance=1.0 + seedcard.OCCUPANCY_TOLERANCE)
+    return CifParser.from_str(text, occupancy_tolerance=1.0 + seedcard.OCCUPANCY_TOLERANCE)
+
+
+def _read_cif(parser: CifParser) -> Structure | str:
+    """The parser's one structure, or a reject text when the block holds several."""
     structures = parser.parse_structures(primitive=False, on_error="raise")
     if len(structures) != 1:
         return (f"{RejectCode.MULTIPLE_STRUCTURES}:CIF holds {len(structures)} structures; "
                 "split it into one file per structure")
+    return structures[0]
+
+
+def _cif_problem(parser: CifParser, structure: Structure) -> str | None:
+    """A reject text for what pymatgen read without complaint but is not the file's structure."""
     return (_cif_dropped_site_problem(parser) or _cif_symmetry_problem(parser)
-            or _cif_composition_problem(parser, structures[0]) or structures[0])
+            or _cif_composition_problem(parser, structure))
+
+
+def _cif_in_settings(text: str, settings: tuple[cifsym.Setting, ...]) -> Structure | str:
+    """The CIF read in the one setting it states, or in the one of two (origin choices) that gives a
+    consistent structure: its formula and atom count (:func:`_cif_cell_content_agrees`), and no two
+    atoms closer than ``seedcard.MIN_DISTANCE`` (A). A reject text when neither or both do."""
+    readings: list[Structure | str] = []
+    for setting in settings:
+        parser = _cif_parser(text + cifsym.symop_loop(setting))
+        try:
+            read = _read_cif(parser)
+        except Exception as exc:  # noqa: BLE001 - e.g. sites over-full where a wrong origin overlaps them
+            read = f"{RejectCode.UNPARSEABLE}:{short_error(exc)}"
+        readings.append(read if isinstance(read, str) else _cif_problem(parser, read) or read)
+    if len(settings) == 1:
+        return readings[0]
+    block = next(iter(_cif_parser(text).as_dict().values()), {})
+    plausible = [(setting, structure) for setting, structure in zip(settings, readings, strict=True)
+                 if not isinstance(structure, str) and not _has_overlapping_atoms(structure)
+                 and _cif_cell_content_agrees(block, structure)]
+    if len(plausible) == 1:
+        return plausible[0][1]
+    name = settings[0].symbol.rpartition(":")[0].strip()
+    choices = " or ".join(f"'{s.symbol}'" for s in settings)
+    found = ("both give a plausible structure" if plausible else "neither gives its formula and site "
+             f"multiplicities with atoms at least {seedcard.MIN_DISTANCE} A apart")
+    return (f"{RejectCode.UNPARSEABLE}:CIF names space group '{name}' without its setting and lists no "
+            f"symmetry operations; of its settings {choices}, {found}; name the setting in "
+            "_space_group_name_H-M_alt or add a _space_group_symop_operation_xyz loop")
+
+
+def _cif_cell_content_agrees(block: dict[str, Any], structure: Structure) -> bool:
+    """Whether the cell holds as many atoms as the CIF says: the sum of its sites'
+    ``_atom_site_symmetry_multiplicity``, or Z times its formula (or the formula itself, as pymatgen
+    writes it). True when the CIF says neither; a wrong origin choice often doubles the count."""
+    from pymatgen.core import Composition
+
+    multiplicities = block.get("_atom_site_symmetry_multiplicity")
+    if isinstance(multiplicities, list) and all(m.isdigit() for m in multiplicities):
+        return len(structure) == sum(int(m) for m in multiplicities)
+    try:
+        formula_atoms = Composition(str(block["_chemical_formula_sum"])).num_atoms
+        z = float(block["_cell_formula_units_Z"])
+    except (KeyError, ValueError, TypeError):
+        return True
+    atoms = structure.composition.num_atoms
+    return any(math.isclose(atoms, n, rel_tol=1e-2) for n in (z * formula_atoms, formula_atoms))
+
+
+def _has_overlapping_atoms(structure: Structure) -> bool:
+    """Whether two atoms (periodic images included) are closer than ``seedcard.MIN_DISTANCE`` (A)."""
+    centres, _, _, _ = structure.get_neighbor_list(r=seedcard.MIN_DISTANCE)
+    return len(centres) > 0
 
 
 _CIF_CARTESIAN_ONLY = re.compile(r"^[ \t]*_atom_site[._]cartn_x\b", re.IGNORECASE | re.MULTILINE)

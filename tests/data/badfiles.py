@@ -138,8 +138,8 @@ def write_bad_library(directory: str | Path) -> dict[str, RejectCode]:
                    d / "two_structures_in_one_cell.parquet")
     expected["two_structures_in_one_cell.parquet"] = RejectCode.MULTIPLE_STRUCTURES
 
-    (d / "asymmetric_unit_only.cif").write_text(asymmetric_unit_cif("_space_group_name_Hall '-R 3 2\"'"))
-    expected["asymmetric_unit_only.cif"] = RejectCode.UNPARSEABLE  # pymatgen reads no Hall symbols
+    (d / "asymmetric_unit_only.cif").write_text(asymmetric_unit_cif("_space_group_name_Hall '-R 3 9'"))
+    expected["asymmetric_unit_only.cif"] = RejectCode.UNPARSEABLE  # no such Hall symbol
     (d / "formula_mismatch.cif").write_text(
         asymmetric_unit_cif("_symmetry_space_group_name_H-M 'R -3 m'\n_chemical_formula_sum 'H Li Co O2'"))
     expected["formula_mismatch.cif"] = RejectCode.UNPARSEABLE  # hydrogens not placed
@@ -321,3 +321,52 @@ def _cif_block(structure: Structure, name: str) -> str:
 def two_structure_cif() -> str:
     """One CIF text with two data blocks with atom sites (LiCoO2, LiMn2O4)."""
     return _cif_block(licoo2(), "first") + "\n" + _cif_block(limn2o4(), "second")
+
+
+def cif_without_operations(structure: Structure, *, origin: int, suffix: bool, counts: bool = True) -> str:
+    """``structure`` as a symmetrised CIF with no operations loop, its sites in origin choice
+    ``origin`` (1 or 2) of its space group (which must have two), named without (or, with
+    ``suffix``, with) the ':1'/':2'. Without ``counts``, the formula, Z and site multiplicities are
+    left out too."""
+    import re
+
+    import numpy as np
+
+    from cathode_ray.data import cifsym
+
+    text = str(CifWriter(structure, symprec=0.01))
+    name = re.search(r"_symmetry_space_group_name_H-M\s+(\S+)", text).group(1)
+    first, second = cifsym._tables()[0][re.sub(r"[\s_]", "", name)]  # CifWriter writes choice 1
+    shift = _origin_shift(first, second) if origin == 2 else np.zeros(3)
+    lines, out, in_symops = text.splitlines(), [], False
+    for i, line in enumerate(lines):
+        words = line.split()
+        in_symops = (in_symops or (line.strip() == "loop_" and "_symmetry_equiv_pos" in lines[i + 1])) and not (
+            line.strip() == "loop_" and "_atom_site" in lines[i + 1])
+        if in_symops or (not counts and re.match(r"\s*_(chemical_formula|cell_formula_units_Z)", line)):
+            continue
+        if len(words) == 7 and not line.lstrip().startswith("_"):  # symbol label mult x y z occ
+            xyz = (np.array([float(v) for v in words[3:6]]) + shift) % 1.0
+            words = words[:3] + [f"{v:.8f}" for v in xyz] + words[6:]
+            line = "  " + " ".join(words if counts else words[:2] + words[3:])
+        elif not counts and "_atom_site_symmetry_multiplicity" in line:
+            continue
+        out.append(line)
+    text = "\n".join(out) + "\n"
+    return text.replace(f"H-M   {name}", f"H-M   '{(first, second)[origin - 1].symbol}'") if suffix else text
+
+
+def _origin_shift(first: object, second: object) -> object:
+    """The shift t (fractional) with x2 = x1 + t taking origin choice 1's operations to choice 2's."""
+    import numpy as np
+    from pymatgen.core.operations import SymmOp
+
+    def key(rotation: np.ndarray, translation: np.ndarray) -> tuple[bytes, tuple[int, ...]]:
+        return np.rint(rotation).astype(int).tobytes(), tuple(np.rint(np.mod(translation, 1) * 24).astype(int) % 24)
+
+    ops = [SymmOp.from_xyz_str(s) for s in first.symops]
+    wanted = {key(o.rotation_matrix, o.translation_vector) for o in map(SymmOp.from_xyz_str, second.symops)}
+    for t in np.stack(np.meshgrid(*[np.arange(8) / 8] * 3), -1).reshape(-1, 3):
+        if {key(o.rotation_matrix, o.translation_vector + t - o.rotation_matrix @ t) for o in ops} == wanted:
+            return t
+    raise ValueError(f"no origin shift takes {first.symbol} to {second.symbol}")

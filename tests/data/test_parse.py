@@ -10,7 +10,13 @@ from pymatgen.core import Structure
 
 from cathode_ray.data.parse import parse_raw, structure_from_untrusted_dict
 from cathode_ray.data.records import Reject, RejectCode, short_error
-from tests.data.badfiles import asymmetric_unit_cif, licoo2, vasp4_poscar
+from tests.data.badfiles import (
+    asymmetric_unit_cif,
+    cif_without_operations,
+    licoo2,
+    limn2o4,
+    vasp4_poscar,
+)
 
 
 def _row(fmt: str, payload: str) -> dict[str, str]:
@@ -69,7 +75,7 @@ def test_short_error_is_one_line_and_bounded() -> None:
 
 
 @pytest.mark.parametrize("symmetry", [
-    "_space_group_name_Hall '-R 3 2\"'",  # pymatgen builds no operations from Hall symbols
+    "_space_group_name_Hall '-R 3 9'",  # no such Hall symbol
     "_symmetry_space_group_name_H-M 'R -3 mx'",  # misspelt
 ])
 def test_cif_naming_a_space_group_pymatgen_cannot_apply_is_rejected(symmetry: str) -> None:
@@ -82,6 +88,8 @@ def test_cif_naming_a_space_group_pymatgen_cannot_apply_is_rejected(symmetry: st
 
 @pytest.mark.parametrize("symmetry, n_sites", [
     ("_symmetry_space_group_name_H-M 'R -3 m'", 12),
+    ("_space_group_name_H-M_alt 'R -3 m :H'", 12),  # pymatgen reads no setting suffix
+    ("_space_group_name_Hall '-R 3 2\"'", 12),  # nor Hall symbols
     ("_space_group_IT_number 166", 12),
     ("_symmetry_space_group_name_H-M 'R -3 mx'\n_space_group_IT_number 166", 12),  # number used
     ("_symmetry_space_group_name_H-M 'P 1'", 3),
@@ -289,3 +297,68 @@ def test_extxyz_frame_whose_count_disagrees_with_its_atom_lines_is_rejected() ->
     for count in ("11", "13"):
         reject = parse_raw(_row("extxyz", buf.getvalue().replace("12\n", f"{count}\n", 1)))
         assert isinstance(reject, Reject) and f"says {count} atoms but 12 atom lines" in reject.message
+
+
+@pytest.mark.parametrize("suffix, counts", [(False, True), (True, True), (True, False), (False, False)])
+def test_cif_in_origin_choice_2_is_read_in_that_setting(suffix: bool, counts: bool) -> None:
+    """pymatgen applies origin choice 1 of Fd-3m to any CIF without operations; spinel is usually
+    written in choice 2, which pymatgen read as Li2MnO4 with overlapping atoms."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    text = cif_without_operations(limn2o4(), origin=2, suffix=suffix, counts=counts)
+    assert "equiv_pos" not in text and ("F d -3 m :2" in text) == suffix
+    parsed = parse_raw(_row("cif", text))
+    assert isinstance(parsed, Structure), parsed
+    assert len(parsed) == 56 and StructureMatcher().fit(parsed, limn2o4())
+
+
+def test_cif_origin_choice_neither_counts_nor_overlaps_can_settle_is_rejected() -> None:
+    """I4_1/amd LiFeO2 in origin choice 1: without its formula, Z and multiplicities, origin choice 2
+    also gives a plausible (doubled) cell, so the file is refused, not guessed."""
+    from pymatgen.core import Lattice
+
+    lifeo2 = Structure.from_spacegroup("I4_1/amd", Lattice.tetragonal(4.12, 8.75), ["Li", "Fe", "O"],
+                                       [[0, 0, 0.5], [0, 0, 0], [0, 0, 0.2325]])
+    for origin, suffix, counts in [(1, False, True), (1, True, False), (2, False, True)]:
+        parsed = parse_raw(_row("cif", cif_without_operations(lifeo2, origin=origin, suffix=suffix, counts=counts)))
+        assert isinstance(parsed, Structure) and len(parsed) == 16, (origin, suffix, counts, parsed)
+    reject = parse_raw(_row("cif", cif_without_operations(lifeo2, origin=1, suffix=False, counts=False)))
+    assert isinstance(reject, Reject) and reject.reason == RejectCode.UNPARSEABLE
+    assert "'I 41/a m d :1' or 'I 41/a m d :2', both give a plausible structure" in reject.message
+
+
+@pytest.mark.parametrize("formula", ["_chemical_formula_sum 'Li Co O2'\n", ""])
+def test_cif_on_rhombohedral_axes_is_read_on_them(formula: str) -> None:
+    """R-3m LiCoO2 as its 4-atom rhombohedral cell: pymatgen applied the hexagonal operations."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    text = (f"data_LiCoO2\n{formula}_symmetry_space_group_name_H-M 'R -3 m'\n_cell_length_a 4.957\n"
+            "_cell_length_b 4.957\n_cell_length_c 4.957\n_cell_angle_alpha 33.0\n_cell_angle_beta 33.0\n"
+            "_cell_angle_gamma 33.0\nloop_\n_atom_site_label\n_atom_site_type_symbol\n_atom_site_fract_x\n"
+            "_atom_site_fract_y\n_atom_site_fract_z\nLi1 Li 0.5 0.5 0.5\nCo1 Co 0 0 0\nO1 O 0.2396 0.2396 0.2396\n")
+    parsed = parse_raw(_row("cif", text))
+    assert isinstance(parsed, Structure), parsed
+    hexagonal = parse_raw(_row("cif", asymmetric_unit_cif("_symmetry_space_group_name_H-M 'R -3 m'")))
+    assert len(parsed) == 4 and StructureMatcher().fit(parsed, hexagonal)
+
+
+def test_snapshot_materials_in_origin_choice_2_are_read_as_themselves(shared_data) -> None:
+    """Every snapshot material whose group has two origin choices, written in choice 2 without
+    operations, is read back as itself (they were rejected or misread before)."""
+    import gzip
+    import re
+
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    from cathode_ray.data import cifsym
+
+    two_origins = {name for name, settings in cifsym._tables()[0].items() if settings[0].choice == "1"}
+    with gzip.open(shared_data / "mp_litmo_summary.jsonl.gz", "rt") as f:
+        structures = [Structure.from_dict(json.loads(line)["structure"]) for line in f]
+    chosen = [s for s in structures if re.sub(r"[\s_]", "", SpacegroupAnalyzer(
+        s, symprec=0.01).get_space_group_symbol()) in two_origins][:8]
+    assert len(chosen) == 8
+    for structure in chosen:
+        parsed = parse_raw(_row("cif", cif_without_operations(structure, origin=2, suffix=False)))
+        assert isinstance(parsed, Structure) and StructureMatcher().fit(parsed, structure), parsed
