@@ -242,10 +242,11 @@ def report(
                            compare=tuple(compare or ())))
     for c in rep["checks"]:
         typer.echo(f"{'PASS' if c['pass'] else 'FAIL'}  {c['name']}: {c['value']:.4g} {c['op']} {c['threshold']}")
+    split = rep["evaluation_split"]
     for m in rep.get("ensemble_modes", []):
-        t = m["metrics"].get("test", {})
+        t = m["metrics"].get(split, {})
         typer.echo(f"{m['mode']:>10} {m['model_id']}: members {m['members_ms_per_structure']:.2f} ms/structure, "
-                   f"test spearman {t.get('spearman', float('nan')):.3f} mae {t.get('mae', float('nan')):.4f} "
+                   f"{split} spearman {t.get('spearman', float('nan')):.3f} mae {t.get('mae', float('nan')):.4f} "
                    f"coverage {t.get('coverage', float('nan')):.3f}")
     typer.echo(f"report -> {out}")
 

@@ -23,7 +23,8 @@ class Aggregated:
         epistemic_std: std (ddof 0) of the member medians, eV/atom.
         aleatoric_width: mean over members of (q90 - q10), eV/atom.
         p_stable: mean member P(E_hull < 0.05 eV/atom).
-        p_metastable: mean member P(E_hull < 0.10 eV/atom).
+        p_metastable: mean member P(E_hull < 0.10 eV/atom), each member's raised to at least its
+            p_stable (the head's two logits are independent; a stable structure is metastable).
     """
 
     q50: np.ndarray
@@ -57,12 +58,14 @@ def aggregate(pred: EnsemblePrediction) -> Aggregated:
     q50 = np.asarray(pred.q50, dtype=np.float64)  # [M, N]
     q10 = np.asarray(pred.q10, dtype=np.float64)  # [M, N]
     q90 = np.asarray(pred.q90, dtype=np.float64)  # [M, N]
+    p_stable = np.asarray(pred.p_stable, dtype=np.float64)  # [M, N]
+    p_metastable = np.fmax(np.asarray(pred.p_metastable, dtype=np.float64), p_stable)  # [M, N]
     return Aggregated(
         q50=q50.mean(axis=0),
         lo=q10.min(axis=0),
         hi=q90.max(axis=0),
         epistemic_std=q50.std(axis=0, ddof=0),
         aleatoric_width=(q90 - q10).mean(axis=0),
-        p_stable=np.asarray(pred.p_stable, dtype=np.float64).mean(axis=0),
-        p_metastable=np.asarray(pred.p_metastable, dtype=np.float64).mean(axis=0),
+        p_stable=p_stable.mean(axis=0),
+        p_metastable=p_metastable.mean(axis=0),
     )

@@ -75,6 +75,12 @@ class CalibratorConfig:
             raise ValueError("epistemic_reference must be 'val' or 'train'")
 
 
+def clip_at_zero(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bounds [N] (eV/atom) clipped at 0, as :class:`Estimate` holds them: clipping never moves a
+    bound past a true E_hull (>= 0), and a bound below 0 then covers a structure on the hull."""
+    return np.maximum(lo, 0.0), np.maximum(hi, 0.0)
+
+
 @dataclass(frozen=True)
 class Estimate:
     """What triage decides on, per structure; arrays [N], energies in eV/atom.
@@ -165,8 +171,8 @@ class Calibrator:
             use = self.fallback.rows(ood.composition_jaccard, pred.zero_shot_ehull)
             agg, lo_cal, hi_cal = self.fallback.apply(agg, lo_cal, hi_cal, pred.zero_shot_ehull, use)
         # Clipping never moves an estimate away from a true E_hull (>= 0) and never uncovers one.
-        return Estimate(agg=replace(agg, q50=np.maximum(agg.q50, 0.0)), lo=np.maximum(lo_cal, 0.0),
-                        hi=np.maximum(hi_cal, 0.0), ood=ood, fallback=use)
+        lo, hi = clip_at_zero(lo_cal, hi_cal)
+        return Estimate(agg=replace(agg, q50=np.maximum(agg.q50, 0.0)), lo=lo, hi=hi, ood=ood, fallback=use)
 
     def apply(self, pred: EnsemblePrediction, clusters: np.ndarray | None,
               compositions: Sequence[Mapping[str, float]], method: str | None = None,

@@ -47,6 +47,9 @@ def float_from_json(value: float | int | str) -> float:
     return float(value)
 
 
+_RANK_EPS = 1e-9
+
+
 def conformal_quantile(scores: np.ndarray, alpha: float) -> float:
     """Finite-sample conformal quantile of ``scores`` [n] at miscoverage ``alpha``.
 
@@ -58,7 +61,9 @@ def conformal_quantile(scores: np.ndarray, alpha: float) -> float:
     n = int(scores.shape[0])
     if n == 0:
         return math.inf
-    level = math.ceil((n + 1) * (1.0 - alpha)) / n
+    # the rank k in exact arithmetic: (n + 1)(1 - alpha) can land just above an integer in
+    # floating point (n = 99, alpha = 0.45 gives 55.00000000000001, k = 56 instead of 55)
+    level = math.ceil((n + 1) * (1.0 - alpha) - _RANK_EPS) / n
     if level > 1.0:
         return math.inf
     return float(np.quantile(scores, level, method="higher"))

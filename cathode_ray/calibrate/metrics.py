@@ -125,18 +125,27 @@ def point_metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
 def all_metrics(y: np.ndarray, agg: Aggregated, lo_cal: np.ndarray, hi_cal: np.ndarray,
                 decisions: np.ndarray) -> dict[str, float]:
     """Every metric for one split: point metrics of q50, interval metrics of the calibrated
-    bounds [N] (eV/atom), classification and decision metrics."""
+    bounds [N] (eV/atom), classification and decision metrics.
+
+    As in :func:`point_metrics`, rows whose label or q50 is not finite, or whose bounds are NaN,
+    are left out of the point and interval metrics (``n`` counts the rows used, ``n_nonfinite``
+    the others); the decision metrics count every labelled row, since every row gets a decision."""
     y = np.asarray(y, dtype=np.float64)
-    cls = classification(y, agg.q50)
+    q50, lo, hi = (np.asarray(a, dtype=np.float64) for a in (agg.q50, lo_cal, hi_cal))
+    labelled = np.isfinite(y)
+    ok = labelled & np.isfinite(q50) & ~np.isnan(lo) & ~np.isnan(hi)  # an infinite bound is a bound
+    yk, q50, lo, hi = y[ok], q50[ok], lo[ok], hi[ok]
+    cls = classification(yk, q50)
     return {
-        "n": float(len(y)),
-        "spearman": spearman(y, agg.q50),
-        "mae": mae(y, agg.q50),
-        "coverage": coverage(y, lo_cal, hi_cal),
-        "median_width": median_width(lo_cal, hi_cal),
-        "ef10": enrichment_factor(y, agg.q50),
-        "frac_stable_top100": frac_stable_top(y, agg.q50),
+        "n": float(ok.sum()),
+        "n_nonfinite": float(len(y) - ok.sum()),
+        "spearman": spearman(yk, q50),
+        "mae": mae(yk, q50),
+        "coverage": coverage(yk, lo, hi),
+        "median_width": median_width(lo, hi),
+        "ef10": enrichment_factor(yk, q50),
+        "frac_stable_top100": frac_stable_top(yk, q50),
         "precision": cls["precision"], "recall": cls["recall"],
         "f1": cls["f1"], "daf": cls["daf"],
-        **decision_metrics(y, np.asarray(decisions)),
+        **decision_metrics(y[labelled], np.asarray(decisions)[labelled]),
     }

@@ -1,8 +1,14 @@
 """``cathode-ray report``: load a model and a labelled dataset, predict, write the governance report.
 
-By default the metrics table covers the dataset's val, test and loco splits; ``--split
-val|test|loco`` restricts it to one (val is always kept for the checks that need it); ``--split all`` treats every row of the dataset as one evaluation set,
-e.g. a dataset ingested from another snapshot.
+By default the metrics table covers the dataset's val, test and loco splits and the checks judge
+test; ``--split val|test|loco`` restricts both to one (val is always kept for the checks that need
+it; checks on val are in-sample, since val calibrated the model); ``--split all`` judges every row
+of the dataset as one evaluation set "all", for a dataset ingested from another snapshot. It is
+refused on the dataset the model was trained on, whose train and val rows would be scored in-sample.
+
+Caveat: val both stops each member's training early (:mod:`cathode_ray.train.loop`) and fits the
+conformal offsets and triage thresholds, so coverage on val is optimistic; the checks that matter
+are on test and loco, which neither step saw.
 
 ``compare`` names other model directories trained on the same dataset (e.g. a head-only and a
 last-block ensemble): each is evaluated the same way and the report gains an "ensemble modes"
@@ -19,6 +25,7 @@ from typing import Any, Literal
 import numpy as np
 
 from cathode_ray.calibrate.calibrator import Calibrator
+from cathode_ray.data.dataset import load_data_version
 from cathode_ray.model.ensemble import Ensemble
 from cathode_ray.train.ensemble import DEFAULT_CACHE, PreparedData, predict_prepared, prepare
 
@@ -58,6 +65,10 @@ def _split_data(ens: Ensemble, prepared: PreparedData, mask: np.ndarray) -> Spli
 def _evaluate(model: str, config: ReportConfig) -> tuple[Ensemble, dict[str, Any], float]:
     """Load ``model``, predict the chosen splits, build its report; also time the members' part."""
     ens = Ensemble.load(model, device=config.device)
+    if config.split == "all" and load_data_version(config.data) == ens.manifest.get("data_version"):
+        raise ValueError(f"--split all: {config.data} is the dataset {model} was trained on, so its train "
+                         "and val rows would be scored in-sample; use the default splits, --split test or "
+                         "--split loco, or a dataset ingested from another snapshot")
     calibrator = Calibrator.from_files(ens.files, where=model)
     wanted = {"splits": ("val", "test", "loco"), "all": None}.get(config.split, ("val", config.split))
     prepared = prepare(config.data, ens.backbone, config.references, cache_dir=config.cache_dir,
@@ -72,7 +83,8 @@ def _evaluate(model: str, config: ReportConfig) -> tuple[Ensemble, dict[str, Any
     t0 = time.perf_counter()
     splits = {n: _split_data(ens, prepared, m) for n, m in names.items()}
     ms = 1e3 * (time.perf_counter() - t0) / max(sum(int(m.sum()) for m in names.values()), 1)
-    return ens, report_from_predictions(splits, calibrator), ms
+    evaluation = {"splits": "test"}.get(config.split, config.split)
+    return ens, report_from_predictions(splits, calibrator, evaluation=evaluation), ms
 
 
 def run(config: ReportConfig) -> dict[str, Any]:

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -30,3 +32,13 @@ def test_aggregated_rejects_mismatched_shapes() -> None:
     agg = aggregate(_pred())
     with pytest.raises(ValueError):
         type(agg)(**{**agg.__dict__, "lo": np.zeros(3)})
+
+
+def test_p_metastable_is_never_below_p_stable() -> None:
+    p = _pred()
+    # member 0 of row 0: independent logits gave P(E < 0.10) = 0.3 < P(E < 0.05) = 1.0
+    incoherent = dataclasses.replace(p, p_metastable=np.array([[0.3, 1.0], [1.0, 1.0]]))
+    agg = aggregate(incoherent)
+    np.testing.assert_allclose(agg.p_metastable, [1.0, 1.0])  # member 0 raised to its 1.0
+    assert np.all(agg.p_metastable >= agg.p_stable)
+    np.testing.assert_allclose(agg.p_stable, [0.75, 0.1])  # p_stable untouched

@@ -20,6 +20,14 @@ def test_conformal_quantile_finite_sample_level() -> None:
     assert conformal_quantile(np.zeros(0), 0.1) == math.inf
 
 
+def test_conformal_rank_is_exact_where_floating_point_is_not() -> None:
+    # n = 99, alpha = 0.45: (n + 1)(1 - alpha) = 55 exactly, 55.00000000000001 in floats (rank 56)
+    assert (99 + 1) * (1.0 - 0.45) > 55
+    scores = np.arange(1.0, 100.0)
+    # level 55 / 99 -> virtual index 98 * 55 / 99 = 54.4 -> index 55 -> value 56 (57 with rank 56)
+    assert conformal_quantile(scores, 0.45) == 56.0
+
+
 @pytest.mark.parametrize("method", ["symmetric", "asymmetric"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_coverage_near_nominal_heteroscedastic(synth, method: str, seed: int) -> None:

@@ -2,6 +2,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy.stats import spearmanr
 
 from cathode_ray.calibrate.aggregate import Aggregated
 from cathode_ray.calibrate.metrics import (
@@ -83,3 +84,21 @@ def test_point_metrics_drop_nan_and_all_metrics() -> None:
     assert am["coverage"] == pytest.approx(0.7)
     assert am["median_width"] == pytest.approx(0.1)
     assert am["f1"] == pytest.approx(2 / 3) and am["frac_keep"] == 0.0
+
+
+def test_all_metrics_leave_out_non_finite_predictions_but_not_infinite_bounds() -> None:
+    q50 = P.copy()
+    q50[3] = np.nan  # a member that gave NaN
+    lo, hi = P - 0.05, P + 0.05
+    hi[2] = np.inf  # a cluster too small to calibrate: an infinite, still valid, bound
+    agg = Aggregated(q50=q50, lo=lo, hi=hi, epistemic_std=np.zeros(10), aleatoric_width=np.zeros(10),
+                     p_stable=np.zeros(10), p_metastable=np.zeros(10))
+    dec = np.array(["KILL"] + ["MAYBE"] * 9, dtype=object)
+    am = all_metrics(Y, agg, lo, hi, dec)
+    assert am["n"] == 9.0 and am["n_nonfinite"] == 1.0
+    keep = np.arange(10) != 3
+    assert am["spearman"] == pytest.approx(spearmanr(Y[keep], P[keep]).statistic)
+    assert am["mae"] == pytest.approx(np.mean(np.abs(P - Y)[keep]))
+    # outside +-0.05 were idx 2, 6, 8; idx 2 is now covered by its infinite bound
+    assert am["coverage"] == pytest.approx(7 / 9)
+    assert am["frac_kill"] == pytest.approx(0.1)  # decisions count every labelled row

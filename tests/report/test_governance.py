@@ -122,3 +122,42 @@ def test_new_chemistry_split_is_reported_with_the_zero_shot_fallback(split_facto
     assert rep["conformal_comparison"]["loco"][rep["conformal_method"]]["coverage"] == \
         pytest.approx(rep["metrics"]["loco"]["coverage"])
     assert "zero-shot fallback" in render_markdown(rep)
+
+
+def test_coverage_curve_at_the_target_level_is_the_reported_coverage(split_factory) -> None:
+    """The curve refits on val at each level; at the calibrator's own level it must measure the
+    bounds the metrics table measures: clipped at 0, where a stable structure's E_hull is."""
+    from cathode_ray.calibrate.calibrator import Calibrator
+
+    def on_hull(split: SplitData) -> SplitData:  # members that put structures below the hull
+        below = split.y < 0.02
+        shift = np.where(below, -0.03, 0.0)[None, :]
+        y = np.where(below, 0.0, split.y)
+        p = dataclasses.replace(split.pred, q10=split.pred.q10 + shift, q50=split.pred.q50 + shift,
+                                q90=split.pred.q90 + shift)
+        return dataclasses.replace(split, y=y, pred=p)
+
+    train, val, test = split_factory(400, 51), on_hull(split_factory(1500, 52)), on_hull(split_factory(1500, 53))
+    cal = Calibrator.fit(val.pred, val.y, val.clusters, val.compositions, train.pred, train.compositions)
+    rep = report_from_predictions({"val": val, "test": test}, cal)
+    at_target = rep["coverage_curve"]["test"][COVERAGE_LEVELS.index(rep["target_coverage"])]
+    assert at_target == pytest.approx(rep["metrics"]["test"]["coverage"], abs=1e-12)
+
+
+def test_checks_judge_the_evaluation_split(fitted_report_inputs, split_factory) -> None:
+    splits, cal = fitted_report_inputs
+    bad = split_factory(600, 41)
+    shuffled = SplitData(y=np.random.default_rng(2).permutation(bad.y), pred=bad.pred,
+                         clusters=bad.clusters, compositions=bad.compositions)
+    # --split all: one evaluation set named "all", and no test split at all
+    rep = report_from_predictions({"val": splits["val"], "all": shuffled}, cal, evaluation="all")
+    names = [c["name"] for c in rep["checks"]]
+    assert names == ["spearman_val", *(n.replace("_test", "_all") for n in CHECK_NAMES[1:])]
+    by_name = {c["name"]: c for c in rep["checks"]}
+    assert by_name["spearman_all"]["value"] == rep["metrics"]["all"]["spearman"]
+    assert not by_name["spearman_all"]["pass"] and by_name["spearman_val"]["pass"]
+    assert rep["evaluation_split"] == "all" and "Checks judge the `all` split" in render_markdown(rep)
+    loco = report_from_predictions(splits, cal, evaluation="loco")
+    assert {c["split"] for c in loco["checks"]} == {"val", "loco"}
+    assert {c["name"]: c for c in loco["checks"]}["coverage_loco"]["value"] == loco["metrics"]["loco"]["coverage"]
+    assert "in-sample" in render_markdown(report_from_predictions(splits, cal, evaluation="val"))

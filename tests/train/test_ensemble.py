@@ -77,6 +77,12 @@ def test_report_runs_on_the_dataset(model_dir: Path, tmp_path: Path) -> None:
     assert len(rep["checks"]) == 6
     assert (tmp_path / "rep" / "governance.json").is_file() and (tmp_path / "rep" / "report.md").is_file()
     assert rep["model"]["model_id"] == json.loads((model_dir / "manifest.json").read_text())["model_id"]
+    assert rep["evaluation_split"] == "test" and rep["checks"][1]["name"] == "spearman_test"
+    # every row of the training dataset would score train and val rows in-sample: refused
+    with pytest.raises(ValueError, match="trained on"):
+        run(ReportConfig(model=str(model_dir), data=str(model_dir.parent / "dataset"), split="all",
+                         references=f"snapshot:{REFERENCES}", out=str(tmp_path / "all"), cache_dir=None))
+    assert not (tmp_path / "all").exists()
 
 
 @pytest.mark.slow
