@@ -11,8 +11,8 @@ Draw ``d`` uses ``numpy.random.default_rng([seed, d])``, draws are processed in 
 is the same for the same seed and parents whatever the number of worker processes.
 
 De-duplication uses a cheap fingerprint (:func:`structure_fingerprint`): SHA-1 of the reduced
-formula, the sorted lattice lengths (0.01 A) and angles (0.1 deg) and the species-sorted fractional
-coordinates rounded to 1e-3. It is not symmetry-aware: two symmetry-equivalent orderings with
+formula, the lattice lengths (0.01 A) and angles (0.1 deg) with the axes in order of length, and the
+species-sorted fractional coordinates (on those axes) rounded to 1e-3. It is not symmetry-aware: two symmetry-equivalent orderings with
 different site labels count as distinct (a StructureMatcher pass would be far slower).
 
 Output: Parquet shards ``candidates-00000.parquet`` ... (``shard_size`` rows each) under ``out``
@@ -23,6 +23,7 @@ structure_json, formula, chemsys, nsites.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing as mp
@@ -64,15 +65,25 @@ Candidate = tuple[str, str, str, str, str, str, int]
 
 
 def structure_fingerprint(structure: Structure) -> str:
-    """Cheap de-duplication key (hex SHA-1); see the module docstring for what it ignores."""
+    """Cheap de-duplication key (hex SHA-1); see the module docstring for what it ignores.
+
+    The axes are put in order of length, and the angles (each opposite its axis) and the
+    fractional coordinates' columns go with them; where lengths tie, the smallest key over the
+    tied orders is used, so relabelling axes of equal length gives the same key."""
     lattice = structure.lattice
-    lengths = np.round(np.sort(lattice.abc), 2)  # (3,) Angstrom
-    angles = np.round(np.sort(lattice.angles), 1)  # (3,) degrees
+    lengths = np.round(np.asarray(lattice.abc), 2)  # (3,) Angstrom
+    angles = np.round(np.asarray(lattice.angles), 1)  # (3,) degrees; angle i is opposite axis i
     frac = np.round(np.mod(structure.frac_coords, 1.0), 3) % 1.0  # (n_sites, 3)
     symbols = [site.species_string for site in structure]
-    sites = sorted(zip(symbols, map(tuple, frac.tolist()), strict=True))
-    text = repr((structure.composition.reduced_formula, lengths.tolist(), angles.tolist(), sites))
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+    formula = structure.composition.reduced_formula
+    keys = []
+    for order in itertools.permutations(range(3)):
+        axes = list(order)
+        if not np.all(np.diff(lengths[axes]) >= 0):
+            continue
+        sites = sorted(zip(symbols, map(tuple, frac[:, axes].tolist()), strict=True))
+        keys.append(repr((formula, lengths[axes].tolist(), angles[axes].tolist(), sites)))
+    return hashlib.sha1(min(keys).encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True, kw_only=True)

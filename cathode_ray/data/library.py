@@ -25,7 +25,9 @@ suffix                    content
                           items written one after another (JSON lines saved as ``.json``)
 ``.jsonl``/``.ndjson``    one item or Structure dict per line (e.g. Materials Project summary docs)
 ``.parquet``              a ``cif`` or ``structure_json`` column (+ optional ``structure_id`` /
-                          ``material_id`` and label columns), read in record batches
+                          ``material_id`` and label columns), read in record batches; with
+                          several, each row uses its first filled one of ``structure_json``,
+                          ``cif``, ``structure``
 ========================  ======================================================================
 
 An *item* is a dict ``{"structure_id" | "material_id" | "entry_id": ..., "structure": {...},
@@ -652,17 +654,14 @@ def _read_parquet(fs: pafs.FileSystem, fs_path: str, source: str, name: str, *,
     else:
         pfile = pq.ParquetFile(fs.open_input_file(fs_path))
     columns = set(pfile.schema_arrow.names)
-    payload_col, fmt = next(
-        ((c, f) for c, f in (("structure_json", "pymatgen_json"), ("cif", "cif"),
-                             ("structure", "pymatgen_json")) if c in columns),
-        (None, ""),
-    )
-    if payload_col is None:
+    # every structure column the file has, in order of preference; each row uses its first filled one
+    payload_cols = tuple((c, f) for c, f in _PARQUET_PAYLOADS if c in columns)
+    if not payload_cols:
         yield error_row(name, source, RejectCode.UNREADABLE_FILE,
                         f"{source}: Parquet has no 'cif' or 'structure_json' column (columns: "
                         f"{sorted(columns)}); add one")
         return
-    wanted = [payload_col] + [c for c in (*_ID_FIELDS, *PASSTHROUGH_FIELDS) if c in columns]
+    wanted = [c for c, _ in payload_cols] + [c for c in (*_ID_FIELDS, *PASSTHROUGH_FIELDS) if c in columns]
     start, stop = rows if rows is not None else (0, pfile.metadata.num_rows)
     # only the row groups that overlap [start, stop) are decoded
     groups, index = [], None
@@ -681,22 +680,26 @@ def _read_parquet(fs: pafs.FileSystem, fs_path: str, source: str, name: str, *,
             continue
         for record in batch.to_pylist():  # one dict per row of this batch only
             if start <= index < stop:
-                yield _parquet_row(record, payload_col, fmt, source, name, index)
+                yield _parquet_row(record, payload_cols, source, name, index)
             index += 1
         if index >= stop:
             return
 
 
-def _parquet_row(record: dict[str, Any], payload_col: str, fmt: str, source: str, name: str,
-                 index: int) -> dict[str, Any]:
-    payload = record.get(payload_col)
+_PARQUET_PAYLOADS = (("structure_json", "pymatgen_json"), ("cif", "cif"), ("structure", "pymatgen_json"))
+
+
+def _parquet_row(record: dict[str, Any], payload_cols: tuple[tuple[str, str], ...], source: str,
+                 name: str, index: int) -> dict[str, Any]:
+    payload, fmt = next(((record[c], f) for c, f in payload_cols if record.get(c)), (None, ""))
     if isinstance(payload, dict):  # a 'structure' column stored as a Parquet struct
         payload = json.dumps(payload, default=str)
     given = next((record[k] for k in _ID_FIELDS if record.get(k) is not None), None)
     sid = make_structure_id(given, name, index, payload or "")
     if not payload:
+        named = " and ".join(f"'{c}'" for c, _ in payload_cols)
         return error_row(sid, source, RejectCode.UNPARSEABLE,
-                         f"{source} row {index}: empty '{payload_col}' value; fill it or drop the row")
+                         f"{source} row {index}: empty {named} value; fill it or drop the row")
     if fmt == "pymatgen_json":
         fmt = _structure_text_format(payload)
     return raw_row(sid, source, fmt, payload, **_labels(record))

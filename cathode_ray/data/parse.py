@@ -434,10 +434,16 @@ def _label_element(label: str) -> str | None:
     return None
 
 
-def _parse_json(text: str) -> Structure:
+def _parse_json(text: str) -> Structure | str:
     obj = json.loads(text)
     if not isinstance(obj, dict):
         raise ValueError(f"expected a Structure dict, got {type(obj).__name__}")
+    pbc = obj.get("lattice", {}).get("pbc") if isinstance(obj.get("lattice"), dict) else None
+    if isinstance(pbc, list | tuple) and not (len(pbc) == 3 and all(p is True for p in pbc)):
+        # a slab or wire (pymatgen's Lattice keeps pbc); read as a 3D crystal it would be one
+        return (f"{RejectCode.DEGENERATE_LATTICE}:Structure dict has lattice pbc {list(pbc)}, not periodic "
+                "in all three directions; only bulk crystals are screened (set pbc to [true, true, true] "
+                "if the cell is a bulk one)")
     return structure_from_untrusted_dict(obj)
 
 

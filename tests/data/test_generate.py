@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from pymatgen.core import Structure
@@ -158,3 +159,23 @@ def test_ids_differ_across_parents_and_settings_but_repeat_for_the_same_run(tmp_
     assert prefix() != prefix(seed=1) and prefix() != prefix(max_strain=0.05)
     assert prefix() != id_prefix(GenerateConfig(source="x", n=5, out=str(tmp_path)), ["p-0"])
     assert prefix() == id_prefix(GenerateConfig(source="x", n=5, out=str(tmp_path)), ["p-0", "p-1"])
+
+
+def test_fingerprint_follows_the_axes_when_it_orders_them() -> None:
+    """Sorting the lengths alone (without the coordinates) called (3, 4, 5) and (4, 3, 5) cells
+    with the same fractional coordinates one structure; they are two. A relabelling of the axes
+    (coordinates permuted with them) is the same structure and keeps its key."""
+    from pymatgen.core import Lattice
+
+    species = ["Li", "Co", "O", "O"]
+    frac = np.array([[0.0, 0.0, 0.0], [0.1, 0.3, 0.5], [0.2, 0.7, 0.1], [0.6, 0.15, 0.8]])
+    a = Structure(Lattice.from_parameters(3, 4, 5, 80, 90, 90), species, frac)
+    b = Structure(Lattice.from_parameters(4, 3, 5, 80, 90, 90), species, frac)
+    relabelled = Structure(Lattice.from_parameters(4, 3, 5, 90, 80, 90), species, frac[:, [1, 0, 2]])
+    assert np.allclose(relabelled.distance_matrix, a.distance_matrix)  # the same crystal
+    assert structure_fingerprint(a) != structure_fingerprint(b)
+    assert structure_fingerprint(relabelled) == structure_fingerprint(a)
+    # equal lengths: either order of the tied axes gives one key
+    c = Structure(Lattice.from_parameters(3, 3, 5, 90, 90, 90), species, frac)
+    c_swapped = Structure(Lattice.from_parameters(3, 3, 5, 90, 90, 90), species, frac[:, [1, 0, 2]])
+    assert structure_fingerprint(c) == structure_fingerprint(c_swapped)

@@ -311,6 +311,22 @@ def test_parquet_read_in_batches_and_missing_column(tmp_path: Path, monkeypatch)
     assert row["error"] == RejectCode.UNREADABLE_FILE and "structure_json" in row["payload"]
 
 
+def test_parquet_with_two_structure_columns_reads_each_rows_filled_one(tmp_path: Path) -> None:
+    """A library merged from two exports: some rows have structure_json, others only cif."""
+    from pymatgen.io.cif import CifWriter
+
+    table = pa.table({"structure_id": ["json", "cif", "neither"],
+                      "structure_json": [licoo2().to_json(), None, ""],
+                      "cif": [None, str(CifWriter(limn2o4())), None]})
+    pq.write_table(table, tmp_path / "merged.parquet")
+    rows = list(read_library_file(str(tmp_path / "merged.parquet")))
+    assert [(r["structure_id"], r["fmt"]) for r in rows] == [("json", "pymatgen_json"), ("cif", "cif"),
+                                                             ("neither", "error")]
+    first, second, third = (parse_raw(r) for r in rows)
+    assert first.matches(licoo2()) and second.matches(limn2o4())
+    assert isinstance(third, Reject) and "empty 'structure_json' and 'cif' value" in third.message
+
+
 def test_parquet_structure_column_as_struct_reads_like_json(tmp_path: Path) -> None:
     """MP-shaped documents written with pa.Table.from_pylist store 'structure' as a nested struct
     (not a JSON string); each row still parses to its structure."""

@@ -164,6 +164,16 @@ def test_structure_dict_with_lattice_parameters_instead_of_a_matrix() -> None:
     assert isinstance(reject, Reject) and "not a pymatgen Structure dict" in reject.message
 
 
+def test_structure_dict_of_a_slab_is_rejected_not_made_bulk() -> None:
+    d = licoo2().as_dict()
+    assert d["lattice"]["pbc"] == (True, True, True)  # pymatgen writes it
+    assert isinstance(parse_raw(_row("pymatgen_json", json.dumps(d))), Structure)
+    d["lattice"]["pbc"] = [True, True, False]
+    reject = parse_raw(_row("pymatgen_json", json.dumps(d)))
+    assert isinstance(reject, Reject) and reject.reason == RejectCode.DEGENERATE_LATTICE
+    assert "[True, True, False]" in reject.message and "bulk" in reject.message
+
+
 @pytest.mark.parametrize("counts, message", [
     ("3 3 5", "counts add up to 11 atoms but more coordinate lines follow"),  # an O added by hand
     ("3 3 7", "counts add up to 13 atoms but it has 12 coordinate lines"),
