@@ -434,6 +434,23 @@ def wait_for_gpus(n: int, timeout_s: float) -> None:
             "machine's GPUs.")
 
 
+def check_cpu_actors_fit(cpus_per_actor: float, *, local: bool) -> None:
+    """Raise ValueError when no node of a local Ray has ``cpus_per_actor`` CPUs: Ray Data would
+    wait forever for an inference actor no node can host ("pending: 3 CPU" on a 2-CPU Ray,
+    measured). On a cluster an autoscaler may still add a larger node, so only a warning."""
+    import ray
+
+    largest = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
+    if cpus_per_actor <= largest:
+        return
+    text = (f"each CPU inference actor reserves cpus_per_actor={cpus_per_actor:g} CPUs but the largest "
+            f"node of this Ray has {largest:g}")
+    if local:
+        raise ValueError(f"{text}; no actor could start and the screen would wait forever. Set "
+                         f"cpus_per_actor to at most {largest:g} (more actors: cpu_actors)")
+    log.warning("%s; the screen waits until the autoscaler adds a node that large", text)
+
+
 @dataclass(frozen=True, kw_only=True)
 class InputIndex:
     """What the index pass learns: input count, later duplicates, rows per library file."""
@@ -643,6 +660,8 @@ def run(config: ScreenConfig) -> ScreenSummary:
             if config.gpu_actors:
                 wait_for_gpus(config.gpu_actors,
                               0.0 if _ray_started_here() else config.gpu_wait_s)
+            else:
+                check_cpu_actors_fit(config.cpus_per_actor, local=_ray_started_here())
             return _run_locked(config, paths, lock, model=model, source=source,
                                started=started, plan_s=plan_s)
         finally:

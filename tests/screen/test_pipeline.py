@@ -12,7 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from cathode_ray.screen import runs
-from cathode_ray.screen.pipeline import NoGPUError, ScreenConfig, run, wait_for_gpus
+from cathode_ray.screen.pipeline import (
+    NoGPUError,
+    ScreenConfig,
+    check_cpu_actors_fit,
+    run,
+    wait_for_gpus,
+)
 from cathode_ray.screen.schema import RESULT_SCHEMA, SCREEN_REJECT_SCHEMA
 from cathode_ray.storage import filesystem_for
 from tests.screen.tiny_model import small_docs
@@ -91,6 +97,22 @@ def test_gpu_actors_on_a_cluster_without_gpus_fail_clearly_instead_of_waiting(
     summary = run(_config(tiny_model, references, library="demo", demo_size=8,
                           out=str(tmp_path / "dest"), run_id="nogpu"))
     assert summary.n_results + summary.n_rejects == 8
+
+
+def test_cpu_actors_larger_than_every_node_fail_clearly_instead_of_waiting(
+        local_ray, tiny_model, references, tmp_path, caplog) -> None:
+    """Before, a screen with cpus_per_actor=3 on a 2-CPU local Ray waited forever ("pending: 3
+    CPU"). Now it fails before any row is written; on a cluster it warns and waits for the
+    autoscaler."""
+    check_cpu_actors_fit(2.0, local=True)  # fits the 2-CPU node
+    with pytest.raises(ValueError, match=r"cpus_per_actor=3 CPUs but the largest node of this Ray has 2"):
+        run(_config(tiny_model, references, library="demo", demo_size=8, out=str(tmp_path / "dest"),
+                    run_id="big", cpus_per_actor=3.0))
+    paths = runs.RunPaths(dest=str(tmp_path / "dest"), run_id="big")
+    assert runs.read_json(paths.lock) is None and not Path(paths.results).exists()
+    with caplog.at_level("WARNING", logger="cathode_ray.screen.pipeline"):
+        check_cpu_actors_fit(4.0, local=False)
+    assert "until the autoscaler adds a node that large" in caplog.text
 
 
 def test_cli_screen_sizes_the_cpu_stages_and_compiles_the_model(local_ray, tiny_model, references, tmp_path) -> None:
