@@ -192,6 +192,8 @@ def train(
     address: Annotated[str | None, typer.Option(help="Ray address (default: local Ray)")] = None,
     gpus_per_member: float = 0.0,
     cpus_per_member: float = 1.0,
+    early_stopping: Annotated[str, typer.Option(
+        help="val (seed card: val stops and calibrates) | holdout (15% of train stops; val only calibrates)")] = "val",
     verbose: bool = True,
 ) -> None:
     """Train the ensemble (members concurrently on Ray Train), calibrate, write MODEL_DIR."""
@@ -202,7 +204,7 @@ def train(
         data=data, out=out, backbone=backbone, members=members, references=references,
         head_mode=head_mode, train_last_block=not head_only, max_epochs=max_epochs,  # type: ignore[arg-type]
         patience=patience, runner=runner, address=address, gpus_per_member=gpus_per_member,  # type: ignore[arg-type]
-        cpus_per_member=cpus_per_member,
+        cpus_per_member=cpus_per_member, early_stopping=early_stopping,  # type: ignore[arg-type]
     ))
     typer.echo(json.dumps({"model_id": manifest["model_id"], "members": manifest["members"]}, indent=2))
 

@@ -86,5 +86,6 @@ LR_BACKBONE: float = 1e-5
 MICRO_BATCH: int = 16
 GRAD_ACCUM: int = 4
 PATIENCE: int = 12
+EARLY_STOP_HOLDOUT: float = 0.15  # of training rows, with ``--early-stopping holdout``
 MAX_EPOCHS: int = 200
 BCE_WEIGHT: float = 0.05

@@ -31,6 +31,7 @@ def main(
     address: str | None = typer.Option(None, help="Ray address (default: RAY_ADDRESS / local)"),
     gpus_per_member: float = typer.Option(0.0, help="1 = a GPU each, 0.2 = five share one"),
     cpus_per_member: float = typer.Option(1.0),
+    early_stopping: str = typer.Option("val", help="val (stops and calibrates) | holdout (15% of train stops)"),
 ) -> None:
     """Train, calibrate and write the ensemble; print its model id and member metrics."""
     from cathode_ray.train.ensemble import EnsembleTrainConfig, run
@@ -39,7 +40,7 @@ def main(
         data=data, out=out, backbone=backbone, members=members, references=references,
         head_mode=head_mode, train_last_block=not head_only, max_epochs=max_epochs,  # type: ignore[arg-type]
         patience=patience, runner="ray", address=address, gpus_per_member=gpus_per_member,
-        cpus_per_member=cpus_per_member,
+        cpus_per_member=cpus_per_member, early_stopping=early_stopping,  # type: ignore[arg-type]
     ))
     print(json.dumps({"model_id": manifest["model_id"], "members": manifest["members"]}, indent=2))
 

@@ -239,6 +239,20 @@ def _grouped_split(
     return groups.map(assign).to_numpy(dtype=object)
 
 
+def holdout_rows(groups: Sequence[str], *, fraction: float, seed: int = seedcard.SPLIT_SEED) -> np.ndarray:
+    """Bool [N]: about ``fraction`` of the rows, by whole groups (reduced formulas), held out of
+    a split, e.g. the training rows that stop training early so that val only calibrates."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    labels = _grouped_split(pd.Series(list(groups), dtype=str), seed=seed,
+                            fractions=(1.0 - fraction, fraction, 0.0))
+    held = labels == SPLITS[1]
+    if held.all() or not held.any():
+        raise ValueError(f"cannot hold out {fraction:.0%} of {len(labels)} rows in "
+                         f"{len(set(groups))} formula groups and keep some on each side")
+    return held
+
+
 def make_splits(
     df: pd.DataFrame,
     *,

@@ -6,8 +6,9 @@ it; checks on val are in-sample, since val calibrated the model); ``--split all`
 of the dataset as one evaluation set "all", for a dataset ingested from another snapshot. It is
 refused on the dataset the model was trained on, whose train and val rows would be scored in-sample.
 
-Caveat: val both stops each member's training early (:mod:`cathode_ray.train.loop`) and fits the
-conformal offsets and triage thresholds, so coverage on val is optimistic; the checks that matter
+Caveat: by default val both stops each member's training early (:mod:`cathode_ray.train.loop`) and
+fits the conformal offsets and triage thresholds, so coverage on val is optimistic (``cathode-ray
+train --early-stopping holdout`` stops on held-out training rows instead); the checks that matter
 are on test and loco, which neither step saw.
 
 ``compare`` names other model directories trained on the same dataset (e.g. a head-only and a

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pymatgen.core import Structure
+from pymatgen.core import Composition, Structure
 
 from cathode_ray import seedcard
 from cathode_ray.calibrate.calibrator import Calibrator, CalibratorConfig
 from cathode_ray.data.dataset import load_dataset
 from cathode_ray.data.references import ReferenceHull
+from cathode_ray.data.splits import holdout_rows
 from cathode_ray.model.artifact import ModelDir, git_commit
 from cathode_ray.model.backbones import Backbone, load_backbone
 from cathode_ray.model.ensemble import Ensemble
@@ -50,6 +51,10 @@ class EnsembleTrainConfig:
         head_mode: ``delta`` (zero-shot E_hull + learned correction) or ``embedding``.
         train_last_block: False = head-only members on one shared frozen embedding.
         runner: ``ray`` (concurrent Ray Train runs) or ``local`` (sequential, no Ray).
+        early_stopping: the rows whose MAE stops each member: ``val`` (the seed card's), which
+            also calibrates, so calibration sees a split the members were selected on; or
+            ``holdout``, ``holdout_fraction`` of the training rows by whole formula groups, left
+            out of fitting, so that val only calibrates.
     """
 
     data: str
@@ -63,6 +68,8 @@ class EnsembleTrainConfig:
     max_epochs: int = seedcard.MAX_EPOCHS
     patience: int = seedcard.PATIENCE
     runner: Literal["ray", "local"] = "ray"
+    early_stopping: Literal["val", "holdout"] = "val"
+    holdout_fraction: float = seedcard.EARLY_STOP_HOLDOUT
     address: str | None = None
     gpus_per_member: float = 0.0
     cpus_per_member: float = 1.0
@@ -78,6 +85,10 @@ class EnsembleTrainConfig:
             raise ValueError(f"need {self.members} seeds, got {len(self.seeds)}")
         if self.runner not in ("ray", "local"):
             raise ValueError("runner must be 'ray' or 'local'")
+        if self.early_stopping not in ("val", "holdout"):
+            raise ValueError(f"early_stopping must be 'val' or 'holdout', got {self.early_stopping!r}")
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise ValueError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
 
     def member_configs(self) -> list[TrainConfig]:
         return [TrainConfig(seed=s, head=HeadConfig(mode=self.head_mode), max_epochs=self.max_epochs,
@@ -137,8 +148,23 @@ def predict_prepared(ensemble: Ensemble, prepared: PreparedData, name: str | Non
     return ensemble.predict_feats_batched(d.feats, th)
 
 
+def fit_and_stop_rows(config: EnsembleTrainConfig, split: np.ndarray,
+                      compositions: list[dict[str, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """(rows the members fit, rows whose MAE stops them): indices into ``split`` [N] and
+    ``compositions`` (element -> amount, one per row)."""
+    train = np.flatnonzero(split == "train")
+    if config.early_stopping == "val":
+        return train, np.flatnonzero(split == "val")
+    formulas = [Composition(compositions[i]).reduced_formula for i in train]
+    held = holdout_rows(formulas, fraction=config.holdout_fraction)
+    return train[~held], train[held]
+
+
 def _train(config: EnsembleTrainConfig, prepared: PreparedData, normalizer: Normalizer) -> list[FitResult]:
-    train, val = prepared.part("train"), prepared.part("val")
+    fit_idx, stop_idx = fit_and_stop_rows(config, prepared.split, prepared.compositions)
+    train, val = prepared.part_rows(fit_idx), prepared.part_rows(stop_idx)
+    log.info("members fit %d rows and stop early on %d %s rows", len(fit_idx), len(stop_idx),
+             "val" if config.early_stopping == "val" else "held-out training")
     configs = config.member_configs()
     if config.runner == "local":
         from .loop import fit_member

@@ -14,6 +14,7 @@ from cathode_ray.data.splits import (
     SoapClusterer,
     SoapConfig,
     choose_loco_cluster,
+    holdout_rows,
     make_splits,
 )
 
@@ -143,3 +144,18 @@ def test_make_splits_bad_input() -> None:
         make_splits(df, clusters=clusters, loco_cluster=42)
     with pytest.raises(ValueError, match="formula"):
         make_splits(df.rename(columns={"formula": "f"}), clusters=clusters)
+
+
+def test_holdout_rows_by_whole_formula_groups() -> None:
+    groups = [f"F{i % 40}" for i in range(400)]  # 40 formulas, 10 rows each
+    held = holdout_rows(groups, fraction=0.15, seed=3)
+    assert held.shape == (400,) and held.dtype == bool
+    assert 0.12 <= held.mean() <= 0.18
+    by_group = pd.Series(held).groupby(groups).agg(["min", "max"])
+    assert (by_group["min"] == by_group["max"]).all()  # no formula on both sides
+    assert (holdout_rows(groups, fraction=0.15, seed=3) == held).all()
+    assert (holdout_rows(groups, fraction=0.15, seed=4) != held).any()
+    with pytest.raises(ValueError, match="fraction"):
+        holdout_rows(groups, fraction=1.0)
+    with pytest.raises(ValueError, match="keep some on each side"):
+        holdout_rows(["LiCoO2"] * 5, fraction=0.5)

@@ -26,6 +26,30 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_config_validates() -> None:
     with pytest.raises(ValueError, match="seeds"):
         EnsembleTrainConfig(data="d", out="o", references="mp", members=6)
+    with pytest.raises(ValueError, match="early_stopping"):
+        EnsembleTrainConfig(data="d", out="o", references="mp", early_stopping="test")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="holdout_fraction"):
+        EnsembleTrainConfig(data="d", out="o", references="mp", holdout_fraction=0.0)
+
+
+def test_holdout_early_stopping_keeps_val_for_calibration_only() -> None:
+    import numpy as np
+
+    from cathode_ray.train.ensemble import fit_and_stop_rows
+
+    formulas = [{"Li": 1.0, "Co": 1.0, "O": 2.0}, {"Li": 1.0, "Mn": 2.0, "O": 4.0},
+                {"Li": 1.0, "Fe": 1.0, "P": 1.0, "O": 4.0}, {"Li": 2.0, "Mn": 1.0, "O": 3.0}]
+    split = np.array(["train"] * 80 + ["val"] * 20 + ["test"] * 20)
+    comps = [formulas[i % 4] for i in range(100)] + [formulas[0]] * 20
+    seed_card = EnsembleTrainConfig(data="d", out="o", references="mp")
+    fit, stop = fit_and_stop_rows(seed_card, split, comps)
+    assert (split[fit] == "train").all() and (split[stop] == "val").all() and len(fit) == 80
+    holdout = EnsembleTrainConfig(data="d", out="o", references="mp", early_stopping="holdout",
+                                  holdout_fraction=0.25)
+    fit, stop = fit_and_stop_rows(holdout, split, comps)
+    assert (split[stop] == "train").all() and len(stop) == 20  # one of four formulas, whole
+    assert sorted([*fit, *stop]) == list(range(80))
+    assert len({str(comps[i]) for i in stop}) == 1 and not {str(comps[i]) for i in stop} & {str(comps[i]) for i in fit}
     with pytest.raises(ValueError, match="runner"):
         EnsembleTrainConfig(data="d", out="o", references="mp", runner="slurm")  # type: ignore[arg-type]
 
@@ -95,9 +119,11 @@ def test_report_compares_head_only_with_last_block(model_dir: Path, tmp_path: Pa
     head_only = tmp_path / "head_only"
     train(EnsembleTrainConfig(data=data, out=str(head_only), references=f"snapshot:{REFERENCES}",
                               members=2, max_epochs=2, runner="local", cache_dir=None,
-                              train_last_block=False))
+                              train_last_block=False, early_stopping="holdout"))
     rep = run(ReportConfig(model=str(model_dir), data=data, references=f"snapshot:{REFERENCES}",
                            out=str(tmp_path / "rep"), cache_dir=None, compare=(str(head_only),)))
+    manifest = json.loads((head_only / "manifest.json").read_text())  # stopped on held-out train rows
+    assert manifest["config"]["early_stopping"] == "holdout" and manifest["members"][0]["epochs_run"] == 2
     modes = rep["ensemble_modes"]
     assert [m["mode"] for m in modes] == ["last-block", "head-only"]
     for m in modes:
