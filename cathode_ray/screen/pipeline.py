@@ -369,6 +369,10 @@ def _ensure_ray(address: str | None) -> str:
     import ray
 
     if ray.is_initialized():
+        if address not in (None, "auto"):
+            log.warning("Ray is already initialised in this process (GCS %s): the screen runs there and "
+                        "ignores address=%r; call ray.shutdown() first to use that cluster",
+                        ray.get_runtime_context().gcs_address, address)
         return "connected"
     runtime_env = _worker_runtime_env()
     if address is None and not os.environ.get("RAY_ADDRESS"):

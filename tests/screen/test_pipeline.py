@@ -115,6 +115,15 @@ def test_cpu_actors_larger_than_every_node_fail_clearly_instead_of_waiting(
     assert "until the autoscaler adds a node that large" in caplog.text
 
 
+def test_an_address_given_to_a_connected_process_is_named_as_ignored(local_ray, caplog) -> None:
+    from cathode_ray.screen.pipeline import _ensure_ray
+
+    with caplog.at_level("WARNING", logger="cathode_ray.screen.pipeline"):
+        assert _ensure_ray(None) == "connected" and not caplog.text
+        assert _ensure_ray("ray://head.example:10001") == "connected"
+    assert "ignores address='ray://head.example:10001'" in caplog.text and "ray.shutdown()" in caplog.text
+
+
 def test_cli_screen_sizes_the_cpu_stages_and_compiles_the_model(local_ray, tiny_model, references, tmp_path) -> None:
     from typer.testing import CliRunner
 
