@@ -76,9 +76,10 @@ def _parse_cif(text: str) -> Structure | str:
                 "pymatgen does not read; re-export it with fractional coordinates (_atom_site_fract_x)")
     block = blocks[0] if blocks else text
     parser = _cif_parser(block)
-    settings = cifsym.candidate_settings(next(iter(parser.as_dict().values()), {}))
+    parsed = next(iter(parser.as_dict().values()), {})  # the block's tags
+    settings = cifsym.candidate_settings(parsed)
     if settings:
-        return _cif_in_settings(block, settings)
+        return _cif_in_settings(block, settings, parsed)
     structure = _read_cif(parser)
     return structure if isinstance(structure, str) else _cif_problem(parser, structure) or structure
 
@@ -106,10 +107,12 @@ def _cif_problem(parser: CifParser, structure: Structure) -> str | None:
             or _cif_composition_problem(parser, structure))
 
 
-def _cif_in_settings(text: str, settings: tuple[cifsym.Setting, ...]) -> Structure | str:
+def _cif_in_settings(text: str, settings: tuple[cifsym.Setting, ...], block: dict[str, Any]
+                     ) -> Structure | str:
     """The CIF read in the one setting it states, or in the one of two (origin choices) that gives a
     consistent structure: its formula and atom count (:func:`_cif_cell_content_agrees`), and no two
-    atoms closer than ``seedcard.MIN_DISTANCE`` (A). A reject text when neither or both do."""
+    atoms closer than ``seedcard.MIN_DISTANCE`` (A). A reject text when neither or both do.
+    ``block``: the block's tags as pymatgen parsed them (without the added operations)."""
     readings: list[Structure | str] = []
     for setting in settings:
         parser = _cif_parser(text + cifsym.symop_loop(setting))
@@ -120,7 +123,6 @@ def _cif_in_settings(text: str, settings: tuple[cifsym.Setting, ...]) -> Structu
         readings.append(read if isinstance(read, str) else _cif_problem(parser, read) or read)
     if len(settings) == 1:
         return readings[0]
-    block = next(iter(_cif_parser(text).as_dict().values()), {})
     plausible = [(setting, structure) for setting, structure in zip(settings, readings, strict=True)
                  if not isinstance(structure, str) and not _has_overlapping_atoms(structure)
                  and _cif_cell_content_agrees(block, structure)]
@@ -439,7 +441,7 @@ def _parse_json(text: str) -> Structure | str:
     if not isinstance(obj, dict):
         raise ValueError(f"expected a Structure dict, got {type(obj).__name__}")
     pbc = obj.get("lattice", {}).get("pbc") if isinstance(obj.get("lattice"), dict) else None
-    if isinstance(pbc, list | tuple) and not (len(pbc) == 3 and all(p is True for p in pbc)):
+    if isinstance(pbc, list | tuple) and not (len(pbc) == 3 and all(p == 1 for p in pbc)):  # true or 1
         # a slab or wire (pymatgen's Lattice keeps pbc); read as a 3D crystal it would be one
         return (f"{RejectCode.DEGENERATE_LATTICE}:Structure dict has lattice pbc {list(pbc)}, not periodic "
                 "in all three directions; only bulk crystals are screened (set pbc to [true, true, true] "
