@@ -370,18 +370,50 @@ def run(config: RescreenConfig) -> RescreenOutcome:
     t0 = time.perf_counter()
     store = StateStore(uri=config.state_uri)
     versions = _current_versions(config)
-    if _is_up_to_date(store.read(), versions, config.force):
+    seen = store.read()
+    if _is_up_to_date(seen, versions, _must_force(config, seen, versions)):
         return _up_to_date(config, versions, t0)
     lock = StateLock(uri=config.state_uri, ttl_s=config.lock_ttl_s)
     with lock:
         state = store.read()  # another run may have committed while we checked
-        if _is_up_to_date(state, versions, config.force):
+        force = _must_force(config, state, versions)
+        if _is_up_to_date(state, versions, force):
             return _up_to_date(config, versions, t0)
-        return _rescreen_locked(config, store, lock, state or {}, versions, t0)
+        return _rescreen_locked(config, store, lock, state or {}, versions, force, t0)
+
+
+def _staged_uri(out: str, db_version: str, run_id: str) -> str:
+    """Where run ``run_id`` stages its materials; removed when its state commits."""
+    return join(out, "_staging", f"db_version={_safe(db_version)}", f"{run_id}.jsonl")
+
+
+def _must_force(config: RescreenConfig, state: Mapping[str, Any] | None,
+                versions: _Versions) -> bool:
+    """``config.force``, or True when a forced re-screen of these very versions staged its
+    materials and never committed (it crashed): its run is resumed instead of being
+    reported "up to date" against the state it left untouched. Only a forced run stages
+    for versions the state already has, so the staged file of the next generation's run
+    id is its mark."""
+    if config.force or state is None:
+        return config.force
+    if (state.get("db_version"), state.get("model_id")) != (versions.db_version,
+                                                             versions.model_id):
+        return False
+    import pyarrow.fs as pafs
+
+    run_id = run_id_for(versions.db_version, versions.model_id,
+                        len(state.get("history", [])) + 1)
+    fs, path = filesystem_for(_staged_uri(config.out, versions.db_version, run_id))
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return False
+    log.warning("re-screen run %s was forced and did not finish; resuming it as forced",
+                run_id)
+    return True
 
 
 def _rescreen_locked(config: RescreenConfig, store: StateStore, lock: StateLock,
-                     state: Mapping[str, Any], versions: _Versions, t0: float) -> RescreenOutcome:
+                     state: Mapping[str, Any], versions: _Versions, force: bool,
+                     t0: float) -> RescreenOutcome:
     from cathode_ray.data.sources import fetch_mp_summary
 
     # Screening needs no labels: the summary's own energies only feed the fingerprints.
@@ -389,7 +421,7 @@ def _rescreen_locked(config: RescreenConfig, store: StateStore, lock: StateLock,
             for d in fetch_mp_summary(endpoint=config.endpoint, label_thermo_type=None)}
     current = {mid: fingerprint(doc) for mid, doc in docs.items()}
     previous: dict[str, str] = dict(state.get("fingerprints", {}))
-    full = config.force or not state or state.get("model_id") != versions.model_id
+    full = force or not state or state.get("model_id") != versions.model_id
     plan = plan_changes(previous=previous, current=current, full=full)
     history = list(state.get("history", []))
     run_id = run_id_for(versions.db_version, versions.model_id, len(history) + 1)
@@ -400,7 +432,7 @@ def _rescreen_locked(config: RescreenConfig, store: StateStore, lock: StateLock,
     if config._crash_before_state_write:
         raise InjectedCrash(f"injected crash before the state write of run {run_id}")
     lock.check()
-    entry = _history_entry(run_id, versions, plan, counts, config.force)
+    entry = _history_entry(run_id, versions, plan, counts, force)
     store.write({"db_version": versions.db_version, "model_id": versions.model_id,
                  "run_id": run_id, "fingerprints": dict(sorted(current.items())),
                  "history": [*history, entry], "dest": config.out})
@@ -454,7 +486,7 @@ def _screen(config: RescreenConfig, run_id: str, db_version: str,
         return {"results": 0, "rejects": 0}, False
     paths = runs.RunPaths(dest=config.out, run_id=run_id)
     manifest = runs.read_json(paths.manifest)
-    library = join(config.out, "_staging", f"db_version={_safe(db_version)}", f"{run_id}.jsonl")
+    library = _staged_uri(config.out, db_version, run_id)
     stage_library(library, docs)
     if _screened_already(manifest, library, len(docs)):
         log.info("run %s already screened; skipping to the latest view", run_id)

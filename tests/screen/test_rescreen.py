@@ -205,6 +205,69 @@ def test_a_finished_screen_is_skipped_only_for_the_same_staged_library(
     assert len(screened) == 2
 
 
+def test_a_crashed_forced_rescreen_is_resumed_by_the_next_unforced_run(
+        tmp_path: Path, tiny_docs: list[dict[str, Any]], mp_server: MPServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before, the next run without --force said "up to date" and the forced run was lost."""
+    from cathode_ray.screen import runs
+
+    model = _fake_model(tmp_path)
+    out = str(tmp_path / "dest")
+    ids = [str(d["material_id"]) for d in tiny_docs]
+    mp_server.set_documents(summary_docs=tiny_docs)
+    mp_server.set_db_version(DB_A)
+    screened: list[str] = []
+    crash_next = {"on": False}
+
+    class _Summary:
+        n_results, n_rejects = len(ids), 0
+
+    def fake_pipeline(config: RescreenConfig, library: str, run_id: str) -> _Summary:
+        screened.append(run_id)
+        if crash_next["on"]:
+            crash_next["on"] = False
+            raise RuntimeError("worker node lost mid-screen")
+        paths = runs.RunPaths(dest=out, run_id=run_id)
+        Path(paths.results).mkdir(parents=True, exist_ok=True)
+        pq.write_table(_result_rows(ids, run_id), f"{paths.results}/part-0.parquet")
+        runs.write_json(paths.manifest, {
+            "status": "complete", "n_inputs": len(ids), "n_results": len(ids),
+            "n_rejects": 0, "library_fingerprint": rs.staged_fingerprint(library)})
+        return _Summary()
+
+    monkeypatch.setattr(rs, "_run_pipeline", fake_pipeline)
+    cfg = RescreenConfig(model=str(model), out=out, references="snapshot:x")
+    first = run(cfg)
+    assert first.status == "screened" and first.screened == len(ids)
+    assert run(cfg).status == "up_to_date"
+
+    # --force crashes inside the screen: the state stays at generation 1
+    forced = RescreenConfig(model=str(model), out=out, references="snapshot:x", force=True)
+    crash_next["on"] = True
+    with pytest.raises(RuntimeError, match="worker node lost"):
+        run(forced)
+    store = StateStore(uri=f"{out}/_state")
+    assert len(store.read()["history"]) == 1
+
+    # the next run without --force finishes the forced run instead of "up to date"
+    resumed = run(cfg)
+    assert resumed.status == "screened" and resumed.screened == len(ids)
+    assert resumed.run_id == rs.run_id_for(DB_A, first.model_id, 2) == screened[-1]
+    entry = store.read()["history"][-1]
+    assert entry["forced"] and entry["full"] and entry["run_id"] == resumed.run_id
+    assert {r["run_id"] for r in _latest(out).values()} == {resumed.run_id}
+
+    # a forced run that crashed after its screen, before the state write: skipped to the view
+    with pytest.raises(rs.InjectedCrash):
+        run(RescreenConfig(model=str(model), out=out, references="snapshot:x", force=True,
+                           _crash_before_state_write=True))
+    n_screens = len(screened)
+    third = run(cfg)
+    assert third.status == "screened" and third.resumed and len(screened) == n_screens
+    assert len(store.read()["history"]) == 3 and store.read()["history"][-1]["forced"]
+    assert run(cfg).status == "up_to_date"
+
+
 # --------------------------------------------------------------------------- integration
 def _latest(out: str) -> dict[str, dict[str, Any]]:
     table = pq.read_table(f"{out}/latest/latest.parquet")
