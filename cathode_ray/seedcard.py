@@ -27,6 +27,10 @@ SPLIT_SEED: int = 42
 #: Validation limits.
 MAX_ATOMS: int = 500
 MIN_DISTANCE: float = 0.5  # Angstrom
+#: A CIF whose site loop has more rows than this many times ``max_atoms`` is rejected before
+#: pymatgen builds it (its cost grows with the square of the sites): even if every few rows
+#: shared one site (split disorder), the cell would still be over ``max_atoms``.
+CIF_ROWS_PER_ATOM_CAP: int = 4
 #: A site whose one element has an occupancy within this of 1 counts as fully occupied: CIFs
 #: from structure databases round full sites to 0.9999 or 1.0001.
 OCCUPANCY_TOLERANCE: float = 0.01

@@ -102,6 +102,9 @@ _ID_FIELDS: tuple[str, ...] = ("structure_id", "material_id", "entry_id")  # fir
 _PARQUET_BATCH_ROWS = 1024
 _GENERIC_VASP_NAMES = ("POSCAR", "CONTCAR")
 _VASPRUN = "vasprun"  # vasprun.xml, vasprun.xml.relax2 (custodian), vasprun.relax.xml, + .gz
+#: The names VASP (and custodian, phonopy) give a run folder's structure files: POSCAR, CONTCAR,
+#: POSCAR-001, CONTCAR.relax1, + .gz; vasprun*.xml*. Such a name says nothing without its folder.
+_VASP_RUN_FILE = re.compile(r"^(?:(?:POSCAR|CONTCAR)(?:[.-].*)?|vasprun.*\.xml.*)$")
 _ASE_SUFFIXES = {".db": "ASE .db", ".traj": "ASE .traj", ".xml": "VASP vasprun.xml"}
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -214,7 +217,7 @@ def _warn_vasp_runs_read_twice(spec: str, paths: Sequence[str]) -> None:
     per_run: dict[str, int] = {}
     for path in paths:
         p = PurePosixPath(path)
-        if p.name.startswith((*_GENERIC_VASP_NAMES, _VASPRUN)):
+        if _VASP_RUN_FILE.match(p.name):
             per_run[str(p.parent)] = per_run.get(str(p.parent), 0) + 1
     runs = sorted(d for d, n in per_run.items() if n > 1)
     if runs:
@@ -276,13 +279,14 @@ def _glob(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
 # --------------------------------------------------------------------------- ids and rows
 def file_label(path: str, *, root: str | None = None) -> str:
     """Name used in fallback ids: the path below ``root`` for a file in a subfolder of the
-    library, else the file name, or ``<parent dir>/<name>`` for POSCAR/CONTCAR/vasprun.xml."""
+    library, else the file name, or ``<parent dir>/<name>`` for a name VASP gives every run
+    folder (POSCAR, CONTCAR-like names, vasprun*.xml; not ``POSCAR_set.json``)."""
     if root and path.startswith(root.rstrip("/") + "/"):
         rel = path[len(root.rstrip("/")) + 1:]
         if "/" in rel:
             return rel
     p = PurePosixPath(path.replace("\\", "/"))
-    if p.name.startswith((*_GENERIC_VASP_NAMES, _VASPRUN)) and p.parent.name:
+    if _VASP_RUN_FILE.match(p.name) and p.parent.name:
         return f"{p.parent.name}/{p.name}"
     return p.name
 

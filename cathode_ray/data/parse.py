@@ -38,11 +38,13 @@ if TYPE_CHECKING:
     from pymatgen.io.cif import CifParser
 
 
-def parse_raw(row: dict[str, Any]) -> Structure | Reject:
+def parse_raw(row: dict[str, Any], *, max_sites: int | None = None) -> Structure | Reject:
     """Parse one raw row into a pymatgen Structure, or a Reject (never raises on bad content).
 
     Text is parsed with pymatgen (CIF, POSCAR, SHELX .res, Structure.from_dict) or ASE (extended XYZ via
-    AseAtomsAdaptor); nothing is executed or unpickled.
+    AseAtomsAdaptor); nothing is executed or unpickled. ``max_sites`` (validation's ``max_atoms``):
+    a CIF whose site loop has over ``seedcard.CIF_ROWS_PER_ATOM_CAP`` times as many rows is a
+    ``too_many_atoms`` reject before pymatgen spends seconds building it; None: no cap.
     """
     sid, source, fmt = str(row["structure_id"]), str(row["source"]), row.get("fmt", "")
     if fmt == "error":
@@ -55,7 +57,8 @@ def parse_raw(row: dict[str, Any]) -> Structure | Reject:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            result = parser(str(row["payload"]))
+            payload = str(row["payload"])
+            result = _parse_cif(payload, max_sites) if fmt == "cif" else parser(payload)
     except Exception as exc:  # noqa: BLE001 - untrusted input: every parser failure is a reject
         return Reject(structure_id=sid, source=source, reason=RejectCode.UNPARSEABLE,
                       message=f"cannot parse {fmt} ({type(exc).__name__}: {short_error(exc)}); "
@@ -66,7 +69,7 @@ def parse_raw(row: dict[str, Any]) -> Structure | Reject:
     return result
 
 
-def _parse_cif(text: str) -> Structure | str:
+def _parse_cif(text: str, max_sites: int | None = None) -> Structure | str:
     blocks = cif_structure_blocks(text)
     if len(blocks) > 1:
         return (f"{RejectCode.MULTIPLE_STRUCTURES}:CIF holds {len(blocks)} data blocks with atom "
@@ -77,11 +80,23 @@ def _parse_cif(text: str) -> Structure | str:
     block = blocks[0] if blocks else text
     parser = _cif_parser(block)
     parsed = next(iter(parser.as_dict().values()), {})  # the block's tags
+    if max_sites is not None and (rows := _cif_site_rows(parsed)) > (
+            cap := seedcard.CIF_ROWS_PER_ATOM_CAP * max_sites):
+        return (f"{RejectCode.TOO_MANY_ATOMS}:CIF site loop has {rows} rows (> {cap}, "
+                f"{seedcard.CIF_ROWS_PER_ATOM_CAP} per site of max_atoms={max_sites}), so its cell "
+                "has more sites than max_atoms; use the primitive cell or raise max_atoms")
     settings = cifsym.candidate_settings(parsed)
     if settings:
         return _cif_in_settings(block, settings, parsed)
     structure = _read_cif(parser)
     return structure if isinstance(structure, str) else _cif_problem(parser, structure) or structure
+
+
+def _cif_site_rows(block: dict[str, Any]) -> int:
+    """Rows of a parsed CIF block's atom-site loop (0 without one)."""
+    column = next((block[tag] for tag in ("_atom_site_fract_x", "_atom_site_label",
+                                          "_atom_site_type_symbol") if tag in block), [])
+    return len(column) if isinstance(column, list) else 1
 
 
 def _cif_parser(text: str) -> CifParser:
@@ -402,9 +417,9 @@ def _parse_res(text: str) -> Structure | str:
             return (f"{RejectCode.UNPARSEABLE}:.res atom {ion.specie!r} has SFAC index {ion.specie_num}, "
                     f"but SFAC lists {len(sfac.species)} elements ({' '.join(sfac.species)})")
         element = sfac.species[ion.specie_num - 1]
-        if (named := _label_element(ion.specie)) is not None and named != element:
-            return (f"{RejectCode.UNPARSEABLE}:.res atom label {ion.specie!r} names {named} but its SFAC "
-                    f"index {ion.specie_num} is {element}; fix the label or the index")
+        if (named := _label_elements(ion.specie)) and element not in named:
+            return (f"{RejectCode.UNPARSEABLE}:.res atom label {ion.specie!r} names {' or '.join(named)} "
+                    f"but its SFAC index {ion.specie_num} is {element}; fix the label or the index")
         occupancy = ion.occupancy - 10.0 if 10.0 < ion.occupancy < 20.0 else ion.occupancy
         if not 0.0 < occupancy <= 1.0 + seedcard.OCCUPANCY_TOLERANCE:
             return (f"{RejectCode.UNPARSEABLE}:.res atom {ion.specie!r} has occupancy {ion.occupancy:g} "
@@ -423,17 +438,24 @@ def _res_card(text: str, card: str) -> list[str] | None:
     return None
 
 
-def _label_element(label: str) -> str | None:
-    """The element a SHELX atom label starts with (``Co1`` -> Co, ``O2a`` -> O), or None."""
+def _label_elements(label: str) -> tuple[str, ...]:
+    """The elements a SHELX atom label can name (``Co1`` -> Co, ``O2a`` -> O); empty for none.
+
+    A label in one case (``CO1``, ``os1``: old SHELX files are upper case) is ambiguous between
+    its two-letter and its one-letter reading, so both are returned; ``Co1`` names only Co.
+    """
     from pymatgen.core.periodic_table import Element
 
     letters = re.match(r"[A-Za-z]+", label)
     if not letters:
-        return None
-    for symbol in (letters.group()[:2].capitalize(), letters.group()[:1].upper()):
-        if Element.is_valid_symbol(symbol):
-            return symbol
-    return None
+        return ()
+    word = letters.group()
+    one, two = word[0].upper(), word[:2].capitalize() if len(word) >= 2 else ""
+    if word[:1].isupper() and word[1:2].islower():  # "Co1" names Co; "Oa1" is O with a suffix
+        readings = (two,) if Element.is_valid_symbol(two) else (one,)
+    else:
+        readings = (two, one)
+    return tuple(r for r in readings if r and Element.is_valid_symbol(r))
 
 
 def _parse_json(text: str) -> Structure | str:

@@ -286,7 +286,7 @@ def validate_raw(raw_row: dict[str, Any], config: ValidationConfig) -> Structure
 
     No duplicate-id check and no serialisation (the screen's graph stage uses the Structure as is).
     """
-    parsed = parse_raw(raw_row)
+    parsed = parse_raw(raw_row, max_sites=config.max_atoms)
     if isinstance(parsed, Reject):
         return parsed
     parsed = fill_near_full_sites(parsed, config.occupancy_tolerance)

@@ -522,6 +522,15 @@ def test_file_labels_of_s3_and_local_files_are_paths_below_the_root(monkeypatch)
         "a/s.cif", "s.cif"]
 
 
+def test_file_label_prefixes_the_folder_only_for_names_vasp_gives_every_run() -> None:
+    label = library.file_label
+    for name in ("POSCAR", "CONTCAR.gz", "POSCAR-001", "CONTCAR.relax1", "vasprun.xml",
+                 "vasprun.xml.relax2.gz"):
+        assert label(f"/x/run1/{name}") == f"run1/{name}", name
+    for name in ("POSCAR_set.json", "LiCoO2_POSCAR", "POSCARS.extxyz", "s.cif"):
+        assert label(f"/x/run1/{name}") == name, name
+
+
 def test_filesystem_for_local_and_s3(monkeypatch) -> None:
     fs, path = filesystem_for("relative/dir")
     assert path.endswith("relative/dir") and Path(path).is_absolute()

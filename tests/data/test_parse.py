@@ -268,12 +268,16 @@ def test_res_is_read_with_shelx_rules_where_pymatgen_is_silent() -> None:
     assert isinstance(numbered, Structure) and numbered.composition.reduced_formula == "LiCoO2"
     assert all(not hasattr(sp, "oxi_state") or sp.oxi_state in (None, 0)
                for sp in numbered.composition)
+    upper = parse_raw(_row("res", _res(o_label="OS1")))  # upper case: O (or Os), SFAC says O
+    assert isinstance(upper, Structure) and upper.composition.reduced_formula == "LiCoO2"
     fixed = parse_raw(_row("res", _res(occupancy="11.0")))  # SHELX: 10 + 1.0, fixed at 1
     assert isinstance(fixed, Structure) and fixed.is_ordered
     half = parse_raw(_row("res", _res(occupancy="0.5")))
     assert isinstance(half, Structure) and not half.is_ordered  # validation's partial_occupancy
     for bad, words in ((_res(latt="3"), "LATT 3"), (_res(latt="1"), "LATT 1"),
                        (_res(o_index=2), "names O but its SFAC index 2 is Co"),
+                       (_res(o_label="Os1"), "names Os but its SFAC index 3 is O"),
+                       (_res(o_label="CO1"), "names Co or C but its SFAC index 3 is O"),
                        (_res(o_index=7), "SFAC index 7"), (_res(occupancy="21.0"), "free variable")):
         reject = parse_raw(_row("res", bad))
         assert isinstance(reject, Reject) and reject.reason == RejectCode.UNPARSEABLE, bad

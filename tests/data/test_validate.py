@@ -192,6 +192,31 @@ def test_validate_raw_returns_the_structure_or_the_reject() -> None:
     assert isinstance(bad, Reject) and bad.reason == RejectCode.UNPARSEABLE
 
 
+def test_a_cif_with_far_too_many_site_rows_is_rejected_before_it_is_built(monkeypatch) -> None:
+    """pymatgen's CIF build is quadratic in the sites (6.7 s for 6,912); the rows give it away."""
+    from pymatgen.io.cif import CifParser, CifWriter
+
+    built: list[int] = []
+    real = CifParser.parse_structures
+
+    def counting(self, *args, **kwargs):
+        built.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(CifParser, "parse_structures", counting)
+    cif = str(CifWriter(licoo2().make_supercell((2, 2, 2), in_place=False)))  # 96 rows, P1
+    row = {"structure_id": "big", "source": "s", "fmt": "cif", "payload": cif}
+    small = ValidationConfig(max_atoms=20)  # cap 4 x 20 = 80 rows < 96
+    reject = validate_raw(row, small)
+    assert isinstance(reject, Reject) and reject.reason == RejectCode.TOO_MANY_ATOMS
+    assert "96 rows (> 80" in reject.message and "max_atoms=20" in reject.message
+    assert not built
+    within = validate_raw(row, ValidationConfig(max_atoms=24))  # 96 rows: built, then too big
+    assert isinstance(within, Reject) and within.reason == RejectCode.TOO_MANY_ATOMS
+    assert "96 sites > max_atoms=24" in within.message and built
+    assert isinstance(validate_raw(row, ValidationConfig()), Structure)
+
+
 def test_sites_rounded_below_or_above_full_occupancy_are_filled() -> None:
     """A database CIF writes full sites as 0.9999 or 1.0001: both screen as full; 0.98 does not."""
     from pymatgen.io.cif import CifWriter
