@@ -38,7 +38,7 @@ class NoReferenceError(LookupError):
     """No convex hull can be built for a chemical system (no entries, or a missing element)."""
 
 
-def _material_id(entry: ComputedStructureEntry) -> str:
+def _material_id(entry: ComputedEntry) -> str:
     return str(entry.data.get("material_id") or entry.entry_id)
 
 
@@ -52,12 +52,15 @@ def _subsystems(chemsys: str) -> list[str]:
     return ["-".join(c) for n in range(1, len(els) + 1) for c in combinations(els, n)]
 
 
-def _entry_chemsys(entry: ComputedStructureEntry) -> str:
+def _entry_chemsys(entry: ComputedEntry) -> str:
     return _chemsys(el.symbol for el in entry.composition.elements)
 
 
-def read_entries_jsonl(path: str | os.PathLike[str]) -> list[ComputedStructureEntry]:
-    """Read ComputedStructureEntry dicts, one per line, from a (gzipped) JSON-lines file.
+def read_entries_jsonl(path: str | os.PathLike[str]) -> list[ComputedEntry]:
+    """Read ComputedStructureEntry dicts, one per line, from a (gzipped) JSON-lines file, as
+    ComputedEntry: a hull needs each entry's composition, energy (eV, with its MP2020
+    adjustments) and ids, not its structure. Building the 2,646 snapshot structures was 5.4 of
+    the 7.7 s this took, paid by every graph actor of every screen.
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -67,14 +70,18 @@ def read_entries_jsonl(path: str | os.PathLike[str]) -> list[ComputedStructureEn
     if not path.is_file():
         raise FileNotFoundError(f"reference entries file {path} not found; pass snapshot:PATH")
     opener = gzip.open if path.name.endswith(".gz") else open
-    entries: list[ComputedStructureEntry] = []
+    entries: list[ComputedEntry] = []
     try:
         with opener(path, "rt", encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, start=1):
                 if not line.strip():
                     continue
                 try:
-                    entries.append(ComputedStructureEntry.from_dict(json.loads(line)))
+                    doc = json.loads(line)
+                    structure = doc.pop("structure", None)
+                    if "composition" not in doc and structure is not None:
+                        doc["composition"] = Structure.from_dict(structure).composition.as_dict()
+                    entries.append(ComputedEntry.from_dict(doc))
                 except (ValueError, KeyError, TypeError) as exc:
                     raise ValueError(
                         f"{path}:{lineno}: not a ComputedStructureEntry dict ({exc}); "
@@ -91,7 +98,7 @@ def fetch_mp_entries(
     cache_dir: str | os.PathLike[str] | None = None,
     api_key: str | None = None,
     endpoint: str | None = None,
-) -> list[ComputedStructureEntry]:
+) -> list[ComputedEntry]:
     """GGA/GGA+U entries of ``chemsys`` and all its subsystems from MP, cached on disk per chemsys.
 
     The API key comes from ``api_key`` or ``MP_API_KEY``; it is never written to the cache.
@@ -141,7 +148,7 @@ def load_reference_entries(
     *,
     elements: Sequence[str] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
-) -> list[ComputedStructureEntry]:
+) -> list[ComputedEntry]:
     """Reference entries from ``snapshot:PATH`` (all of them) or ``mp`` (needs ``elements``).
 
     Raises:
@@ -173,7 +180,7 @@ class ReferenceHull:
 
     def __init__(
         self,
-        entries: Iterable[ComputedStructureEntry] | None = None,
+        entries: Iterable[ComputedEntry] | None = None,
         *,
         source: str | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
@@ -182,7 +189,7 @@ class ReferenceHull:
             raise ValueError("give exactly one of entries or source ('mp' or 'snapshot:PATH')")
         self._source = source
         self._cache_dir = str(cache_dir) if cache_dir is not None else None
-        self._by_chemsys: dict[str, list[ComputedStructureEntry]] = {}
+        self._by_chemsys: dict[str, list[ComputedEntry]] = {}
         self._fetched: set[str] = set()
         if source is not None and source != "mp":
             entries = load_reference_entries(source)
@@ -218,7 +225,7 @@ class ReferenceHull:
                 self._by_chemsys.setdefault(key, []).append(entry)
         self._fetched.update(_subsystems(chemsys))
 
-    def entries_for(self, chemsys: str) -> list[ComputedStructureEntry]:
+    def entries_for(self, chemsys: str) -> list[ComputedEntry]:
         """All reference entries whose elements lie within ``chemsys`` (e.g. ``"Li-Mn-O"``)."""
         chemsys = _chemsys(chemsys.split("-"))
         self._ensure_fetched(chemsys)
@@ -232,7 +239,7 @@ class ReferenceHull:
         return elements <= {e.composition.elements[0].symbol for e in entries if e.is_element}
 
     # -- diagrams -----------------------------------------------------------------------------
-    def _build(self, chemsys: str, entries: list[ComputedStructureEntry]) -> PhaseDiagram:
+    def _build(self, chemsys: str, entries: list[ComputedEntry]) -> PhaseDiagram:
         elements = set(chemsys.split("-"))
         have = {e.composition.elements[0].symbol for e in entries if e.is_element}
         if not entries or not elements <= have:

@@ -140,13 +140,24 @@ def test_reference_source_is_checked_without_reading_it(tmp_path: Path) -> None:
 
 def test_snapshot_source(tmp_path: Path, tiny_docs: list[dict]) -> None:
     path = tmp_path / "refs.jsonl.gz"
+    written = _structure_entries(tiny_docs)
+    written[3].correction = -1.25  # an MP2020 adjustment (eV) must survive the reading
     with gzip.open(path, "wt") as fh:
-        for entry in _structure_entries(tiny_docs):
-            fh.write(json.dumps(entry.as_dict()) + "\n")
-    assert len(load_reference_entries(f"snapshot:{path}")) == 6
+        for k, entry in enumerate(written):
+            doc = entry.as_dict()
+            if k == 4:
+                del doc["composition"]  # then it comes from the structure
+            fh.write(json.dumps(doc) + "\n")
+    read = load_reference_entries(f"snapshot:{path}")
+    assert len(read) == 6 and not any(hasattr(e, "structure") for e in read)  # hulls need none
+    assert [(e.composition, e.energy, e.correction, e.entry_id, e.data) for e in read] == [
+        (e.composition, e.energy, e.correction, e.entry_id, e.data) for e in written]
     assert len(load_reference_entries(f"snapshot:{path}", elements=["Li", "O"])) == 2
     hull = ReferenceHull.from_source(f"snapshot:{path}")
     assert hull.has_references("LiMnO2")
+    for ex in ((), [tiny_docs[0]["material_id"]]):
+        assert hull.hull_energy_per_atom("Li2MnO3", exclude_ids=ex) == ReferenceHull(
+            written).hull_energy_per_atom("Li2MnO3", exclude_ids=ex)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"energy": 1}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
