@@ -87,6 +87,18 @@ def _checks(metrics: Mapping[str, Mapping[str, float]], evaluation: str = "test"
     return out
 
 
+def _scored(y: np.ndarray, q50: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Rows [N] bool that interval figures score, as :func:`all_metrics` does: a finite label
+    and q50 and bounds that are not NaN (an infinite bound is a bound)."""
+    return (np.isfinite(np.asarray(y, dtype=float)) & np.isfinite(np.asarray(q50, dtype=float))
+            & ~np.isnan(np.asarray(lo, dtype=float)) & ~np.isnan(np.asarray(hi, dtype=float)))
+
+
+def _coverage(y: np.ndarray, q50: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> float:
+    ok = _scored(y, q50, lo, hi)
+    return coverage(np.asarray(y)[ok], np.asarray(lo)[ok], np.asarray(hi)[ok])
+
+
 def _coverage_curve(splits: Mapping[str, SplitData], calibrator: Calibrator,
                     aggs: Mapping[str, Any], ests: Mapping[str, Estimate]) -> dict[str, list[float]]:
     """Refit conformal (and the zero-shot fallback's interval) on val at each nominal level;
@@ -106,16 +118,20 @@ def _coverage_curve(splits: Mapping[str, SplitData], calibrator: Calibrator,
                 fb = ZeroShotFallback.fit(val.pred.zero_shot_ehull, val.y, coverage=level,
                                           max_jaccard=calibrator.fallback.max_jaccard)
                 _, lo, hi = fb.apply(aggs[name], lo, hi, d.pred.zero_shot_ehull, use)
-            curve[name].append(coverage(d.y, *clip_at_zero(lo, hi)))  # as the estimate's bounds
+            lo, hi = clip_at_zero(lo, hi)  # as the estimate's bounds
+            curve[name].append(_coverage(d.y, ests[name].agg.q50, lo, hi))
     return curve
 
 
-def _cluster_coverage(y: np.ndarray, clusters: np.ndarray | None, lo: np.ndarray,
-                      hi: np.ndarray) -> dict[str, dict[str, float]]:
+def _cluster_coverage(y: np.ndarray, q50: np.ndarray, clusters: np.ndarray | None,
+                      lo: np.ndarray, hi: np.ndarray) -> dict[str, dict[str, float]]:
+    """Coverage per SOAP cluster over the rows :func:`_scored` keeps (``n``: those rows)."""
     if clusters is None:
         return {}
-    return {str(c): {"n": float((clusters == c).sum()),
-                     "coverage": coverage(y[clusters == c], lo[clusters == c], hi[clusters == c])}
+    ok = _scored(y, q50, lo, hi)
+    return {str(c): {"n": float((ok & (clusters == c)).sum()),
+                     "coverage": coverage(y[ok & (clusters == c)], lo[ok & (clusters == c)],
+                                          hi[ok & (clusters == c)])}
             for c in np.unique(clusters).tolist()}
 
 
@@ -134,11 +150,14 @@ def _baselines(splits: Mapping[str, SplitData],
 
 def report_from_predictions(splits: dict[str, SplitData], calibrator: Calibrator, *,
                             baselines: dict[str, dict[str, np.ndarray]] | None = None,
-                            evaluation: str = "test") -> dict[str, Any]:
+                            evaluation: str = "test",
+                            val_calibrated: bool = True) -> dict[str, Any]:
     """Build the governance report for labelled splits: "val" (the calibration split, for the
     coverage curve's refits) and the ``evaluation`` split the checks judge ("test" unless told,
     e.g. "loco" or "all"; absent, its checks fail); others optional. ``baselines``: name -> split -> point predictions [N]
-    (eV/atom)."""
+    (eV/atom). ``val_calibrated=False``: "val" is not the rows the model was calibrated on (a
+    dataset from another snapshot), so no coverage curve is drawn: refitted on those rows it
+    would describe another, recalibrated model (``coverage_curve`` is None, with a note)."""
     if "val" not in splits:
         raise ValueError("splits must include 'val' (the calibration split)")
     aggs = {s: aggregate(d.pred) for s, d in splits.items()}  # the ensemble alone
@@ -156,15 +175,17 @@ def report_from_predictions(splits: dict[str, SplitData], calibrator: Calibrator
         ood[s] = {"frac_ood": float(np.mean(is_ood)) if len(gates) else math.nan,
                   **{g: int(sum(g in x.split(",") for x in gates)) for g in GATE_NAMES},
                   "zero_shot_fallback": int((r["e_hull_source"] == ZERO_SHOT).sum())}
-        clusters_cov[s] = _cluster_coverage(d.y, d.clusters, r["e_hull_lo"], r["e_hull_hi"])
+        clusters_cov[s] = _cluster_coverage(d.y, ests[s].agg.q50, d.clusters, r["e_hull_lo"],
+                                            r["e_hull_hi"])
         if s != "val":
             comparison[s] = {}
             for m in METHODS:
                 e = ests[s] if m == calibrator.method else calibrator.estimate(
                     d.pred, d.clusters, d.compositions, m)
                 lo, hi = e.lo, e.hi
-                comparison[s][m] = {"coverage": coverage(d.y, lo, hi),
-                                    "median_width": median_width(lo, hi)}
+                ok = _scored(d.y, e.agg.q50, lo, hi)
+                comparison[s][m] = {"coverage": coverage(d.y[ok], lo[ok], hi[ok]),
+                                    "median_width": median_width(lo[ok], hi[ok])}
     params = calibrator.params
     checks = _checks(metrics, evaluation)
     return {
@@ -178,7 +199,11 @@ def report_from_predictions(splits: dict[str, SplitData], calibrator: Calibrator
         "decision_counts": counts,
         "ood": ood,
         "conformal_comparison": comparison,
-        "coverage_curve": _coverage_curve(splits, calibrator, aggs, ests),
+        "coverage_curve": _coverage_curve(splits, calibrator, aggs, ests) if val_calibrated else None,
+        "coverage_curve_note": None if val_calibrated else (
+            "no coverage curve: this dataset's val rows did not calibrate the model, and a curve "
+            "refitted on them would describe another model; coverage at the model's own level "
+            "is in the metrics"),
         "cluster_coverage": clusters_cov,
         "baselines": _baselines(splits, baselines, aggs),
         "triage": {"config": calibrator.triage_config.to_dict(),
@@ -258,6 +283,8 @@ def render_markdown(report: Mapping[str, Any], images: Sequence[str] = ()) -> st
     md += _table(["split", "method", "coverage", "median width"],
                  [[s, m, v["coverage"], v["median_width"]]
                   for s, per in report["conformal_comparison"].items() for m, v in per.items()])
+    if report.get("coverage_curve_note"):
+        md += ["", f"Coverage curve: {report['coverage_curve_note']}."]
     md += ["", "## Baselines (point predictors)", ""]
     md += _table(["baseline", "split", "n", "spearman", "mae", "f1", "daf"],
                  [[b, s, m["n"], m["spearman"], m["mae"], m["f1"], m["daf"]]
@@ -290,9 +317,10 @@ def write_plots(report: Mapping[str, Any], out_dir: Path) -> list[Path]:
     paths = [plots.parity_plot(d["y"], d["q50"], d["lo"], d["hi"], out_dir / f"parity_{s}.png",
                                title=f"{s}: q50 with calibrated interval")
              for s, d in report["plot_data"].items()]
-    curve = {k: v for k, v in report["coverage_curve"].items() if k != "levels"}
-    paths.append(plots.coverage_curve_plot(report["coverage_curve"]["levels"], curve,
-                                           out_dir / "coverage_vs_nominal.png"))
+    if report.get("coverage_curve"):
+        curve = {k: v for k, v in report["coverage_curve"].items() if k != "levels"}
+        paths.append(plots.coverage_curve_plot(report["coverage_curve"]["levels"], curve,
+                                               out_dir / "coverage_vs_nominal.png"))
     per_cluster = {s: c for s, c in report["cluster_coverage"].items() if c}
     if per_cluster:
         paths.append(plots.cluster_coverage_plot(per_cluster, report["target_coverage"],

@@ -66,14 +66,18 @@ def _split_data(ens: Ensemble, prepared: PreparedData, mask: np.ndarray) -> Spli
 def _evaluate(model: str, config: ReportConfig) -> tuple[Ensemble, dict[str, Any], float]:
     """Load ``model``, predict the chosen splits, build its report; also time the members' part."""
     ens = Ensemble.load(model, device=config.device)
-    if config.split == "all" and load_data_version(config.data) == ens.manifest.get("data_version"):
+    own = load_data_version(config.data) == ens.manifest.get("data_version")
+    if config.split == "all" and own:
         raise ValueError(f"--split all: {config.data} is the dataset {model} was trained on, so its train "
                          "and val rows would be scored in-sample; use the default splits, --split test or "
                          "--split loco, or a dataset ingested from another snapshot")
     calibrator = Calibrator.from_files(ens.files, where=model)
     wanted = {"splits": ("val", "test", "loco"), "all": None}.get(config.split, ("val", config.split))
+    # another snapshot's ingest fitted its own SOAP clusters: label its rows with the model's
+    # clusterer, as the screen does, or the per-cluster offsets land on unrelated clusters
     prepared = prepare(config.data, ens.backbone, config.references, cache_dir=config.cache_dir,
-                       device=config.device, splits=wanted)
+                       device=config.device, splits=wanted,
+                       clusterer=None if own else ens.soap_clusterer())
     if config.split == "all":
         names = {"val": prepared.split == "val", "all": np.ones(len(prepared.ids), dtype=bool)}
         if not names["val"].any():
@@ -85,7 +89,9 @@ def _evaluate(model: str, config: ReportConfig) -> tuple[Ensemble, dict[str, Any
     splits = {n: _split_data(ens, prepared, m) for n, m in names.items()}
     ms = 1e3 * (time.perf_counter() - t0) / max(sum(int(m.sum()) for m in names.values()), 1)
     evaluation = {"splits": "test"}.get(config.split, config.split)
-    return ens, report_from_predictions(splits, calibrator, evaluation=evaluation), ms
+    report = report_from_predictions(splits, calibrator, evaluation=evaluation, val_calibrated=own)
+    report["clusters_from"] = "dataset" if own or ens.soap_clusterer() is None else "model"
+    return ens, report, ms
 
 
 def run(config: ReportConfig) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from cathode_ray import seedcard
 from cathode_ray.calibrate.calibrator import Calibrator, CalibratorConfig
 from cathode_ray.data.dataset import load_dataset
 from cathode_ray.data.references import ReferenceHull
-from cathode_ray.data.splits import holdout_rows
+from cathode_ray.data.splits import SoapClusterer, holdout_rows
 from cathode_ray.model.artifact import ModelDir, git_commit
 from cathode_ray.model.backbones import Backbone, load_backbone
 from cathode_ray.model.ensemble import Ensemble
@@ -118,11 +118,14 @@ class PreparedData:
 
 def prepare(dataset_dir: str, backbone: Backbone, references: str, *,
             cache_dir: str | None = DEFAULT_CACHE, device: str = "cpu",
-            splits: Collection[str] | None = None) -> PreparedData:
+            splits: Collection[str] | None = None,
+            clusterer: SoapClusterer | None = None) -> PreparedData:
     """Load a dataset, run the frozen trunk once, and compute leave-self-out hull inputs.
 
     ``splits`` keeps only the rows of those splits (None: every row), so that e.g. a report does
-    not pay the trunk for training rows it never predicts.
+    not pay the trunk for training rows it never predicts. ``clusterer``: assign the SOAP
+    clusters with it (a model's, on a dataset ingested from another snapshot, whose own
+    ``soap_cluster`` ids number other clusters); None: the dataset's ``soap_cluster`` column.
     """
     df = load_dataset(dataset_dir)
     if splits is not None:
@@ -137,7 +140,9 @@ def prepare(dataset_dir: str, backbone: Backbone, references: str, *,
     hull_pa, corr_pa, has_ref = hull_inputs(structures, backbone, hull, exclude_ids=mids)
     data = member_data(feats, df["energy_above_hull"].to_numpy(float), hull_pa, corr_pa, has_ref)
     comps = [{el.symbol: float(a) for el, a in s.composition.fractional_composition.items()} for s in structures]
-    return PreparedData(data=data, split=df["split"].to_numpy(str), clusters=df["soap_cluster"].to_numpy(int),
+    clusters = (df["soap_cluster"].to_numpy(int) if clusterer is None
+                else clusterer.assign(structures))
+    return PreparedData(data=data, split=df["split"].to_numpy(str), clusters=clusters,
                         compositions=comps, ids=ids)
 
 

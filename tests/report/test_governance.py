@@ -161,3 +161,33 @@ def test_checks_judge_the_evaluation_split(fitted_report_inputs, split_factory) 
     assert {c["split"] for c in loco["checks"]} == {"val", "loco"}
     assert {c["name"]: c for c in loco["checks"]}["coverage_loco"]["value"] == loco["metrics"]["loco"]["coverage"]
     assert "in-sample" in render_markdown(report_from_predictions(splits, cal, evaluation="val"))
+
+
+def test_every_coverage_figure_leaves_out_the_rows_the_metrics_leave_out(fitted_report_inputs) -> None:
+    """NaN predictions on 5 % of test rows: before, the metrics said 0.916 while the comparison,
+    the curve and the per-cluster figures counted those rows as misses (0.870)."""
+    splits, cal = fitted_report_inputs
+    test = splits["test"]
+    nan_rows = np.arange(len(test.y)) % 20 == 0
+    q = {k: np.where(nan_rows[None, :], np.nan, getattr(test.pred, k)) for k in ("q10", "q50", "q90")}
+    broken = dataclasses.replace(test, pred=dataclasses.replace(test.pred, **q))
+    rep = report_from_predictions({"val": splits["val"], "test": broken}, cal)
+    m = rep["metrics"]["test"]
+    assert m["n_nonfinite"] == nan_rows.sum()
+    assert rep["conformal_comparison"]["test"][rep["conformal_method"]]["coverage"] == m["coverage"]
+    at_target = rep["coverage_curve"]["test"][COVERAGE_LEVELS.index(rep["target_coverage"])]
+    assert at_target == pytest.approx(m["coverage"], abs=1e-12)
+    per_cluster = rep["cluster_coverage"]["test"].values()
+    assert sum(c["n"] for c in per_cluster) == m["n"]
+    assert sum(c["n"] * c["coverage"] for c in per_cluster) == pytest.approx(m["n"] * m["coverage"])
+
+
+def test_no_coverage_curve_when_val_did_not_calibrate_the_model(fitted_report_inputs, tmp_path) -> None:
+    """A dataset from another snapshot: a curve refitted on its val would describe another model."""
+    splits, cal = fitted_report_inputs
+    rep = report_from_predictions(splits, cal, val_calibrated=False)
+    assert rep["coverage_curve"] is None and "did not calibrate" in rep["coverage_curve_note"]
+    paths = {p.name for p in write_report(rep, tmp_path)}
+    assert "coverage_vs_nominal.png" not in paths and "coverage_per_cluster.png" in paths
+    assert "Coverage curve: no coverage curve" in (tmp_path / "report.md").read_text()
+    assert report_from_predictions(splits, cal)["coverage_curve_note"] is None

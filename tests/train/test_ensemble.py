@@ -110,6 +110,38 @@ def test_report_runs_on_the_dataset(model_dir: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_report_on_another_snapshots_dataset_uses_the_models_clusters(model_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    """Another ingest numbers its own SOAP clusters: the report must label rows with the model's
+    clusterer, as the screen does, and draw no coverage curve refitted on that dataset's val."""
+    import shutil
+
+    import numpy as np
+    import pandas as pd
+
+    from cathode_ray.report.run import ReportConfig, run
+
+    own = model_dir.parent / "dataset"
+    other = tmp_path / "other_snapshot"
+    shutil.copytree(own, other)
+    version = json.loads((other / "DATA_VERSION.json").read_text())
+    (other / "DATA_VERSION.json").write_text(json.dumps({**version, "sha256": "0" * 64}))
+    df = pd.read_parquet(other / "materials.parquet")
+    k = int(df["soap_cluster"].max()) + 1
+    original = df["soap_cluster"].to_numpy().copy()
+    df["soap_cluster"] = ((original + 1) % k).astype(np.int32)  # that ingest's own numbering
+    df.to_parquet(other / "materials.parquet", index=False)
+    rep = run(ReportConfig(model=str(model_dir), data=str(other), split="all",
+                           references=f"snapshot:{REFERENCES}", out=str(tmp_path / "rep"),
+                           cache_dir=None))
+    assert rep["clusters_from"] == "model" and rep["coverage_curve"] is None
+    n_per_cluster = {int(c): v["n"] for c, v in rep["cluster_coverage"]["all"].items()}
+    ids, counts = np.unique(original, return_counts=True)
+    assert n_per_cluster == {int(c): float(n) for c, n in zip(ids, counts, strict=True)}
+    assert not (tmp_path / "rep" / "coverage_vs_nominal.png").exists()
+
+
+@pytest.mark.slow
 def test_report_compares_head_only_with_last_block(model_dir: Path, tmp_path: Path) -> None:
     """The issue's choice for users: head-only vs last-block members, cost and quality side by side."""
     from cathode_ray.report.run import ReportConfig, run
