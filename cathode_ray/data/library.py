@@ -41,7 +41,7 @@ Readers never parse structures: they yield raw rows (see :mod:`cathode_ray.data.
 read at all (truncated gzip, corrupt Parquet, not UTF-8) yields one ``fmt="error"`` row with code
 ``unreadable_file``; an empty file yields one ``empty_source`` row. Text is UTF-8 (a byte-order
 mark is ignored) or UTF-16 with its byte-order mark; CIF, POSCAR and XYZ files that are not UTF-8
-but hold no NUL bytes are read as Latin-1 (CIFs exported on Windows often are).
+but hold no NUL bytes are read as Windows-1252 (CIFs exported on Windows often are), or Latin-1.
 
 Structure ids are stable: the id given in the file (``structure_id``, ``material_id`` or a pymatgen
 entry's ``entry_id``, first found), else ``<file name>#<index within the file>``
@@ -110,6 +110,7 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 _GZIP_MAGIC = b"\x1f\x8b"
 _WHITESPACE = re.compile(r"\s*")
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+_OTHER_COMPRESSION = (".bz2", ".xz", ".zst", ".lzma", ".zip", ".7z")  # not read: gzip only
 _CIF_BLOCK = re.compile(r"^[ \t]*data_(\S*)", re.IGNORECASE | re.MULTILINE)
 _CIF_ATOM_SITES = re.compile(r"^[ \t]*_atom_site[._](?:fract|cartn)_x\b", re.IGNORECASE | re.MULTILINE)
 _RES_TITL = re.compile(r"^[ \t]*TITL\b", re.MULTILINE)
@@ -140,9 +141,11 @@ def _uri(spec: str, path: str) -> str:
 def library_format(path: str) -> str | None:
     """Container format of a file from its name: ``cif``, ``poscar``, ``extxyz``, ``res``,
     ``ase``, ``json``, ``jsonl``, ``parquet``, or ``None`` when unsupported (``.gz`` is looked
-    through)."""
+    through; other compression, ``vasprun.xml.bz2`` say, is unsupported)."""
     name = PurePosixPath(path).name
     lower = name.lower()
+    if lower.endswith(_OTHER_COMPRESSION):
+        return None
     if lower.endswith(".gz"):
         name, lower = name[:-3], lower[:-3]
     suffix = PurePosixPath(lower).suffix
@@ -184,19 +187,21 @@ def list_library(spec: str) -> list[LibraryFile]:
         FileNotFoundError: when ``spec`` does not exist or matches no supported file.
     """
     fs, path = filesystem_for(spec)
-    root = _root(path)
-    if _GLOB_CHARS.search(path):
-        found = _glob(fs, path)
-    else:
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.File:
-            return [_library_file(spec, info)]
-        if info.type != pafs.FileType.Directory:
-            raise FileNotFoundError(
-                f"library {spec!r} does not exist: give a file, a directory, a glob or s3://bucket/prefix"
-            )
+    info = fs.get_file_info(path)  # first: "sample[1].cif" and "LiCoO2 [mp-22526]/" are names
+    root = path.rstrip("/") if info.type != pafs.FileType.NotFound else _root(path)
+    if info.type == pafs.FileType.File:
+        return [_library_file(spec, info)]
+    if info.type == pafs.FileType.Directory:
         selector = pafs.FileSelector(path, recursive=True)
         found = [i for i in fs.get_file_info(selector) if i.type == pafs.FileType.File]
+        if isinstance(fs, pafs.LocalFileSystem):  # pyarrow lists no dangling symlink
+            found += [pafs.FileInfo(p, pafs.FileType.NotFound) for p in _dangling_links(path)]
+    elif _GLOB_CHARS.search(path):
+        found = _glob(fs, path)
+    else:
+        raise FileNotFoundError(
+            f"library {spec!r} does not exist: give a file, a directory, a glob or s3://bucket/prefix"
+        )
     supported = sorted((i for i in found if library_format(i.path) and not _hidden(i.path, root)),
                        key=lambda i: i.path)
     if len(supported) < len(found):
@@ -237,10 +242,14 @@ def _library_file(spec: str, info: pafs.FileInfo) -> LibraryFile:
                        mtime=info.mtime.isoformat() if info.mtime is not None else "")
 
 
-def _root(path: str) -> str:
+def _root(path: str, fs: pafs.FileSystem | None = None) -> str:
     """Filesystem path of a library's root: the directory, a glob's fixed leading folder, or
-    (for one file) the file itself."""
-    if match := _GLOB_CHARS.search(path):
+    (for one file) the file itself. With ``fs``, a path that exists as named is its own root,
+    glob characters and all ("LiCoO2 [mp-22526]/")."""
+    match = _GLOB_CHARS.search(path)
+    if match and fs is not None and fs.get_file_info(path).type != pafs.FileType.NotFound:
+        return path.rstrip("/")
+    if match:
         return path[: match.start()].rsplit("/", 1)[0]
     return path.rstrip("/")
 
@@ -248,7 +257,7 @@ def _root(path: str) -> str:
 def file_labels(spec: str, files: Sequence[str]) -> list[str]:
     """Names for fallback ids (:func:`file_label`) of ``files`` as listed from ``spec``: paths
     relative to the library's root, so that ``a/structure.cif`` and ``b/structure.cif`` differ."""
-    root = _root(filesystem_for(spec)[1])
+    root = _root(*reversed(filesystem_for(spec)))
     return [file_label(_fs_path(f), root=root) for f in files]
 
 
@@ -267,10 +276,19 @@ def _hidden(path: str, root: str) -> bool:
         bool(parts) and parts[-1].lower() == _THUMBS_DB)
 
 
+def _dangling_links(directory: str) -> list[str]:
+    """Symlinks below a local ``directory`` whose target is gone (a purged scratch file): listed,
+    so that each becomes an ``unreadable_file`` row instead of vanishing from the inputs."""
+    return [p for top, dirs, files in os.walk(directory, followlinks=True)
+            for p in (os.path.join(top, n) for n in (*files, *dirs))
+            if os.path.islink(p) and not os.path.exists(p)]
+
+
 def _glob(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
     if isinstance(fs, pafs.LocalFileSystem):
         matches = [os.path.abspath(p) for p in glob.glob(path, recursive=True)]
-        return [i for i in fs.get_file_info(matches) if i.type == pafs.FileType.File]
+        return [i for i in fs.get_file_info(matches) if i.type == pafs.FileType.File
+                or (i.type == pafs.FileType.NotFound and os.path.islink(i.path))]
     selector = pafs.FileSelector(_root(path), recursive=True, allow_not_found=True)
     infos = fs.get_file_info(selector)
     return [i for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)]
@@ -347,6 +365,11 @@ def read_library_file(path: str, fs: pafs.FileSystem | None = None, *,
         return
     if rows is not None and fmt != "parquet":
         raise ValueError(f"{path}: row ranges are only supported for Parquet files")
+    if isinstance(fs, pafs.LocalFileSystem) and os.path.islink(fs_path) and not os.path.exists(fs_path):
+        yield error_row(name, path, RejectCode.UNREADABLE_FILE,
+                        f"{path}: a symlink to {os.readlink(fs_path)!r}, which does not exist (a "
+                        "purged scratch file?); restore the target or remove the link")
+        return
     start = 0 if rows is None else rows[0]
     count = 0
     try:
@@ -377,7 +400,9 @@ def _open_bytes(fs: pafs.FileSystem, fs_path: str) -> bytes:
 def _open_text(fs: pafs.FileSystem, fs_path: str, *, latin1_fallback: bool = False) -> str:
     """A whole file as text: UTF-8 without its byte-order mark, or UTF-16 with one (Windows'
     "Unicode"); with ``latin1_fallback``, text that is not UTF-8 but holds no NUL byte (so is not
-    binary) is read as Latin-1."""
+    binary) is read as Windows-1252, or as Latin-1 when it holds a byte Windows-1252 leaves
+    undefined. Latin-1 alone read Windows' ellipsis (0x85) as U+0085, which ``str.splitlines``
+    and pymatgen take for a line break."""
     data = _open_bytes(fs, fs_path)
     if data[:2] in _UTF16_BOMS:
         return data.decode("utf-16")
@@ -385,7 +410,10 @@ def _open_text(fs: pafs.FileSystem, fs_path: str, *, latin1_fallback: bool = Fal
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:
         if latin1_fallback and b"\x00" not in data:
-            return data.decode("latin-1")
+            try:
+                return data.decode("cp1252")
+            except UnicodeDecodeError:
+                return data.decode("latin-1").replace("\x85", "...")
         raise
 
 
@@ -397,10 +425,12 @@ def _gunzipped(stream: Any) -> BinaryIO:
 
 
 def _iter_lines(fs: pafs.FileSystem, fs_path: str) -> Iterator[str]:
-    """Stream text lines (for JSON lines), gunzipping gzip data on the fly; a leading byte-order
-    mark is dropped."""
+    """Stream text lines (for JSON lines), gunzipping gzip data on the fly: UTF-8 (a leading
+    byte-order mark is dropped) or UTF-16 with its byte-order mark (PowerShell's ``>``)."""
     with fs.open_input_stream(fs_path, compression=None) as stream:
-        yield from io.TextIOWrapper(_gunzipped(stream), encoding="utf-8-sig")
+        binary = _gunzipped(stream)
+        utf16 = binary.peek(2)[:2] in _UTF16_BOMS
+        yield from io.TextIOWrapper(binary, encoding="utf-16" if utf16 else "utf-8-sig")
 
 
 def cif_structure_blocks(text: str) -> list[str]:
@@ -632,8 +662,9 @@ def _concatenated_items(text: str, source: str, name: str) -> Iterator[dict]:
                             f"{source} item {index} and after: not valid JSON ({exc}); fix the file "
                             "or write one object per line as .jsonl")
             return
-        yield _item_row(item, source, name, index)
-        index += 1
+        for one in item if isinstance(item, list) else [item]:  # JSON arrays appended to a file
+            yield _item_row(one, source, name, index)
+            index += 1
 
 
 def _read_jsonl(fs: pafs.FileSystem, fs_path: str, source: str, name: str) -> Iterator[dict]:
@@ -695,11 +726,24 @@ _PARQUET_PAYLOADS = (("structure_json", "pymatgen_json"), ("cif", "cif"), ("stru
 
 def _parquet_row(record: dict[str, Any], payload_cols: tuple[tuple[str, str], ...], source: str,
                  name: str, index: int) -> dict[str, Any]:
-    payload, fmt = next(((record[c], f) for c, f in payload_cols if record.get(c)), (None, ""))
+    payload, fmt, column = next(((record[c], f, c) for c, f in payload_cols if record.get(c)),
+                                (None, "", ""))
+    problem = None
     if isinstance(payload, dict):  # a 'structure' column stored as a Parquet struct
         payload = json.dumps(payload, default=str)
+    elif isinstance(payload, bytes):  # a binary column of UTF-8 text
+        try:
+            payload = payload.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            payload, problem = repr(payload[:64]), f"is binary, not UTF-8 text ({exc.reason})"
+    elif payload is not None and not isinstance(payload, str):
+        payload, problem = repr(payload)[:200], f"holds a {type(payload).__name__} value"
     given = next((record[k] for k in _ID_FIELDS if record.get(k) is not None), None)
     sid = make_structure_id(given, name, index, payload or "")
+    if problem is not None:
+        return error_row(sid, source, RejectCode.UNPARSEABLE,
+                         f"{source} row {index}: column '{column}' {problem}; it must hold a "
+                         "Structure as JSON text or a struct, or CIF text")
     if not payload:
         named = " and ".join(f"'{c}'" for c, _ in payload_cols)
         return error_row(sid, source, RejectCode.UNPARSEABLE,

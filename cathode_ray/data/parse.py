@@ -118,8 +118,8 @@ def _read_cif(parser: CifParser) -> Structure | str:
 
 def _cif_problem(parser: CifParser, structure: Structure) -> str | None:
     """A reject text for what pymatgen read without complaint but is not the file's structure."""
-    return (_cif_dropped_site_problem(parser) or _cif_symmetry_problem(parser)
-            or _cif_composition_problem(parser, structure))
+    return (_cif_dropped_site_problem(parser) or _cif_site_symbol_problem(parser)
+            or _cif_symmetry_problem(parser) or _cif_composition_problem(parser, structure))
 
 
 def _cif_in_settings(text: str, settings: tuple[cifsym.Setting, ...], block: dict[str, Any]
@@ -206,6 +206,35 @@ def _cif_dropped_site_problem(parser: CifParser) -> str | None:
     return None
 
 
+#: An ``_atom_site_type_symbol`` as the CIF dictionary defines it: an element, then an optional
+#: charge (``Co``, ``Co3+``, ``O2-``).
+_CIF_TYPE_SYMBOL = re.compile(r"^([A-Za-z]{1,2})(?:\d*[+-]|[+-]\d*)?$")
+#: A label that marks a vacancy (ATAT, SQS and CALPHAD exports): pymatgen reads ``Va``/``Vac`` as V.
+_CIF_VACANCY_LABEL = re.compile(r"^(?:va|vac)(?![a-z])", re.IGNORECASE)
+
+
+def _cif_site_symbol_problem(parser: CifParser) -> str | None:
+    """A reject text when a site's type symbol is no element (pymatgen reads ``Vac`` as V and
+    ``Lix`` as Li without a word), or, without type symbols, its label marks a vacancy."""
+    from pymatgen.core.periodic_table import Element
+
+    for block in parser.as_dict().values():
+        types = block.get("_atom_site_type_symbol")
+        tag = "_atom_site_type_symbol" if types else "_atom_site_label"
+        values = types or block.get("_atom_site_label") or []
+        for value in [values] if isinstance(values, str) else values:
+            value = str(value).strip()
+            if _CIF_VACANCY_LABEL.match(value):
+                return (f"{RejectCode.UNPARSEABLE}:CIF atom site {value!r} ({tag}) is a vacancy, which "
+                        "pymatgen would read as vanadium; leave vacant sites out of the site loop")
+            if types and not ((m := _CIF_TYPE_SYMBOL.match(value))
+                              and Element.is_valid_symbol(m.group(1).capitalize())):
+                return (f"{RejectCode.UNPARSEABLE}:CIF atom site type symbol {value!r} is not an element "
+                        "(with an optional charge, e.g. 'Co3+'), so pymatgen would guess one from its "
+                        "first letters; give each site's element in _atom_site_type_symbol")
+    return None
+
+
 def _cif_symmetry_problem(parser: CifParser) -> str | None:
     """A reject text when the CIF names a space group other than P1 but pymatgen fell back to P1:
     it found no symmetry operations and could not build them from the name (a Hall symbol, a
@@ -286,8 +315,13 @@ def _poscar_count_problem(text: str) -> str | None:
     if (layout := _poscar_layout(text)) is None:
         return None  # pymatgen decides
     lines, at, mode = layout
-    n = sum(sum(_ints(line)) for line in lines[at:mode] if _ints(line))
+    counts = [c for line in lines[at:mode] for c in _ints(line)]
+    n = sum(counts)
     coords = lines[mode + 1:]
+    selective = lines[mode - 1].strip()[:1] in ("s", "S")
+    if at == 6 and (problem := _poscar_species_problem(lines[5].split(), counts, coords[:n],
+                                                       selective=selective)):
+        return problem
     if len(coords) < n:
         return (f"{RejectCode.UNPARSEABLE}:POSCAR's counts add up to {n} atoms but it has {len(coords)} "
                 "coordinate lines; fix the counts line")
@@ -295,6 +329,36 @@ def _poscar_count_problem(text: str) -> str | None:
         return (f"{RejectCode.UNPARSEABLE}:POSCAR's counts add up to {n} atoms but more coordinate lines "
                 f"follow ({len(coords)} before the first blank line); fix the counts line, or put a "
                 "blank line before velocities")
+    return None
+
+
+def _poscar_species_problem(names: list[str], counts: list[int], coords: list[str], *,
+                            selective: bool) -> str | None:
+    """A reject text when a VASP 5 species line cannot be the one its counts and atoms mean.
+
+    pymatgen pairs names with counts in order and ignores extra names (``Li Co Ni O`` over
+    ``3 3 6`` read the oxygens as Ni) and the element symbols VASP tools write after each
+    atom's coordinates. Names are compared as POTCAR names (``Li_sv``, ``Li_sv/hash`` -> Li).
+    """
+    symbols = [re.split(r"[_/.]", name, maxsplit=1)[0] for name in names]
+    if not symbols or _ints(" ".join(names)):
+        return None  # VASP 4 (no species line): decided elsewhere
+    if len(symbols) != len(counts):
+        return (f"{RejectCode.UNPARSEABLE}:POSCAR's species line names {len(symbols)} elements "
+                f"({' '.join(names)}) but its counts line has {len(counts)} counts; give one "
+                "count per element")
+    from pymatgen.core.periodic_table import Element
+
+    expected = [sym for sym, c in zip(symbols, counts, strict=True) for _ in range(c)]
+    skip = 6 if selective else 3
+    labels = [line.split()[skip] if len(line.split()) > skip else "" for line in coords]
+    if len(labels) == len(expected) and all(Element.is_valid_symbol(x) for x in labels):
+        wrong = next((i for i, (a, b) in enumerate(zip(labels, expected, strict=True)) if a != b),
+                     None)
+        if wrong is not None:
+            return (f"{RejectCode.UNPARSEABLE}:POSCAR atom {wrong + 1} is labelled {labels[wrong]} "
+                    f"after its coordinates, but the species and counts lines make it "
+                    f"{expected[wrong]}; fix the species line, the counts or the atom order")
     return None
 
 

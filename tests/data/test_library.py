@@ -597,3 +597,61 @@ def test_parquet_row_ranges_read_like_the_whole_file(tmp_path: Path) -> None:
     (tmp_path / "x.cif").write_text("data_x")
     with pytest.raises(ValueError, match="only supported for Parquet"):
         list(read_library_file(str(tmp_path / "x.cif"), rows=(0, 1)))
+
+
+def test_parquet_columns_of_bytes_or_numbers_are_rejects_not_crashes(tmp_path: Path) -> None:
+    good = licoo2().to_json()
+    table = pa.table({"material_id": ["a", "b", "c"],
+                      "structure_json": [good.encode(), b"\xff\xfe\x00", None],
+                      "structure": [None, None, 5]})
+    pq.write_table(table, tmp_path / "odd.parquet")
+    rows = list(read_library_file(str(tmp_path / "odd.parquet")))
+    assert [r["structure_id"] for r in rows] == ["a", "b", "c"]
+    assert isinstance(parse_raw(rows[0]), Structure)  # UTF-8 bytes are text
+    assert rows[1]["error"] == RejectCode.UNPARSEABLE and "is binary, not UTF-8" in rows[1]["payload"]
+    assert rows[2]["error"] == RejectCode.UNPARSEABLE and "holds a int value" in rows[2]["payload"]
+
+
+def test_json_arrays_appended_to_one_file_are_each_item(tmp_path: Path) -> None:
+    items = [{"material_id": f"m{i}", "structure": licoo2().as_dict()} for i in range(3)]
+    (tmp_path / "appended.json").write_text(json.dumps(items[:2]) + "\n" + json.dumps(items[2:]))
+    rows = list(read_library_file(str(tmp_path / "appended.json")))
+    assert [r["structure_id"] for r in rows] == ["m0", "m1", "m2"]
+    assert all(isinstance(parse_raw(r), Structure) for r in rows)
+
+
+def test_utf16_json_lines_and_windows_1252_text(tmp_path: Path) -> None:
+    lines = "".join(json.dumps({"material_id": f"m{i}", "structure": licoo2().as_dict()}) + "\n"
+                    for i in range(2))
+    (tmp_path / "ps.jsonl").write_text(lines, encoding="utf-16")  # PowerShell's ">"
+    assert [r["structure_id"] for r in read_library_file(str(tmp_path / "ps.jsonl"))] == ["m0", "m1"]
+    # Windows-1252 '…' (0x85) was U+0085 in Latin-1: a line break to splitlines, one atom too many
+    import io
+
+    from ase.io import write
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    buffer = io.StringIO()
+    write(buffer, AseAtomsAdaptor.get_atoms(licoo2()), format="extxyz")
+    head, comment, rest = buffer.getvalue().split("\n", 2)
+    text = "\n".join([head, comment + ' note="from ICSD\u2026"', rest])
+    (tmp_path / "win.extxyz").write_bytes(text.encode("cp1252"))
+    (row,) = read_library_file(str(tmp_path / "win.extxyz"))
+    assert isinstance(parse_raw(row), Structure), row["payload"][:200]
+
+
+def test_bracketed_names_are_paths_and_dangling_links_are_rejects(tmp_path: Path) -> None:
+    folder = tmp_path / "LiCoO2 [mp-22526]"
+    folder.mkdir()
+    (folder / "sample[1].cif").write_text(str(licoo2().to(fmt="cif")))
+    (folder / "sample1.cif").write_text(str(limn2o4().to(fmt="cif")))
+    assert list_library_files(str(folder / "sample[1].cif")) == [str(folder / "sample[1].cif")]
+    assert len(list_library_files(str(folder))) == 2
+    (folder / "gone.cif").symlink_to(tmp_path / "purged" / "gone.cif")
+    for spec in (str(folder), str(tmp_path / "*" / "*.cif")):  # a glob matches the bracketed name
+        rows = {r["structure_id"]: r for r in iter_library(spec)}
+        assert len(rows) == 3, spec
+        assert "sample[1].cif#0" in rows or "LiCoO2 [mp-22526]/sample[1].cif#0" in rows
+        gone = next(r for sid, r in rows.items() if "gone.cif" in sid)
+        assert gone["error"] == RejectCode.UNREADABLE_FILE and "does not exist" in gone["payload"]
+    assert library_format("vasprun.xml.bz2") is None and library_format("vasprun.xml.gz") == "ase"

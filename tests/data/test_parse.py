@@ -376,3 +376,41 @@ def test_snapshot_materials_in_origin_choice_2_are_read_as_themselves(shared_dat
     for structure in chosen:
         parsed = parse_raw(_row("cif", cif_without_operations(structure, origin=2, suffix=False)))
         assert isinstance(parsed, Structure) and StructureMatcher().fit(parsed, structure), parsed
+
+
+def test_poscar_species_line_must_match_its_counts_and_atom_labels() -> None:
+    """pymatgen pairs species names with counts in order: an extra name relabelled the oxygens."""
+    from pymatgen.io.vasp import Poscar
+
+    text = Poscar(licoo2()).get_str()  # "Li Co O" over "3 3 6", each atom labelled after its coords
+    lines = text.split("\n")
+    assert lines[5].split() == ["Li", "Co", "O"]
+    assert isinstance(parse_raw(_row("poscar", text)), Structure)
+    potcar_names = "\n".join([*lines[:5], "Li_sv Co_pv/1a2b O", *lines[6:]])
+    assert parse_raw(_row("poscar", potcar_names)).composition == licoo2().composition
+    extra = "\n".join([*lines[:5], "Li Co Ni O", *lines[6:]])
+    reject = parse_raw(_row("poscar", extra))
+    assert isinstance(reject, Reject) and reject.reason == RejectCode.UNPARSEABLE
+    assert "names 4 elements (Li Co Ni O) but its counts line has 3 counts" in reject.message
+    swapped = "\n".join([*lines[:5], "Li O Co", *lines[6:]])  # the labels still say Li, Co, O
+    reject = parse_raw(_row("poscar", swapped))
+    assert isinstance(reject, Reject) and "is labelled Co after its coordinates" in reject.message
+    selective = Poscar(licoo2(), selective_dynamics=[[True, True, False]] * len(licoo2())).get_str()
+    assert parse_raw(_row("poscar", selective)).composition == licoo2().composition  # "T T F Li"
+
+
+def test_cif_vacancy_and_non_element_type_symbols_are_rejected() -> None:
+    """pymatgen read a 'Vac' site as vanadium, and 'Lix' as Li, without a word."""
+    from pymatgen.io.cif import CifWriter
+
+    text = str(CifWriter(licoo2()))
+    assert isinstance(parse_raw(_row("cif", text)), Structure)
+    li_row = next(line for line in text.split("\n") if line.split()[:1] == ["Li"])
+    for symbol, words in (("Vac", "is a vacancy"), ("Va", "is a vacancy"),
+                          ("Lix", "is not an element"), ("X", "is not an element")):
+        changed = text.replace(li_row, li_row.replace("Li", symbol, 2), 1)
+        reject = parse_raw(_row("cif", changed))
+        assert isinstance(reject, Reject) and reject.reason == RejectCode.UNPARSEABLE, symbol
+        assert words in reject.message, reject.message
+    charged = text.replace(li_row, li_row.replace("Li ", "Li+ ", 1), 1)
+    assert parse_raw(_row("cif", charged)).composition == licoo2().composition
