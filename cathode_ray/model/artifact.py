@@ -130,8 +130,14 @@ class ModelDir:
         return out
 
     def add_files(self, names: list[str]) -> dict[str, Any]:
-        """Add (or re-hash) files in an existing manifest, e.g. after calibration."""
+        """Add (or re-hash) the files ``names`` in an existing manifest, e.g. after calibration.
+
+        Raises:
+            ArtifactIntegrityError: a file not in ``names`` changed since the manifest was
+                written; it is not re-approved under a new model_id.
+        """
         manifest = self.read_manifest(verify=False)
+        self._verify_files({k: v for k, v in manifest["files"].items() if k not in set(names)})
         listed = set(manifest["files"]) | set(names)
         manifest["file_names"] = sorted(listed)
         return self.write_manifest(manifest)

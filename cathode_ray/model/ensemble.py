@@ -113,7 +113,8 @@ class Ensemble:
         md = ModelDir(uri=uri)
         manifest = md.read_manifest(verify=False)
         files = md.verify(manifest)  # raises before anything is deserialised
-        bb = backbone or load_backbone(manifest["backbone"]["spec"], device=device)
+        bb = backbone or load_backbone(manifest["backbone"]["spec"], device=device,
+                                       expected_sha256=manifest["backbone"]["weights_sha256"])
         want = manifest["backbone"]
         if bb.weights_sha256 != want["weights_sha256"] or abs(bb.cutoff - float(want["cutoff"])) > 1e-9:
             raise ArtifactIntegrityError(

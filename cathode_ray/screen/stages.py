@@ -274,7 +274,8 @@ class GraphStage:
         md = ModelDir(uri=model)
         manifest = md.read_manifest(verify=False)
         files = md.verify(manifest)
-        self.backbone = load_backbone(manifest["backbone"]["spec"], device="cpu")
+        self.backbone = load_backbone(manifest["backbone"]["spec"], device="cpu",
+                                      expected_sha256=manifest["backbone"]["weights_sha256"])
         self.hull = ReferenceHull.from_source(references)
         soap = files.get("soap_clusterer.json")
         self.clusterer = None if soap is None else SoapClusterer.from_dict(json.loads(soap))

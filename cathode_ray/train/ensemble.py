@@ -261,7 +261,8 @@ def recalibrate(config: RecalibrateConfig) -> dict[str, Any]:
     """Members untouched; calibration files replaced and re-hashed. Returns the new manifest."""
     md = ModelDir(uri=config.model)
     manifest = md.read_manifest()
-    backbone = load_backbone(manifest["backbone"]["spec"], device=config.device)
+    backbone = load_backbone(manifest["backbone"]["spec"], device=config.device,
+                             expected_sha256=manifest["backbone"]["weights_sha256"])
     prepared = prepare(config.data, backbone, config.references, cache_dir=config.cache_dir,
                        device=config.device)
     calibrate(md, prepared, backbone, config.calibration)

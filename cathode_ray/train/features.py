@@ -42,13 +42,18 @@ def trunk_features(backbone: Backbone, structures: Sequence[Structure], *, batch
 
 def cached_trunk_features(backbone: Backbone, structures: Sequence[Structure], ids: Sequence[str],
                           cache_dir: str | Path | None, **kw: object) -> list[TrunkFeatures]:
-    """:func:`trunk_features` with an on-disk cache keyed by the backbone's weights (sha256) and
-    trunk revision, and the structures."""
+    """:func:`trunk_features` with an on-disk cache keyed by the backbone (name, weights sha256,
+    trunk revision, cutoff) and each structure's id, species, lattice and coordinates: a
+    corrected structure that keeps its MP id is not served the old one's features."""
     if cache_dir is None:
         return trunk_features(backbone, structures, **kw)  # type: ignore[arg-type]
-    h = hashlib.sha256(f"{backbone.weights_sha256}:r{backbone.trunk_revision}".encode())
+    h = hashlib.sha256(f"{backbone.name}:{backbone.weights_sha256}:r{backbone.trunk_revision}:"
+                       f"{backbone.cutoff!r}".encode())
     for sid, s in zip(ids, structures, strict=True):
-        h.update(sid.encode())
+        h.update(sid.encode() + b"\0")
+        h.update(np.asarray(s.atomic_numbers, dtype=np.int64).tobytes())
+        h.update(np.asarray(s.lattice.matrix, dtype=np.float64).tobytes())
+        h.update(np.asarray(s.lattice.pbc, dtype=bool).tobytes())
         h.update(np.asarray(s.cart_coords, dtype=np.float64).tobytes())
     path = Path(cache_dir) / f"trunk-{backbone.name.replace(':', '_').replace('/', '_')}-{h.hexdigest()[:16]}.pt"
     if path.exists():

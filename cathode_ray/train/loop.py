@@ -265,8 +265,10 @@ def fit_member(
         if val_cached is not None:
             member.eval()
             with torch.no_grad():
-                pv = {"q50": member.outputs(val_cached.x, val_cached.zs, val_cached.e_pa,
-                                            val.has_ref)["q50"].cpu().numpy()}
+                dev = config.device  # head_inputs() keeps the cached inputs on the CPU
+                pv = {"q50": member.outputs(val_cached.x.to(dev), val_cached.zs.to(dev),
+                                            val_cached.e_pa.to(dev),
+                                            val.has_ref.to(dev))["q50"].cpu().numpy()}
         else:
             pv = predict_member(member, backbone, val, batch=config.eval_batch, device=config.device)
         mae = float(np.mean(np.abs(pv["q50"] - y_val)))

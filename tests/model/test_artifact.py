@@ -172,3 +172,33 @@ def test_backbone_mismatch_is_refused(tmp_path: Path) -> None:
     md.write_manifest(manifest)
     with pytest.raises(ArtifactIntegrityError, match="trained on backbone"):
         Ensemble.load(md.uri, backbone=chgnet())
+
+
+def test_add_files_does_not_re_approve_a_file_changed_behind_the_manifest(tmp_path: Path) -> None:
+    md = _write_model(tmp_path / "m")
+    md.write_bytes("normalizer.json", Normalizer(mean=0.58, std=0.05).to_json().encode())
+    with pytest.raises(ArtifactIntegrityError, match="normalizer.json: sha256/size"):
+        md.add_files(["triage.json"])
+    md.write_bytes("normalizer.json", Normalizer(mean=0.08, std=0.05).to_json().encode())  # restored
+    md.write_bytes("triage.json", b"{}")
+    md.add_files(["triage.json", "normalizer.json"])  # the files named are (re-)hashed
+    assert "triage.json" in md.read_manifest()["files"]
+
+
+def test_a_mace_backbone_is_checked_against_the_manifest_before_it_is_unpickled(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cathode_ray.model.backbones import mace as mace_module
+    from cathode_ray.model.backbones.mace import WeightsMismatchError
+    from cathode_ray.testing.tiny_mace import build_tiny_mace
+
+    tiny = build_tiny_mace(tmp_path / "tiny.model", r_max=4.0, seed=0)
+    md = _write_model(tmp_path / "m")
+    manifest = md.read_manifest()
+    manifest["backbone"] = {**manifest["backbone"], "spec": f"mace:{tiny}", "weights_sha256": "0" * 64}
+    manifest["file_names"] = list(manifest["files"])
+    md.write_manifest(manifest)
+    unpickled: list[object] = []
+    monkeypatch.setattr(mace_module.torch, "load", lambda *a, **k: unpickled.append(a))
+    with pytest.raises(WeightsMismatchError, match="not loaded"):
+        Ensemble.load(md.uri)
+    assert not unpickled

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from pymatgen.core import Structure
 
 from cathode_ray.train.features import cached_trunk_features
 from tests.chgnet_data import chgnet, layered_cells
@@ -26,4 +28,21 @@ def test_cache_hits_and_a_new_trunk_revision_recomputes(tmp_path: Path, monkeypa
     monkeypatch.setattr(type(bb), "trunk_revision", bb.trunk_revision + 1)
     recomputed = cached_trunk_features(bb, structures, ids, tmp_path)
     assert torch.equal(recomputed[0]["atom_feas"], first[0]["atom_feas"])  # not the marked copy
+    assert len(list(tmp_path.glob("*.pt"))) == 3
+
+
+def test_a_structure_corrected_under_its_id_is_not_served_the_old_features(tmp_path: Path) -> None:
+    """The key held ids and Cartesian coordinates only: a new element or a new cell at the same
+    coordinates (an MP correction that keeps the material id) got the old structure's features."""
+    bb = chgnet()
+    (s,) = layered_cells(1)
+    first = cached_trunk_features(bb, [s], ["mp-1"], tmp_path)
+    swapped = s.copy()
+    swapped.replace_species({"Co": "Ni"})
+    strained = Structure(s.lattice.matrix * 1.02, s.species, s.cart_coords,
+                         coords_are_cartesian=True)  # Cartesian coordinates kept
+    assert np.allclose(strained.cart_coords, s.cart_coords)
+    for changed in (swapped, strained):
+        feats = cached_trunk_features(bb, [changed], ["mp-1"], tmp_path)
+        assert not torch.equal(feats[0]["atom_feas"], first[0]["atom_feas"])
     assert len(list(tmp_path.glob("*.pt"))) == 3

@@ -57,6 +57,18 @@ def test_head_only_mode_keeps_pretrained_block(data) -> None:
         assert torch.equal(res.member_state[f"last_block.{k}"], v)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_head_only_member_trains_on_a_gpu(data) -> None:
+    """Validation fed the head the cached CPU inputs while its weights were on the GPU."""
+    bb = chgnet()
+    train, val = data
+    cfg = TrainConfig(seed=43, max_epochs=2, patience=2, train_last_block=False, micro_batch=4,
+                      device="cuda")
+    res = fit_member(bb, train, val, cfg, normalizer=Normalizer.fit(train.y))
+    assert res.epochs_run == 2 and np.isfinite(res.val_mae)
+
+
 def test_cached_trunk_equals_direct_forward(data) -> None:
     """Predictions from cached features equal a fresh trunk pass over the same structures."""
     bb = chgnet()
