@@ -101,6 +101,22 @@ def write_parquet(table: pa.Table, fs: pafs.FileSystem, path: str) -> None:
     fs.move(tmp, path)
 
 
+def check_dest(uri: str, what: str = "out") -> None:
+    """Refuse an output location that is neither local (a path, ``file://``) nor ``s3://``.
+
+    pyarrow would write Parquet to ``gs://`` or ``hdfs://``, but the run lock, the manifests
+    and the re-screen state only know local disk and S3: elsewhere the lock would be a local,
+    cwd-relative file that does not keep two hosts out of one run.
+
+    Raises:
+        ValueError: another scheme.
+    """
+    scheme = urlparse(uri).scheme.lower()
+    if len(scheme) > 1 and scheme not in ("s3", "file"):  # one letter: a Windows drive
+        raise ValueError(f"{what} {uri!r}: outputs go to a local path or s3://bucket/prefix, not "
+                         f"{scheme}://; the run lock and manifests need one of those")
+
+
 def is_remote(uri: str) -> bool:
     """True for an ``s3://`` URI (any case of the scheme, as :func:`filesystem_for` reads it)."""
     return uri[:5].lower() == "s3://"

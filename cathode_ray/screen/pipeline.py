@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from cathode_ray import seedcard
 from cathode_ray.data.validate import ValidationConfig
 from cathode_ray.screen import runs, stages
+from cathode_ray.storage import check_dest
 
 if TYPE_CHECKING:
     from cathode_ray.data.library import LibraryFile
@@ -188,6 +189,7 @@ class ScreenConfig:
         for name in ("library", "model", "out", "references"):
             if not getattr(self, name):
                 raise ValueError(f"{name} must be given")
+        check_dest(self.out, "out")
         if self.gpu_actors < 0 or self.cpu_actors < 1:
             raise ValueError("need gpu_actors >= 0 and cpu_actors >= 1")
         if not self.cpus_per_actor > 0:
@@ -322,15 +324,19 @@ def plan_source(config: ScreenConfig) -> Source:
 
     listed = list_library(config.library)
     files = [f.uri for f in listed]
-    return Source(files=files, rows=None, fingerprint=files_fingerprint(listed),
-                  labels=file_labels(config.library, files), n_bytes=sum(f.size for f in listed))
+    labels = file_labels(config.library, files)
+    return Source(files=files, rows=None, fingerprint=files_fingerprint(listed, labels),
+                  labels=labels, n_bytes=sum(f.size for f in listed))
 
 
-def files_fingerprint(files: Sequence[LibraryFile]) -> str:
-    """sha256 over (path, size, mtime) of every library file, as listed."""
+def files_fingerprint(files: Sequence[LibraryFile], labels: Sequence[str]) -> str:
+    """sha256 over (path, size, mtime) of every library file, as listed, and its label: the name
+    its rows take in fallback ids, which depends on the library spec (``lib`` names ``a.cif``
+    ``cifs/a.cif``, ``lib/cifs`` names it ``a.cif``), so a resume under another spec is refused
+    instead of screening every file again under new ids."""
     h = hashlib.sha256()
-    for f in files:
-        h.update(f"{f.uri}\t{f.size}\t{f.mtime}\n".encode())
+    for f, label in zip(files, labels, strict=True):
+        h.update(f"{f.uri}\t{f.size}\t{f.mtime}\t{label}\n".encode())
     return h.hexdigest()
 
 
@@ -619,6 +625,15 @@ def _refuse_other_library(paths: runs.RunPaths, config: ScreenConfig, source: So
         "screen this one under a new --run-id")
 
 
+def _refuse_other_references(paths: runs.RunPaths, config: ScreenConfig) -> None:
+    """A resume must use the reference hulls the run started with: one run's E_hull values
+    share one hull."""
+    before = _recorded(paths, "references")
+    if before is not None and before != config.references:
+        raise ValueError(f"run {paths.run_id!r} was started with references {before!r}, not "
+                         f"{config.references!r}; resume it with those, or start a new --run-id")
+
+
 def _refuse_other_model(paths: runs.RunPaths, model: dict[str, Any]) -> None:
     """A resume must use the model the run started with: one run's rows share one model."""
     before = (_recorded(paths, "model") or {}).get("manifest_sha256")
@@ -658,6 +673,7 @@ def run(config: ScreenConfig) -> ScreenSummary:
         source = plan_source(config)
         if config.resume:
             _refuse_other_library(paths, config, source)
+            _refuse_other_references(paths, config)
         plan_s = time.perf_counter() - t_plan
         ray_mode = _ensure_ray(config.address)
         try:
@@ -740,13 +756,13 @@ def _library_changed(config: ScreenConfig, source: Source) -> str:
     (a file rewritten or removed between the index pass and the read), else ""."""
     if source.files is None:
         return ""
-    from cathode_ray.data.library import list_library
+    from cathode_ray.data.library import file_labels, list_library
 
     try:
         now = list_library(config.library)
     except FileNotFoundError:
         now = []
-    if files_fingerprint(now) == source.fingerprint:
+    if files_fingerprint(now, file_labels(config.library, [f.uri for f in now])) == source.fingerprint:
         return ""
     return (". The library changed while it was screened (files rewritten, added or removed since "
             "it was listed); screen a library that stays put, under a new --run-id")
@@ -779,7 +795,8 @@ def _update_manifest(paths: runs.RunPaths, config: ScreenConfig, model: dict[str
     attempts = [*previous.get("attempts", []), attempt]
     manifest = {
         **_run_identity(paths, config, model, attempt["library_fingerprint"]),
-        "started": attempts[0]["started"],
+        # RUN.start holds the first attempt's start, also when that attempt crashed
+        "started": (runs.read_json(paths.start) or {}).get("started", attempts[0]["started"]),
         "finished": attempt["finished"],
         "status": "complete" if ok else "invariant_violated",
         "n_inputs": n_inputs,

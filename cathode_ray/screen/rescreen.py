@@ -44,7 +44,7 @@ from cathode_ray.screen.state import (
     utc_iso,
     write_atomic_local,
 )
-from cathode_ray.storage import filesystem_for, is_remote, join
+from cathode_ray.storage import check_dest, filesystem_for, is_remote, join
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,9 @@ class RescreenConfig:
         for name in ("model", "out", "references"):
             if not getattr(self, name):
                 raise ValueError(f"{name} must be given")
+        check_dest(self.out, "out")
+        if self.state:
+            check_dest(self.state, "state")
         if self.gpu_actors < 0 or self.cpu_actors < 1:
             raise ValueError("need gpu_actors >= 0 and cpu_actors >= 1")
         if not self.cpus_per_actor > 0:
@@ -241,10 +244,11 @@ def stage_library(uri: str, docs: Sequence[Mapping[str, Any]]) -> str:
 
 def staged_fingerprint(uri: str) -> str:
     """The screen pipeline's library fingerprint of the staged file at ``uri``."""
-    from cathode_ray.data.library import list_library
+    from cathode_ray.data.library import file_labels, list_library
     from cathode_ray.screen.pipeline import files_fingerprint
 
-    return files_fingerprint(list_library(uri))
+    listed = list_library(uri)
+    return files_fingerprint(listed, file_labels(uri, [f.uri for f in listed]))
 
 
 def _delete_tree(uri: str) -> None:

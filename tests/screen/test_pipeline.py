@@ -202,6 +202,9 @@ def test_bad_files_keep_invariant_and_resume(local_ray, tiny_model, references,
     manifest = runs.read_json(paths.manifest)  # the crashed attempt recorded no entry
     assert len(manifest["attempts"]) == 1 and manifest["status"] == "complete"
     assert manifest["attempts"][0]["n_skipped"] == done
+    # the run started with the crashed attempt, whose start RUN.start kept
+    assert manifest["started"] == runs.read_json(paths.start)["started"]
+    assert manifest["started"] < manifest["attempts"][0]["started"]
 
 
 def test_the_dataset_keeps_its_settings_and_pickles_object_columns_quietly(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -322,6 +323,27 @@ def test_screen_config_validation() -> None:
         ScreenConfig(**base, inference_batch_rows=0)
     with pytest.raises(ValueError, match="inference_calls_per_actor"):
         ScreenConfig(**base, inference_calls_per_actor=0)
+    # pyarrow writes gs:// too, but the run lock would be a cwd-relative local file there
+    with pytest.raises(ValueError, match="not gs://"):
+        ScreenConfig(**{**base, "out": "gs://bucket/screens"})
+    for out in ("s3://b/p", "S3://b/p", "file:///tmp/x", "relative/dir", "C:\\screens"):
+        ScreenConfig(**{**base, "out": out})
+
+
+def test_the_library_fingerprint_depends_on_the_spec_that_names_the_ids(tmp_path) -> None:
+    """One folder given as ``lib`` or ``lib/cifs``: same files, other fallback ids. A resume
+    under the other spec passed the check and screened every file again under new ids."""
+    from cathode_ray.screen.pipeline import plan_source
+    from tests.data.badfiles import licoo2
+
+    (tmp_path / "lib" / "cifs").mkdir(parents=True)
+    for name in ("a.cif", "b.cif"):
+        (tmp_path / "lib" / "cifs" / name).write_text(str(licoo2().to(fmt="cif")))
+    base = {"model": "m", "out": "o", "references": "snapshot:x"}
+    parent, child = (plan_source(ScreenConfig(library=str(tmp_path / spec), **base))
+                     for spec in ("lib", "lib/cifs"))
+    assert parent.files == child.files and parent.labels != child.labels
+    assert parent.fingerprint != child.fingerprint
 
 
 def test_screen_config_inference_batches_follow_the_actor_kind() -> None:
@@ -482,3 +504,16 @@ def test_cuda_inference_without_a_cuda_device_is_a_clear_error() -> None:
     check_device("cpu")
     with pytest.raises(RuntimeError, match="sees no CUDA device.*install a CUDA build of torch"):
         check_device("cuda")
+
+
+def test_a_resume_with_other_references_is_refused_before_ray_starts(tmp_path) -> None:
+    from cathode_ray.screen import pipeline
+
+    out = str(tmp_path / "dest")
+    paths = runs.RunPaths(dest=out, run_id="r1")
+    runs.write_json(paths.start, {"run_id": "r1", "references": "snapshot:/refs/a.jsonl.gz"})
+    same = ScreenConfig(library="demo", model="m", out=out, references="snapshot:/refs/a.jsonl.gz",
+                        run_id="r1", resume=True)
+    pipeline._refuse_other_references(paths, same)
+    with pytest.raises(ValueError, match="was started with references 'snapshot:/refs/a.jsonl.gz'"):
+        pipeline._refuse_other_references(paths, replace(same, references="mp"))
