@@ -122,6 +122,13 @@ def point_metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
             "frac_stable_top100": frac_stable_top(y, pred)}
 
 
+def scored_rows(y: np.ndarray, q50: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Rows [N] bool that point and interval metrics score: a finite label and q50, and bounds
+    that are not NaN (an infinite bound is a bound)."""
+    return (np.isfinite(np.asarray(y, dtype=np.float64)) & np.isfinite(np.asarray(q50, dtype=np.float64))
+            & ~np.isnan(np.asarray(lo, dtype=np.float64)) & ~np.isnan(np.asarray(hi, dtype=np.float64)))
+
+
 def all_metrics(y: np.ndarray, agg: Aggregated, lo_cal: np.ndarray, hi_cal: np.ndarray,
                 decisions: np.ndarray) -> dict[str, float]:
     """Every metric for one split: point metrics of q50, interval metrics of the calibrated
@@ -133,7 +140,7 @@ def all_metrics(y: np.ndarray, agg: Aggregated, lo_cal: np.ndarray, hi_cal: np.n
     y = np.asarray(y, dtype=np.float64)
     q50, lo, hi = (np.asarray(a, dtype=np.float64) for a in (agg.q50, lo_cal, hi_cal))
     labelled = np.isfinite(y)
-    ok = labelled & np.isfinite(q50) & ~np.isnan(lo) & ~np.isnan(hi)  # an infinite bound is a bound
+    ok = scored_rows(y, q50, lo, hi)
     yk, q50, lo, hi = y[ok], q50[ok], lo[ok], hi[ok]
     cls = classification(yk, q50)
     return {

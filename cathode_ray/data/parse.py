@@ -191,15 +191,21 @@ _NO_VALUE = {"", "?", "."}
 _CIF_SKIPPED_SYMBOL = re.compile(r"^(?:OH|[^A-Za-z]*$)")
 
 
+def _cif_site_symbols(block: dict[str, Any]) -> tuple[str, list[str]]:
+    """(tag, values) of the column pymatgen takes each site's element from: the type symbols,
+    else the labels; values stripped."""
+    tag = "_atom_site_type_symbol" if block.get("_atom_site_type_symbol") else "_atom_site_label"
+    values = block.get(tag) or []
+    return tag, [str(v).strip() for v in ([values] if isinstance(values, str) else values)]
+
+
 def _cif_dropped_site_problem(parser: CifParser) -> str | None:
     """A reject text when pymatgen would skip an atom site because its type symbol (or, without
     ``_atom_site_type_symbol``, its label) names no element: the structure would lack that site."""
     for block in parser.as_dict().values():
-        symbols = block.get("_atom_site_type_symbol") or block.get("_atom_site_label") or []
-        symbols = [symbols] if isinstance(symbols, str) else symbols
-        dropped = [str(s) for s in symbols if _CIF_SKIPPED_SYMBOL.match(str(s).strip())]
+        tag, symbols = _cif_site_symbols(block)
+        dropped = [s for s in symbols if _CIF_SKIPPED_SYMBOL.match(s)]
         if dropped:
-            tag = "_atom_site_type_symbol" if block.get("_atom_site_type_symbol") else "_atom_site_label"
             return (f"{RejectCode.UNPARSEABLE}:CIF atom site {dropped[0]!r} ({tag}, {len(dropped)} site(s)) "
                     "names no element, so pymatgen would leave it out (labels starting 'OH' are read as "
                     "water); add an _atom_site_type_symbol column naming each site's element")
@@ -219,11 +225,9 @@ def _cif_site_symbol_problem(parser: CifParser) -> str | None:
     from pymatgen.core.periodic_table import Element
 
     for block in parser.as_dict().values():
-        types = block.get("_atom_site_type_symbol")
-        tag = "_atom_site_type_symbol" if types else "_atom_site_label"
-        values = types or block.get("_atom_site_label") or []
-        for value in [values] if isinstance(values, str) else values:
-            value = str(value).strip()
+        tag, values = _cif_site_symbols(block)
+        types = tag == "_atom_site_type_symbol"
+        for value in values:
             if _CIF_VACANCY_LABEL.match(value):
                 return (f"{RejectCode.UNPARSEABLE}:CIF atom site {value!r} ({tag}) is a vacancy, which "
                         "pymatgen would read as vanadium; leave vacant sites out of the site loop")
@@ -341,8 +345,8 @@ def _poscar_species_problem(names: list[str], counts: list[int], coords: list[st
     atom's coordinates. Names are compared as POTCAR names (``Li_sv``, ``Li_sv/hash`` -> Li).
     """
     symbols = [re.split(r"[_/.]", name, maxsplit=1)[0] for name in names]
-    if not symbols or _ints(" ".join(names)):
-        return None  # VASP 4 (no species line): decided elsewhere
+    if not symbols:
+        return None
     if len(symbols) != len(counts):
         return (f"{RejectCode.UNPARSEABLE}:POSCAR's species line names {len(symbols)} elements "
                 f"({' '.join(names)}) but its counts line has {len(counts)} counts; give one "

@@ -21,7 +21,13 @@ from cathode_ray.calibrate.aggregate import aggregate
 from cathode_ray.calibrate.calibrator import Calibrator, Estimate, clip_at_zero
 from cathode_ray.calibrate.conformal import METHODS, fit_conformal
 from cathode_ray.calibrate.fallback import ZERO_SHOT, ZeroShotFallback
-from cathode_ray.calibrate.metrics import all_metrics, coverage, median_width, point_metrics
+from cathode_ray.calibrate.metrics import (
+    all_metrics,
+    coverage,
+    median_width,
+    point_metrics,
+    scored_rows,
+)
 from cathode_ray.calibrate.ood import GATE_NAMES
 from cathode_ray.calibrate.triage import DECISIONS
 from cathode_ray.model.prediction import EnsemblePrediction
@@ -87,15 +93,8 @@ def _checks(metrics: Mapping[str, Mapping[str, float]], evaluation: str = "test"
     return out
 
 
-def _scored(y: np.ndarray, q50: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Rows [N] bool that interval figures score, as :func:`all_metrics` does: a finite label
-    and q50 and bounds that are not NaN (an infinite bound is a bound)."""
-    return (np.isfinite(np.asarray(y, dtype=float)) & np.isfinite(np.asarray(q50, dtype=float))
-            & ~np.isnan(np.asarray(lo, dtype=float)) & ~np.isnan(np.asarray(hi, dtype=float)))
-
-
 def _coverage(y: np.ndarray, q50: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> float:
-    ok = _scored(y, q50, lo, hi)
+    ok = scored_rows(y, q50, lo, hi)
     return coverage(np.asarray(y)[ok], np.asarray(lo)[ok], np.asarray(hi)[ok])
 
 
@@ -125,14 +124,15 @@ def _coverage_curve(splits: Mapping[str, SplitData], calibrator: Calibrator,
 
 def _cluster_coverage(y: np.ndarray, q50: np.ndarray, clusters: np.ndarray | None,
                       lo: np.ndarray, hi: np.ndarray) -> dict[str, dict[str, float]]:
-    """Coverage per SOAP cluster over the rows :func:`_scored` keeps (``n``: those rows)."""
+    """Coverage per SOAP cluster over the rows :func:`scored_rows` keeps (``n``: those rows)."""
     if clusters is None:
         return {}
-    ok = _scored(y, q50, lo, hi)
-    return {str(c): {"n": float((ok & (clusters == c)).sum()),
-                     "coverage": coverage(y[ok & (clusters == c)], lo[ok & (clusters == c)],
-                                          hi[ok & (clusters == c)])}
-            for c in np.unique(clusters).tolist()}
+    ok = scored_rows(y, q50, lo, hi)
+    out = {}
+    for c in np.unique(clusters).tolist():
+        rows = ok & (clusters == c)
+        out[str(c)] = {"n": float(rows.sum()), "coverage": coverage(y[rows], lo[rows], hi[rows])}
+    return out
 
 
 def _baselines(splits: Mapping[str, SplitData],
@@ -183,7 +183,7 @@ def report_from_predictions(splits: dict[str, SplitData], calibrator: Calibrator
                 e = ests[s] if m == calibrator.method else calibrator.estimate(
                     d.pred, d.clusters, d.compositions, m)
                 lo, hi = e.lo, e.hi
-                ok = _scored(d.y, e.agg.q50, lo, hi)
+                ok = scored_rows(d.y, e.agg.q50, lo, hi)
                 comparison[s][m] = {"coverage": coverage(d.y[ok], lo[ok], hi[ok]),
                                     "median_width": median_width(lo[ok], hi[ok])}
     params = calibrator.params

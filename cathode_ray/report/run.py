@@ -75,9 +75,9 @@ def _evaluate(model: str, config: ReportConfig) -> tuple[Ensemble, dict[str, Any
     wanted = {"splits": ("val", "test", "loco"), "all": None}.get(config.split, ("val", config.split))
     # another snapshot's ingest fitted its own SOAP clusters: label its rows with the model's
     # clusterer, as the screen does, or the per-cluster offsets land on unrelated clusters
+    clusterer = None if own else ens.soap_clusterer()
     prepared = prepare(config.data, ens.backbone, config.references, cache_dir=config.cache_dir,
-                       device=config.device, splits=wanted,
-                       clusterer=None if own else ens.soap_clusterer())
+                       device=config.device, splits=wanted, clusterer=clusterer)
     if config.split == "all":
         names = {"val": prepared.split == "val", "all": np.ones(len(prepared.ids), dtype=bool)}
         if not names["val"].any():
@@ -90,7 +90,7 @@ def _evaluate(model: str, config: ReportConfig) -> tuple[Ensemble, dict[str, Any
     ms = 1e3 * (time.perf_counter() - t0) / max(sum(int(m.sum()) for m in names.values()), 1)
     evaluation = {"splits": "test"}.get(config.split, config.split)
     report = report_from_predictions(splits, calibrator, evaluation=evaluation, val_calibrated=own)
-    report["clusters_from"] = "dataset" if own or ens.soap_clusterer() is None else "model"
+    report["clusters_from"] = "dataset" if clusterer is None else "model"
     return ens, report, ms
 
 

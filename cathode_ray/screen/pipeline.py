@@ -329,6 +329,18 @@ def plan_source(config: ScreenConfig) -> Source:
                   labels=labels, n_bytes=sum(f.size for f in listed))
 
 
+def library_fingerprint(spec: str) -> str:
+    """:func:`files_fingerprint` of the library ``spec`` as it is listed now (of no file when
+    nothing is there any more)."""
+    from cathode_ray.data.library import file_labels, list_library
+
+    try:
+        listed = list_library(spec)
+    except FileNotFoundError:
+        listed = []
+    return files_fingerprint(listed, file_labels(spec, [f.uri for f in listed]))
+
+
 def files_fingerprint(files: Sequence[LibraryFile], labels: Sequence[str]) -> str:
     """sha256 over (path, size, mtime) of every library file, as listed, and its label: the name
     its rows take in fallback ids, which depends on the library spec (``lib`` names ``a.cif``
@@ -756,13 +768,7 @@ def _library_changed(config: ScreenConfig, source: Source) -> str:
     (a file rewritten or removed between the index pass and the read), else ""."""
     if source.files is None:
         return ""
-    from cathode_ray.data.library import file_labels, list_library
-
-    try:
-        now = list_library(config.library)
-    except FileNotFoundError:
-        now = []
-    if files_fingerprint(now, file_labels(config.library, [f.uri for f in now])) == source.fingerprint:
+    if library_fingerprint(config.library) == source.fingerprint:
         return ""
     return (". The library changed while it was screened (files rewritten, added or removed since "
             "it was listed); screen a library that stays put, under a new --run-id")

@@ -244,11 +244,9 @@ def stage_library(uri: str, docs: Sequence[Mapping[str, Any]]) -> str:
 
 def staged_fingerprint(uri: str) -> str:
     """The screen pipeline's library fingerprint of the staged file at ``uri``."""
-    from cathode_ray.data.library import file_labels, list_library
-    from cathode_ray.screen.pipeline import files_fingerprint
+    from cathode_ray.screen.pipeline import library_fingerprint
 
-    listed = list_library(uri)
-    return files_fingerprint(listed, file_labels(uri, [f.uri for f in listed]))
+    return library_fingerprint(uri)
 
 
 def _delete_tree(uri: str) -> None:
